@@ -1,0 +1,456 @@
+"""Samplers over a denoiser and a schedule: sequential, Picard (ParaDiGMS / scan) and PCM.
+
+Every sampler is a deterministic function of ``(denoiser, schedule, noise, cond)``: all noise is
+drawn up front, ``noise`` of shape ``(T+1, B, H, D)`` with ``noise[0] = x_T`` and ``noise[i+1]``
+the noise of step ``i`` (DESIGN.md §4). So sequential, Picard and PCM can be compared sample for
+sample, and Picard's fixed point IS the sequential sample.
+
+``denoiser(x[N, H, D], t[N] long, cond[N, ...] | None) -> model_out[N, H, D]`` where ``t`` holds
+training timesteps (the values diffusers passes). Samplers return ``(x, stats)``: ``x`` the
+``(B, H, D)`` sample (``X[T]``) and ``stats`` a dict with ``rounds``, ``nfe``, ``converged``,
+``wall_s`` and the final ``trajectory`` ``(T+1, B, H, D)`` (reusable as a warm start ``init``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from picard_sampler.schedules import Schedule
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
+Callback = Callable[[dict[str, Any]], None]
+Update = Literal["scan", "drift"]
+UPDATES = ("scan", "drift")
+
+
+def _check_noise(schedule: Schedule, noise: torch.Tensor) -> None:
+    T = schedule.num_inference_steps
+    if noise.dim() < 3 or noise.shape[0] != T + 1:
+        raise ValueError(
+            f"noise must have shape (T+1, B, ...) = ({T + 1}, B, H, D) for {schedule!r}; "
+            f"got {tuple(noise.shape)}"
+        )
+    if not torch.isfinite(noise).all():
+        raise ValueError("noise contains NaN or inf")
+
+
+def _take_cond(cond: Any, sample_idx: torch.Tensor) -> Any:
+    """Rows ``sample_idx`` of the conditioning (a tensor, a dict of tensors, or None)."""
+    if cond is None:
+        return None
+    if isinstance(cond, torch.Tensor):
+        return cond[sample_idx]
+    if isinstance(cond, dict):
+        return {k: _take_cond(v, sample_idx) for k, v in cond.items()}
+    raise TypeError(f"cond must be a tensor, a dict of tensors or None; got {type(cond).__name__}")
+
+
+def _call_denoiser(denoiser: Denoiser, x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
+    """Call the denoiser and check what it returns: same shape as ``x`` and finite."""
+    out = denoiser(x, t, cond)
+    if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"denoiser returned shape {got}; expected {tuple(x.shape)} (same as x)")
+    if not torch.isfinite(out).all():
+        bad = torch.unique(t[~torch.isfinite(out).flatten(1).all(1)]).tolist()
+        raise ValueError(f"denoiser returned NaN or inf at training timesteps {bad}")
+    return out
+
+
+def sequential_sample(
+    denoiser: Denoiser,
+    schedule: Schedule,
+    noise: torch.Tensor,
+    cond: Any = None,
+    callback: Callback | None = None,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Plain reverse diffusion: T denoiser calls one after another (DDPM / DDIM step loop)."""
+    _check_noise(schedule, noise)
+    start = time.perf_counter()
+    T, B = schedule.num_inference_steps, noise.shape[1]
+    trajectory = torch.empty_like(noise)
+    trajectory[0] = noise[0]
+    timesteps = schedule.timesteps.to(noise.device)
+    noise_std = schedule.table("noise_std", noise)
+    for i in range(T):
+        idx = torch.full((B,), i, device=noise.device, dtype=torch.long)
+        x = trajectory[i]
+        out = _call_denoiser(denoiser, x, timesteps[idx], cond)
+        trajectory[i + 1] = schedule.step_mean(out, x, idx) + noise_std[i] * noise[i + 1]
+        if callback is not None:
+            callback({"round": i + 1, "x": trajectory[i + 1], "trajectory": trajectory})
+    stats = {
+        "rounds": T,
+        "nfe": float(T),
+        "nfe_total": T * B,
+        "converged": True,
+        "rounds_per_sample": [T] * B,
+        "converged_per_sample": [True] * B,
+        "wall_s": time.perf_counter() - start,
+        "trajectory": trajectory,
+    }
+    return trajectory[T], stats
+
+
+# ------------------------------------------------------------------------------------- Picard
+# A round evaluates the model on each active sample's window of slots [b, e) in ONE call. The
+# model output at slot j (old value X[j]) fixes the "rest" of step j; the update then walks the
+# window once with the new values for the affine part:
+#     Xnew[j+1] = a_j * Xnew[j] + (step_mean_j(X[j]) - a_j * X[j]) + s_j z[j+1]
+# a_j = 1 gives ParaDiGMS's drift update (Xnew[j+1] = Xnew[b] + sum of drifts); a_j = the step's
+# x_t coefficient gives the linear-exact scan update. Both have the sequential sample as their
+# unique fixed point. The window start b slides past every slot whose output stopped changing.
+
+# An evaluator maps (x, t, cond, slot, age) to (model_out, exact): model outputs for a batch of
+# slots, and which of them came from the base model alone (only those may count as converged).
+Evaluator = Callable[
+    [torch.Tensor, torch.Tensor, Any, torch.Tensor, torch.Tensor],
+    tuple[torch.Tensor, torch.Tensor],
+]
+
+
+def _validate_picard_args(
+    schedule: Schedule, window: int | None, tol: float, update: str, max_rounds: int | None
+) -> int:
+    T = schedule.num_inference_steps
+    if update not in UPDATES:
+        raise ValueError(f"update must be one of {list(UPDATES)}; got {update!r}")
+    if window is None:
+        window = T
+    if not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be a positive int or None (= all {T} steps); got {window!r}")
+    if not tol >= 0:
+        raise ValueError(f"tol must be >= 0; got {tol!r}")
+    if max_rounds is not None and (not isinstance(max_rounds, int) or max_rounds < 1):
+        raise ValueError(f"max_rounds must be a positive int or None; got {max_rounds!r}")
+    return min(window, T)
+
+
+def _picard_iterate(
+    evaluate: Evaluator,
+    schedule: Schedule,
+    noise: torch.Tensor,
+    cond: Any,
+    window: int | None,
+    tol: float,
+    update: str,
+    max_rounds: int | None,
+    budget_s: float | None,
+    init: torch.Tensor | None,
+    callback: Callback | None,
+    clock: Callable[[], float],
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The round machinery shared by ``picard_sample`` and ``pcm_sample``."""
+    _check_noise(schedule, noise)
+    p = _validate_picard_args(schedule, window, tol, update, max_rounds)
+    start = clock()
+    device = noise.device
+    T, B = schedule.num_inference_steps, noise.shape[1]
+    elems = noise[0, 0].numel()
+
+    if init is not None:
+        if init.shape != noise.shape:
+            raise ValueError(
+                f"init must have the shape of noise {tuple(noise.shape)}; got {tuple(init.shape)}"
+            )
+        X = init.detach().clone().to(noise.dtype)
+        if not torch.isfinite(X).all():
+            raise ValueError("init contains NaN or inf")
+    else:
+        X = noise[0].unsqueeze(0).repeat(T + 1, *([1] * (noise.dim() - 1)))
+    X[0] = noise[0]
+
+    timesteps = schedule.timesteps.to(device)
+    a = (
+        schedule.table("scan_coef", noise)
+        if update == "scan"
+        else torch.ones(T, device=device, dtype=noise.dtype)
+    )
+    noise_std = schedule.table("noise_std", noise)
+    err_scale = schedule.table("error_std", noise) ** 2 * elems
+    tol2 = tol * tol
+    trail = [1] * (noise.dim() - 2)
+
+    begin = torch.zeros(B, dtype=torch.long, device=device)  # slots < begin are final
+    age = torch.zeros(T, B, dtype=torch.long, device=device)  # rounds each slot was evaluated
+    rounds_per_sample = torch.zeros(B, dtype=torch.long, device=device)
+    offsets = torch.arange(p, device=device)
+    rounds = nfe_total = 0
+    round_times: list[float] = []
+
+    while bool((begin < T).any()):
+        if max_rounds is not None and rounds >= max_rounds:
+            break
+        # Anytime: stop before a round that would not finish inside the budget.
+        mean_round_s = sum(round_times) / len(round_times) if round_times else 0.0
+        if budget_s is not None and round_times and clock() - start + mean_round_s > budget_s:
+            break
+        round_start = clock()
+        active = torch.nonzero(begin < T).flatten()  # (S,)
+        slots = begin[active, None] + offsets[None, :]  # (S, p) slot index j of each window entry
+        valid = slots < T
+        sample_of = active[:, None].expand_as(slots)
+        j_flat, s_flat = slots[valid], sample_of[valid]  # (N,)
+
+        x_old = X[j_flat, s_flat]  # (N, H, D)
+        out, exact = evaluate(
+            x_old, timesteps[j_flat], _take_cond(cond, s_flat), j_flat, age[j_flat, s_flat]
+        )
+        age[j_flat, s_flat] += 1
+        nfe_total += int(j_flat.numel())
+        rest = (
+            schedule.step_mean(out, x_old, j_flat)
+            - a[j_flat].view(-1, *trail) * x_old
+            + noise_std[j_flat].view(-1, *trail) * noise[j_flat + 1, s_flat]
+        )
+
+        # Walk the windows in order, all active samples at once.
+        S = active.numel()
+        rest_w = torch.zeros((S, p, *noise.shape[2:]), dtype=noise.dtype, device=device)
+        rest_w[valid] = rest
+        a_w = a[slots.clamp(max=T - 1)].view(S, p, *trail)
+        new_w = torch.empty_like(rest_w)
+        current = X[begin[active], active]
+        for k in range(p):
+            current = a_w[:, k] * current + rest_w[:, k]
+            new_w[:, k] = current
+        old_w = X[(slots + 1).clamp(max=T), sample_of]
+        X[j_flat + 1, s_flat] = new_w[valid]
+
+        # Tolerance rule: err_j = ||Xnew[j+1] - X[j+1]||^2 / (D s'_j^2), slide past passing slots.
+        err = (new_w - old_w).flatten(2).pow(2).sum(-1) / err_scale[slots.clamp(max=T - 1)]
+        exact_w = torch.zeros_like(valid)
+        exact_w[valid] = exact
+        fails = (err > tol2) & valid
+        first_fail = torch.where(fails.any(1), fails.float().argmax(1), valid.sum(1))
+        first_inexact = torch.where(
+            (~exact_w & valid).any(1), (~exact_w & valid).float().argmax(1), valid.sum(1)
+        )
+        # ParaDiGMS: the output of the first failing slot is computed from converged inputs, so it
+        # is final too (stride = first_fail + 1), provided every slot up to it used the base model.
+        stride = torch.minimum(torch.minimum(first_fail + 1, valid.sum(1)), first_inexact)
+        begin[active] += stride
+        rounds += 1
+        rounds_per_sample[active] += 1
+
+        if init is None:
+            # Slots beyond the window have never been evaluated: carry the last computed value.
+            end = (begin + p).clamp(max=T)
+            beyond = torch.arange(T + 1, device=device)[:, None] > end[None, :]
+            X = torch.where(
+                beyond.view(T + 1, B, *trail), X[end, torch.arange(B, device=device)][None], X
+            )
+
+        round_times.append(clock() - round_start)
+        if callback is not None:
+            callback(
+                {
+                    "round": rounds,
+                    "x": X[T],
+                    "trajectory": X,
+                    "begin": begin.clone(),
+                    "err": err,
+                    "active": active,
+                }
+            )
+
+    converged = begin >= T
+    stats = {
+        "rounds": rounds,
+        "nfe": nfe_total / B,
+        "nfe_total": nfe_total,
+        "converged": bool(converged.all()),
+        "rounds_per_sample": rounds_per_sample.tolist(),
+        "converged_per_sample": converged.tolist(),
+        "wall_s": clock() - start,
+        "trajectory": X,
+    }
+    return X[T], stats
+
+
+def picard_sample(
+    denoiser: Denoiser,
+    schedule: Schedule,
+    noise: torch.Tensor,
+    cond: Any = None,
+    window: int | None = None,
+    tol: float = 0.1,
+    update: Update = "scan",
+    max_rounds: int | None = None,
+    budget_s: float | None = None,
+    init: torch.Tensor | None = None,
+    callback: Callback | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Picard iteration (ParaDiGMS, Shih et al. 2023) over a sliding window of denoising steps.
+
+    ``window`` slots per sample (None = all T) go into one batched denoiser call per round,
+    for all not-yet-converged samples together. ``update="drift"`` is ParaDiGMS's cumulative
+    drift update, ``"scan"`` the linear-exact update (DESIGN.md §4); both converge to the
+    sequential sample. ``max_rounds`` / ``budget_s`` (seconds) stop early and return the anytime
+    estimate ``X[T]`` with ``converged=False``; ``init`` ``(T+1, B, H, D)`` warm-starts the
+    trajectory (its slot 0 is replaced by ``noise[0]``).
+    """
+
+    def evaluate(x, t, c, slot, age):
+        return _call_denoiser(denoiser, x, t, c), torch.ones_like(slot, dtype=torch.bool)
+
+    return _picard_iterate(
+        evaluate,
+        schedule,
+        noise,
+        cond,
+        window,
+        tol,
+        update,
+        max_rounds,
+        budget_s,
+        init,
+        callback,
+        clock,
+    )
+
+
+def switch_weight(age: torch.Tensor, switch_rounds: int) -> torch.Tensor:
+    """PCM weight lam = clip(1 - k / K_s, 0, 1) of a slot evaluated for the (k+1)-th time."""
+    if switch_rounds <= 0:
+        return torch.zeros_like(age, dtype=torch.float32)
+    return (1.0 - age.float() / switch_rounds).clamp(0.0, 1.0)
+
+
+def pcm_sample(
+    denoiser_base: Denoiser,
+    denoiser_pcm: Denoiser,
+    schedule: Schedule,
+    noise: torch.Tensor,
+    cond: Any = None,
+    window: int | None = None,
+    tol: float = 0.1,
+    switch_rounds: int = 1,
+    update: Update = "scan",
+    max_rounds: int | None = None,
+    budget_s: float | None = None,
+    init: torch.Tensor | None = None,
+    callback: Callback | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Picard Consistency Model sampling (So et al. 2025) with model switching.
+
+    The k-th evaluation of a slot (k = 0, 1, ...) uses ``lam * pcm + (1 - lam) * base`` with
+    ``lam = clip(1 - k / switch_rounds, 0, 1)``. Only slots evaluated with the base model alone
+    may pass the convergence test, so the result is the sequential sample of the base model
+    whatever the PCM learned; the PCM only moves the early iterates closer to it.
+    """
+
+    def evaluate(x, t, c, slot, age):
+        lam = switch_weight(age, switch_rounds).to(x.dtype)
+        out = torch.zeros_like(x)
+        use_pcm, use_base = lam > 0, lam < 1
+        if bool(use_pcm.any()):
+            rows = torch.nonzero(use_pcm).flatten()
+            w = lam[rows].view(-1, *([1] * (x.dim() - 1)))
+            out[rows] += w * _call_denoiser(denoiser_pcm, x[rows], t[rows], _take_cond(c, rows))
+        if bool(use_base.any()):
+            rows = torch.nonzero(use_base).flatten()
+            w = (1 - lam[rows]).view(-1, *([1] * (x.dim() - 1)))
+            out[rows] += w * _call_denoiser(denoiser_base, x[rows], t[rows], _take_cond(c, rows))
+        return out, ~use_pcm
+
+    return _picard_iterate(
+        evaluate,
+        schedule,
+        noise,
+        cond,
+        window,
+        tol,
+        update,
+        max_rounds,
+        budget_s,
+        init,
+        callback,
+        clock,
+    )
+
+
+SAMPLER_METHODS = ("sequential", "picard", "pcm")
+
+
+@dataclass
+class Sampler:
+    """A schedule plus a sampling method and its knobs: what a config chooses.
+
+    ``sampler(denoiser, noise, cond, init=None, denoiser_pcm=None) -> (x, stats)``. Policies draw
+    noise of ``sampler.noise_shape(B, H, D)`` and call this; they own no sampling loop.
+    """
+
+    schedule: Schedule
+    method: str = "picard"
+    window: int | None = None
+    tol: float = 0.1
+    update: str = "scan"
+    switch_rounds: int = 1
+    max_rounds: int | None = None
+    budget_s: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.method not in SAMPLER_METHODS:
+            raise ValueError(
+                f"sampler method must be one of {list(SAMPLER_METHODS)}; got {self.method!r}"
+            )
+        if self.method != "sequential":
+            _validate_picard_args(
+                self.schedule, self.window, self.tol, self.update, self.max_rounds
+            )
+
+    @property
+    def num_steps(self) -> int:
+        """Number of inference steps T."""
+        return self.schedule.num_inference_steps
+
+    def noise_shape(self, batch: int, *event_shape: int) -> tuple[int, ...]:
+        """Shape ``(T+1, B, *event_shape)`` of the up-front noise this sampler consumes."""
+        return (self.num_steps + 1, batch, *event_shape)
+
+    def __call__(
+        self,
+        denoiser: Denoiser,
+        noise: torch.Tensor,
+        cond: Any = None,
+        init: torch.Tensor | None = None,
+        denoiser_pcm: Denoiser | None = None,
+        **overrides: Any,
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Sample with this configuration; ``overrides`` replace knobs for one call."""
+        knobs = {
+            "window": self.window,
+            "tol": self.tol,
+            "update": self.update,
+            "max_rounds": self.max_rounds,
+            "budget_s": self.budget_s,
+            **self.extra,
+            **overrides,
+        }
+        if self.method == "sequential":
+            return sequential_sample(
+                denoiser, self.schedule, noise, cond, callback=knobs.get("callback")
+            )
+        if self.method == "picard":
+            return picard_sample(denoiser, self.schedule, noise, cond, init=init, **knobs)
+        if denoiser_pcm is None:
+            raise ValueError("sampler method 'pcm' needs a PCM denoiser (denoiser_pcm=...)")
+        return pcm_sample(
+            denoiser,
+            denoiser_pcm,
+            self.schedule,
+            noise,
+            cond,
+            switch_rounds=knobs.pop("switch_rounds", self.switch_rounds),
+            init=init,
+            **knobs,
+        )
