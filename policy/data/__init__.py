@@ -1,0 +1,17 @@
+"""Demonstration data: the zarr replay buffer and DP-style sequence sampling over it."""
+
+from policy.data.replay_buffer import ReplayBuffer
+from policy.data.sequence import (
+    FeatureSpec,
+    SequenceDataset,
+    sequence_row_indices,
+    split_episodes,
+)
+
+__all__ = [
+    "FeatureSpec",
+    "ReplayBuffer",
+    "SequenceDataset",
+    "sequence_row_indices",
+    "split_episodes",
+]

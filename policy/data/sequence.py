@@ -1,0 +1,262 @@
+"""Diffusion-Policy-style training windows over a replay buffer.
+
+One sample is a window of H = `horizon` consecutive steps of one episode (To = `n_obs_steps`,
+Ta = `n_action_steps`)::
+
+    window step:   0 ... To-1   To ... To-1+Ta-1   ...   H-1
+    obs:           |-- To --|                                   conditions the policy
+    action:        |------------------------- H -----------|    diffusion target
+    executed:             |------ Ta ------|                    pred[To-1 : To-1+Ta]
+
+Windows start from To-1 steps before an episode's first step up to Ta-1 steps past the last
+full window (pad_before = To-1, pad_after = Ta-1); steps outside the episode repeat its first
+or last frame. These are exactly DP's `create_indices` + `sample_sequence` semantics, built here
+as one vectorised (n_windows, H) table of buffer rows. Train/val splits are by episode.
+
+Feature specs name what goes into the flat obs/action vectors: `"key"` is the data array `key`
+flattened per step (`keypoint` (N, 9, 2) -> 18 features); `"key[a:b]"` keeps features a..b-1
+of that flattened step (Python slice rules, either bound optional); `"key[i]"` keeps feature i.
+PushT keypoint obs (DP's 20-D): `obs_keys=["keypoint", "state[:2]"]` (9 points + agent xy).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from policy.data.replay_buffer import ReplayBuffer
+
+Split = Literal["train", "val"]
+
+_SPEC_PATTERN = re.compile(
+    r"^(?P<key>[^\[\]\s]+)(?:\[(?P<start>-?\d*)(?P<colon>:)?(?P<stop>-?\d*)\])?$"
+)
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """A data key plus the slice of its per-step flattened features to keep (see module doc)."""
+
+    text: str
+    key: str
+    columns: slice
+
+    @classmethod
+    def parse(cls, spec: str) -> FeatureSpec:
+        """Parse `"key"`, `"key[a:b]"` (either bound optional) or `"key[i]"`."""
+        match = _SPEC_PATTERN.match(spec)
+        if match is None:
+            raise ValueError(f"bad feature spec {spec!r}; expected 'key', 'key[a:b]' or 'key[i]'")
+        start, colon, stop = match["start"], match["colon"], match["stop"]
+        if start is None:
+            columns = slice(None)
+        elif colon:
+            columns = slice(int(start) if start else None, int(stop) if stop else None)
+        elif start and not stop:
+            index = int(start)
+            columns = slice(index, index + 1 if index != -1 else None)
+        else:
+            raise ValueError(f"bad feature spec {spec!r}; expected 'key', 'key[a:b]' or 'key[i]'")
+        return cls(text=spec, key=match["key"], columns=columns)
+
+    def extract(self, array: np.ndarray) -> np.ndarray:
+        """(N, ...) data array -> (N, D) float32 features: flatten each step, then slice."""
+        features = array.reshape(array.shape[0], -1)[:, self.columns]
+        if features.shape[1] == 0:
+            raise ValueError(
+                f"feature spec {self.text!r} selects no features from {self.key!r} "
+                f"of per-step shape {array.shape[1:]}"
+            )
+        return features.astype(np.float32)
+
+
+def sequence_row_indices(
+    episode_ends: np.ndarray,
+    sequence_length: int,
+    pad_before: int = 0,
+    pad_after: int = 0,
+    episode_mask: np.ndarray | None = None,
+) -> np.ndarray:
+    """Buffer rows of every padded window of the selected episodes, (n_windows, sequence_length).
+
+    An episode of length L gives L - sequence_length + pad_before + pad_after + 1 windows (none
+    if that is < 1), starting at episode step -pad_before; steps before the episode's start or
+    past its end read its first or last row (DP's edge padding). Pads are clipped to
+    [0, sequence_length - 1] as in DP. `episode_mask` (n_episodes,) bool selects episodes.
+    """
+    if sequence_length < 1:
+        raise ValueError(f"sequence_length must be >= 1; got {sequence_length}")
+    pad_before = min(max(pad_before, 0), sequence_length - 1)
+    pad_after = min(max(pad_after, 0), sequence_length - 1)
+    ends = np.asarray(episode_ends, dtype=np.int64)
+    starts = np.concatenate([[0], ends[:-1]]).astype(np.int64)
+    if episode_mask is not None:
+        episode_mask = np.asarray(episode_mask, dtype=bool)
+        if episode_mask.shape != ends.shape:
+            raise ValueError(f"episode_mask shape {episode_mask.shape} != {ends.shape}")
+        starts, ends = starts[episode_mask], ends[episode_mask]
+    lengths = ends - starts
+    n_windows = np.maximum(lengths - sequence_length + pad_before + pad_after + 1, 0)
+    episode_of_window = np.repeat(np.arange(len(lengths)), n_windows)
+    first_window = np.cumsum(n_windows) - n_windows
+    window_start = np.arange(n_windows.sum()) - first_window[episode_of_window] - pad_before
+    steps = window_start[:, None] + np.arange(sequence_length)
+    steps = np.clip(steps, 0, lengths[episode_of_window][:, None] - 1)
+    return steps + starts[episode_of_window][:, None]
+
+
+def split_episodes(
+    n_episodes: int, val_ratio: float, seed: int, max_train_episodes: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded train/val split by episode: (train_mask, val_mask), each (n_episodes,) bool.
+
+    round(n_episodes * val_ratio) episodes go to val, at least one when val_ratio > 0, and at
+    least one is left for training. `max_train_episodes` keeps a seeded random subset of the
+    training episodes; the dropped ones are in neither split (DP puts them in val).
+    """
+    if not 0 <= val_ratio < 1:
+        raise ValueError(f"val_ratio must be in [0, 1); got {val_ratio}")
+    rng = np.random.default_rng(seed)
+    val_mask = np.zeros(n_episodes, dtype=bool)
+    if val_ratio > 0 and n_episodes > 1:
+        n_val = min(max(1, round(n_episodes * val_ratio)), n_episodes - 1)
+        val_mask[rng.choice(n_episodes, size=n_val, replace=False)] = True
+    train_mask = ~val_mask
+    if max_train_episodes is not None and train_mask.sum() > max_train_episodes:
+        kept = rng.choice(np.flatnonzero(train_mask), size=max_train_episodes, replace=False)
+        train_mask = np.zeros(n_episodes, dtype=bool)
+        train_mask[kept] = True
+    return train_mask, val_mask
+
+
+def _load_features(
+    buffer: ReplayBuffer, obs_specs: list[FeatureSpec], action_spec: FeatureSpec
+) -> tuple[np.ndarray, np.ndarray]:
+    """Read each needed key once: (N, Do) obs and (N, Da) action features, float32."""
+    available = buffer.keys()
+    for role, specs in (("obs_keys", obs_specs), ("action_key", [action_spec])):
+        missing = [spec.key for spec in specs if spec.key not in available]
+        if missing:
+            raise KeyError(
+                f"replay buffer has no data key {missing[0]!r} (needed by {role} "
+                f"{[spec.text for spec in specs]}); available keys: {available}"
+            )
+    raw = {key: buffer[key][:] for key in {spec.key for spec in [*obs_specs, action_spec]}}
+    obs = np.concatenate([spec.extract(raw[spec.key]) for spec in obs_specs], axis=1)
+    return obs, action_spec.extract(raw[action_spec.key])
+
+
+class SequenceDataset(Dataset):
+    """Padded (obs, action) windows of a low-dim replay buffer, for Diffusion Policy training.
+
+    Each item is `{"obs": (To, Do) float32, "action": (H, Da) float32}` tensors (module doc
+    for the window layout and feature specs). The needed arrays are read into memory once; the
+    dataset keeps no handle on the store (safe to pickle into DataLoader workers).
+    """
+
+    def __init__(
+        self,
+        path_or_buffer: str | Path | ReplayBuffer,
+        obs_keys: Sequence[str],
+        action_key: str = "action",
+        horizon: int = 16,
+        n_obs_steps: int = 2,
+        n_action_steps: int = 8,
+        val_ratio: float = 0.02,
+        seed: int = 42,
+        split: Split = "train",
+        max_train_episodes: int | None = None,
+    ) -> None:
+        """Load `obs_keys` / `action_key` features from a buffer or a store path and index the
+        windows of the `split` episodes (split by `val_ratio`, `seed`, `max_train_episodes`)."""
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val'; got {split!r}")
+        if not obs_keys:
+            raise ValueError("obs_keys must name at least one data key")
+        if n_obs_steps < 1 or n_action_steps < 1:
+            raise ValueError(
+                f"need n_obs_steps, n_action_steps >= 1; got {n_obs_steps}, {n_action_steps}"
+            )
+        if n_obs_steps - 1 + n_action_steps > horizon:
+            raise ValueError(
+                f"executed actions [To-1, To-1+Ta) = [{n_obs_steps - 1}, "
+                f"{n_obs_steps - 1 + n_action_steps}) do not fit in horizon {horizon}"
+            )
+        self.obs_keys = list(obs_keys)
+        self.action_key = action_key
+        self.horizon = horizon
+        self.n_obs_steps = n_obs_steps
+        self.n_action_steps = n_action_steps
+        self.split: Split = split
+
+        obs_specs = [FeatureSpec.parse(spec) for spec in self.obs_keys]
+        action_spec = FeatureSpec.parse(action_key)
+        if isinstance(path_or_buffer, ReplayBuffer):
+            source = nullcontext(path_or_buffer)
+        else:
+            source = ReplayBuffer.open(path_or_buffer, mode="r")
+        with source as buffer:
+            self._obs, self._action = _load_features(buffer, obs_specs, action_spec)
+            self.episode_ends = buffer.episode_ends
+        for shared in (self._obs, self._action, self.episode_ends):
+            shared.flags.writeable = False  # shared with get_validation_dataset() and callers
+        train_mask, val_mask = split_episodes(
+            len(self.episode_ends), val_ratio, seed, max_train_episodes
+        )
+        self._split_masks = {"train": train_mask, "val": val_mask}
+        self._rows = self._window_rows(split)
+
+    def _window_rows(self, split: Split) -> np.ndarray:
+        return sequence_row_indices(
+            self.episode_ends,
+            self.horizon,
+            pad_before=self.n_obs_steps - 1,
+            pad_after=self.n_action_steps - 1,
+            episode_mask=self._split_masks[split],
+        )
+
+    @property
+    def episode_indices(self) -> np.ndarray:
+        """(n,) int indices (in the buffer) of the episodes in this split."""
+        return np.flatnonzero(self._split_masks[self.split])
+
+    @property
+    def obs_dim(self) -> int:
+        """Do: features per observation step."""
+        return self._obs.shape[1]
+
+    @property
+    def action_dim(self) -> int:
+        """Da: features per action step."""
+        return self._action.shape[1]
+
+    def get_validation_dataset(self) -> SequenceDataset:
+        """The val-split windows of the same data (shares the loaded arrays, no reload)."""
+        val = copy.copy(self)
+        val.split = "val"
+        val._rows = self._window_rows("val")
+        return val
+
+    def all_obs_and_actions(self) -> dict[str, np.ndarray]:
+        """Every step of the buffer, all episodes: {"obs": (N, Do), "action": (N, Da)} float32,
+        to fit the min-max normalizer on (DP fits it on the whole buffer)."""
+        return {"obs": self._obs, "action": self._action}
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        rows = self._rows[index]
+        return {
+            "obs": torch.from_numpy(self._obs[rows[: self.n_obs_steps]]),
+            "action": torch.from_numpy(self._action[rows]),
+        }

@@ -1,0 +1,189 @@
+"""DiffusionPolicy: observations -> a chunk of actions, by reverse diffusion through a sampler.
+
+The policy owns the networks and the normalizer; how the chunk is sampled (sequential DDPM/DDIM,
+Picard, PCM) is a `picard_sampler.Sampler` handed to `predict_action`, so one trained policy runs
+under every sampler. Shape names (DP's): B batch, To observation steps, H horizon, Ta executed
+action steps, Da action dims, Dc global condition dims; an `n` prefix marks normalized tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from picard_sampler import Sampler, Schedule
+from policy.normalizer import LinearNormalizer
+
+Obs = torch.Tensor | np.ndarray | Mapping[str, torch.Tensor | np.ndarray]
+
+
+class DiffusionPolicy(nn.Module):
+    """Diffusion Policy (Chi et al. 2023) with global FiLM conditioning on To observation steps.
+
+    `model` is a ConditionalUnet1D, or a factory called as `model(input_dim=Da, global_cond_dim=
+    To * F)` so a config does not have to compute Dc (F = `obs_encoder.feature_dim`).
+    `train_schedule` supplies the training timesteps and `add_noise` (epsilon prediction).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | Callable[..., nn.Module],
+        obs_encoder: nn.Module,
+        normalizer: LinearNormalizer,
+        action_dim: int,
+        train_schedule: Schedule,
+        horizon: int = 16,
+        n_obs_steps: int = 2,
+        n_action_steps: int = 8,
+    ):
+        super().__init__()
+        _check(horizon >= 1, "horizon", horizon, "an int >= 1")
+        _check(n_obs_steps >= 1, "n_obs_steps", n_obs_steps, "an int >= 1")
+        _check(n_action_steps >= 1, "n_action_steps", n_action_steps, "an int >= 1")
+        _check(
+            n_obs_steps - 1 + n_action_steps <= horizon,
+            "n_action_steps", n_action_steps,
+            f"<= horizon - n_obs_steps + 1 = {horizon - n_obs_steps + 1} (executed actions "
+            f"[To-1, To-1+Ta) must fit in the horizon)",
+        )
+        _check(action_dim >= 1, "action_dim", action_dim, "an int >= 1")
+        _check(
+            train_schedule.prediction_type == "epsilon",
+            "train_schedule.prediction_type", train_schedule.prediction_type, "'epsilon'",
+        )
+        cond_dim = n_obs_steps * obs_encoder.feature_dim
+        if not isinstance(model, nn.Module):
+            model = model(input_dim=action_dim, global_cond_dim=cond_dim)
+        _check(model.input_dim == action_dim, "model.input_dim", model.input_dim,
+               f"action_dim = {action_dim}")
+        _check(model.global_cond_dim == cond_dim, "model.global_cond_dim", model.global_cond_dim,
+               f"n_obs_steps * obs_encoder.feature_dim = {cond_dim}")
+        _check(horizon % model.horizon_multiple == 0, "horizon", horizon,
+               f"a multiple of {model.horizon_multiple} (2 ** (number of UNet levels - 1))")
+
+        self.model = model
+        self.obs_encoder = obs_encoder
+        self.normalizer = normalizer
+        self.train_schedule = train_schedule
+        self.action_dim = action_dim
+        self.horizon = horizon
+        self.n_obs_steps = n_obs_steps
+        self.n_action_steps = n_action_steps
+
+    # ------------------------------------------------------------------ observations
+    def check_obs(self, obs: Obs) -> dict[str, torch.Tensor]:
+        """Validate raw observations and return them as float tensors {key: (B, To, ...)}.
+
+        A single array is taken as the encoder's only key. Raises ValueError naming the key and
+        the expected and actual shapes, or the key holding NaN/inf.
+        """
+        shapes = self.obs_encoder.obs_shapes
+        if not isinstance(obs, Mapping):
+            if len(shapes) != 1:
+                raise ValueError(f"observation must be a dict with keys {sorted(shapes)}")
+            obs = {next(iter(shapes)): obs}
+        missing = sorted(set(shapes) - set(obs))
+        if missing:
+            raise ValueError(f"observation is missing keys {missing} (got {sorted(obs)})")
+        out = {}
+        for key, step_shape in shapes.items():
+            x = torch.as_tensor(obs[key], device=self.device, dtype=torch.float32)
+            expected = (self.n_obs_steps, *step_shape)
+            if x.dim() != len(expected) + 1 or tuple(x.shape[1:]) != expected:
+                raise ValueError(
+                    f"observation '{key}': expected shape (B, {', '.join(map(str, expected))}), "
+                    f"got {tuple(x.shape)}"
+                )
+            if not torch.isfinite(x).all():
+                raise ValueError(f"observation '{key}' contains NaN or inf")
+            out[key] = x
+        return out
+
+    def encode_obs(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Checked raw obs {key: (B, To, ...)} -> global condition (B, To * F)."""
+        nobs = {
+            k: self.normalizer.normalize(k, v) if k in self.normalizer else v
+            for k, v in obs.items()
+        }
+        return self.obs_encoder(nobs).flatten(1)
+
+    # ---------------------------------------------------------------------- training
+    def compute_loss(
+        self, batch: Mapping[str, Any], generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Epsilon-prediction MSE on a batch {"obs": (B, To, ...) or dict, "action": (B, H, Da)}.
+
+        Noise and training timesteps come from `generator` (global RNG if None).
+        """
+        obs = self.check_obs(batch["obs"])
+        naction = self.normalizer.normalize("action", batch["action"].to(self.device))
+        B = naction.shape[0]
+        expected = (B, self.horizon, self.action_dim)
+        if tuple(naction.shape) != expected:
+            raise ValueError(
+                f"batch 'action': expected shape {expected}, got {tuple(naction.shape)}"
+            )
+        cond = self.encode_obs(obs)
+        noise = torch.randn(naction.shape, generator=generator, device=self.device)
+        t = torch.randint(
+            0, self.train_schedule.num_train_timesteps, (B,), generator=generator,
+            device=self.device,
+        )
+        noisy = self.train_schedule.add_noise(naction, noise, t)
+        return F.mse_loss(self.model(noisy, t, cond), noise)
+
+    # --------------------------------------------------------------------- inference
+    def denoiser(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """picard_sampler denoiser: noisy chunk (N, H, Da), timesteps (N,), cond (N, Dc) -> eps."""
+        return self.model(x, t, cond)
+
+    @torch.no_grad()
+    def predict_action(
+        self,
+        obs: Obs,
+        sampler: Sampler,
+        noise: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        init: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Sample an action chunk for the last To observations; return the Ta steps to execute.
+
+        How the steps line up (To=2, H=16, Ta=8; `o` observed, `a` predicted, `x` executed)::
+
+            step:      0  1  2  3  4  5  6  7  8  9 10 11 12 13 14 15
+            obs:       o  o                                              (To = n_obs_steps)
+            chunk:     a  a  a  a  a  a  a  a  a  a  a  a  a  a  a  a    (H = horizon)
+            executed:     x  x  x  x  x  x  x  x                         [To-1 : To-1+Ta]
+
+        obs: (B, To, Do) or {key: (B, To, ...)}; noise: (T+1, B, H, Da) pre-drawn (drawn from
+        `generator` if None); init: warm-start trajectory for Picard samplers. Returns actions
+        (B, Ta, Da) in raw units and the sampler's stats plus "naction" (B, H, Da), the whole
+        normalized chunk ("trajectory", when the sampler returns it, is its final trajectory).
+        """
+        cond = self.encode_obs(self.check_obs(obs))
+        B = cond.shape[0]
+        shape = sampler.noise_shape(B, self.horizon, self.action_dim)
+        if noise is None:
+            noise = torch.randn(shape, generator=generator, device=self.device)
+        elif tuple(noise.shape) != shape:
+            raise ValueError(f"noise: expected shape {shape}, got {tuple(noise.shape)}")
+        naction, stats = sampler(self.denoiser, noise.to(self.device), cond, init=init)
+        start = self.n_obs_steps - 1
+        action = self.normalizer.unnormalize("action", naction)
+        return action[:, start : start + self.n_action_steps], {**stats, "naction": naction}
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the policy's parameters."""
+        return next(self.parameters()).device
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    """Raise a one-line ValueError naming the config key, its value and what is allowed."""
+    if not ok:
+        raise ValueError(f"policy.{key} must be {allowed}; got {value!r}")

@@ -1,0 +1,81 @@
+"""Shared fixtures: a tiny PushT-shaped demonstration store and the real configs, shrunk."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from policy.data import ReplayBuffer
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO_ROOT / "conf"
+if str(REPO_ROOT) not in sys.path:  # the entry scripts (train_pcm.py) live at the top level
+    sys.path.insert(0, str(REPO_ROOT))
+
+
+def make_tiny_demos(path: Path, n_episodes: int = 8, n_steps: int = 30, seed: int = 0) -> Path:
+    """A learnable PushT-shaped store: the agent moves a fixed fraction of the way to the block,
+    so each action is a function of the observation. Keys state (T, 5), keypoint (T, 9, 2),
+    action (T, 2), the layout of data/pusht_demos.zarr.zip."""
+    rng = np.random.default_rng(seed)
+    offsets = rng.uniform(-20, 20, size=(9, 2))
+    buffer = ReplayBuffer.create_empty()
+    for _ in range(n_episodes):
+        agent, block = rng.uniform(100, 400, size=2), rng.uniform(150, 350, size=2)
+        angle = rng.uniform(0, 2 * np.pi)
+        states, keypoints, actions = [], [], []
+        for _ in range(n_steps):
+            target = agent + 0.3 * (block - agent)
+            states.append([*agent, *block, angle])
+            keypoints.append(block + offsets)
+            actions.append(target)
+            agent = target
+        buffer.add_episode({
+            "state": np.array(states, np.float32),
+            "keypoint": np.array(keypoints, np.float32),
+            "action": np.array(actions, np.float32),
+        })
+    buffer.save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_demos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Path of a tiny demonstration store (8 episodes x 30 steps), built once per session."""
+    return make_tiny_demos(tmp_path_factory.mktemp("data") / "tiny_demos.zarr.zip")
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Run torch on one thread: tiny models gain nothing from two, and the cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def make_cfg(tiny_demos: Path, tmp_path: Path) -> Callable[..., DictConfig]:
+    """Compose conf/train.yaml (with debug=tiny unless tiny=False) on the tiny store, the run
+    dir under tmp_path."""
+
+    def _make(*overrides: str, run_dir: Path | None = None, tiny: bool = True) -> DictConfig:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose(
+                "train",
+                overrides=[
+                    *(["debug=tiny"] if tiny else []),
+                    f"data.path={tiny_demos}",
+                    f"run_dir={run_dir or tmp_path / 'run'}",
+                    *overrides,
+                ],
+            )
+
+    return _make

@@ -1,0 +1,150 @@
+"""train_pcm.py: configs, the loop, checkpoints and exact resumption."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from itertools import pairwise
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.errors import ConfigCompositionException, InstantiationException
+
+import train_pcm
+from policy.checkpoint import load_checkpoint
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_tiny_run_trains_validates_evaluates_and_checkpoints(make_cfg, tmp_path: Path) -> None:
+    cfg = make_cfg("train.max_steps=10", "eval.every=10", "env.max_steps=8", "eval.n_episodes=1")
+    summary = train_pcm.run(cfg)
+    run_dir = tmp_path / "run"
+    assert summary["step"] == 10 and not summary["stopped_early"]
+    assert {"train/loss", "val/loss", "eval/mean_score", "eval/success_rate"} <= set(summary)
+    assert (run_dir / "latest.ckpt").exists() and (run_dir / "best.ckpt").exists()
+    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in logged] == [5, 10]
+    ckpt = load_checkpoint(run_dir / "latest.ckpt")
+    assert ckpt["step"] == 10 and ckpt["config"]["policy"]["horizon"] == 16
+    assert ckpt["ema"]["num_updates"] == 10
+
+
+def test_interrupted_then_resumed_run_equals_an_uninterrupted_one(
+    make_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """SIGTERM mid-epoch (step 7 of 12, 5 steps per epoch) -> latest.ckpt -> resume=true."""
+    overrides = ("train.max_steps=12", "data.batch_size=32", "checkpoint.every=5", "val.every=4")
+    straight = train_pcm.run(make_cfg(*overrides, run_dir=tmp_path / "straight"))
+
+    calls = {"n": 0}
+    real_step = train_pcm.train_step
+
+    def step_then_sigterm(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_pcm, "train_step", step_then_sigterm)
+    first = train_pcm.run(make_cfg(*overrides, run_dir=tmp_path / "split"))
+    assert first["stopped_early"] and first["step"] == 7
+    assert load_checkpoint(tmp_path / "split" / "latest.ckpt")["step"] == 7
+    monkeypatch.setattr(train_pcm, "train_step", real_step)
+    resumed = train_pcm.run(make_cfg(*overrides, "resume=true", run_dir=tmp_path / "split"))
+    assert "changed config keys" not in capsys.readouterr().err
+
+    assert resumed["step"] == straight["step"] == 12 and resumed["epoch"] == straight["epoch"]
+    a = load_checkpoint(tmp_path / "straight" / "latest.ckpt")
+    b = load_checkpoint(tmp_path / "split" / "latest.ckpt")
+    for part in ("model", "ema"):
+        flat_a, flat_b = a[part], b[part]
+        if part == "ema":
+            assert flat_a["num_updates"] == flat_b["num_updates"] == 12
+            flat_a, flat_b = flat_a["model"], flat_b["model"]
+        for key in flat_a:
+            torch.testing.assert_close(flat_b[key], flat_a[key], rtol=0, atol=0, msg=key)
+    assert resumed["val/loss"] == straight["val/loss"]
+
+
+def test_run_refuses_to_overwrite_or_to_resume_nothing_and_warns_on_changes(
+    make_cfg, capsys: pytest.CaptureFixture
+) -> None:
+    with pytest.raises(train_pcm.ConfigError, match="resume=true but there is no checkpoint"):
+        train_pcm.run(make_cfg("resume=true"))
+    train_pcm.run(make_cfg("train.max_steps=1", "val.every=0"))
+    with pytest.raises(train_pcm.ConfigError, match="latest.ckpt exists: pass resume=true"):
+        train_pcm.run(make_cfg("train.max_steps=1"))
+    train_pcm.run(make_cfg("train.max_steps=2", "val.every=0", "resume=true"))
+    assert "changed config keys ['train.max_steps']" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        ("stage=pcmx", r"stage must be one of \['dp'\]; got 'pcmx'"),
+        ("eval.vector=threads", r"eval.vector must be one of \['sync', 'async'\]"),
+        ("checkpoint.every=0", r"checkpoint.every must be an int >= 1; got 0"),
+        ("policy.n_action_steps=20", r"policy.n_action_steps must be <= horizon"),
+        ("env.obs_dim=21", r"env.obs_dim is 21 but the data's is 20"),
+    ],
+)
+def test_bad_config_values_are_errors_naming_the_key(make_cfg, override, match) -> None:
+    with pytest.raises((train_pcm.ConfigError, InstantiationException), match=match):
+        train_pcm.run(make_cfg(override))
+
+
+def test_unknown_config_key_is_rejected(make_cfg) -> None:
+    with pytest.raises(ConfigCompositionException, match="train.lr"):
+        make_cfg("train.lr=1")
+
+
+def test_entry_script_prints_one_line_config_error(tiny_demos: Path, tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "train_pcm.py", "debug=tiny", f"data.path={tiny_demos}",
+         f"run_dir={tmp_path / 'run'}", "data.batch_size=0"],
+        cwd=Path(train_pcm.__file__).parent, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "config error: data.batch_size must be an int >= 1; got 0"
+    ]
+
+
+def test_train_loader_order_depends_only_on_seed_and_epoch() -> None:
+    dataset = list(range(23))
+    full = [b.tolist() for b in train_pcm.make_train_loader(dataset, 5, seed=1, epoch=3)]
+    again = [b.tolist() for b in train_pcm.make_train_loader(dataset, 5, seed=1, epoch=3)]
+    skipped = [b.tolist() for b in train_pcm.make_train_loader(dataset, 5, 1, 3, skip_batches=2)]
+    other = [b.tolist() for b in train_pcm.make_train_loader(dataset, 5, seed=1, epoch=4)]
+    assert full == again and skipped == full[2:] and other != full
+    assert sorted(sum(full, [])) == dataset
+
+
+def test_lr_warms_up_linearly_then_decays_to_zero(make_cfg) -> None:
+    cfg = make_cfg("optim.warmup_steps=4", "optim.lr=1.0")
+    optimizer, scheduler = train_pcm.build_optimizer(cfg, torch.nn.Linear(1, 1), total_steps=12)
+    lrs = []
+    for _ in range(12):
+        lrs.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert lrs[4] == pytest.approx(1.0) and all(a >= b for a, b in pairwise(lrs[4:]))
+    assert scheduler.get_last_lr()[0] == pytest.approx(0.0)
+
+
+def test_wandb_logs_offline_and_keeps_its_run_id_across_resume(make_cfg, tmp_path: Path) -> None:
+    cfg = make_cfg("logger.wandb=true", "logger.mode=offline")
+    first = train_pcm.MetricLogger(cfg, tmp_path, wandb_id=None)
+    first.log({"train/loss": 1.0}, step=1)
+    first.close()
+    again = train_pcm.MetricLogger(cfg, tmp_path, wandb_id=first.wandb_id)
+    again.close()
+    assert first.wandb_id and again.wandb_id == first.wandb_id
+    assert list((tmp_path / "wandb").glob(f"offline-run-*-{first.wandb_id}"))
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1, "train/loss": 1.0}\n'

@@ -1,0 +1,443 @@
+"""Train a Diffusion Policy (stage=dp) from demonstrations; the PCM stage will reuse this loop.
+
+    python train_pcm.py                                  # PushT low-dim, CPU-sized UNet
+    python train_pcm.py resume=true                      # continue runs/<name>/latest.ckpt
+    python train_pcm.py debug=tiny logger.wandb=false    # seconds-long smoke run
+
+The script reads top to bottom: config check, data, policy (normalizer fitted on the data),
+optimizer + cosine LR, EMA, then the loop of `train_step` with periodic validation loss, rollout
+evaluation of the EMA policy and atomic checkpoints (`latest.ckpt`, `best.ckpt` by rollout
+score, optional step snapshots) in `run_dir`. The stage picks the loss and the data, not the loop.
+Resuming gives the same weights as an uninterrupted run: the data order is a function of
+(seed, epoch), the RNG states travel in the checkpoint, and validation and evaluation draw from
+their own generators. SIGINT/SIGTERM finish the current step, write `latest.ckpt` and stop.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import hydra
+import numpy as np
+import torch
+from hydra.errors import InstantiationException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from envs.rollout import VECTOR_KINDS, rollout
+from policy.checkpoint import load_checkpoint, restore_rng_states, save_checkpoint
+from policy.data import SequenceDataset
+from policy.diffusion_policy import DiffusionPolicy
+from policy.ema import EMA
+
+LossFn = Callable[[DiffusionPolicy, Mapping[str, Any]], torch.Tensor]
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the entry point prints it as one line."""
+
+
+def dp_loss(policy: DiffusionPolicy, batch: Mapping[str, Any]) -> torch.Tensor:
+    """Stage dp: the epsilon-prediction loss of Diffusion Policy."""
+    return policy.compute_loss(batch)
+
+
+STAGE_LOSSES: dict[str, LossFn] = {"dp": dp_loss}
+
+
+# ----------------------------------------------------------------------------- config, setup
+def check_config(cfg: DictConfig) -> None:
+    """Reject values the run cannot use, naming the key and what is allowed."""
+    t = cfg.train
+    checks = [
+        ("stage", cfg.stage in STAGE_LOSSES, f"one of {sorted(STAGE_LOSSES)}"),
+        ("device", cfg.device == "auto" or str(cfg.device).split(":")[0] in ("cpu", "cuda"),
+         "'auto', 'cpu', 'cuda' or 'cuda:N'"),
+        ("threads", cfg.threads is None or cfg.threads >= 1, "null or an int >= 1"),
+        ("data.batch_size", cfg.data.batch_size >= 1, "an int >= 1"),
+        ("train.max_steps", t.max_steps is None or t.max_steps >= 1, "null or an int >= 1"),
+        ("train.num_epochs", t.num_epochs is None or t.num_epochs >= 1, "null or an int >= 1"),
+        ("train.max_steps", t.max_steps is not None or t.num_epochs is not None,
+         "set (or train.num_epochs set): training needs an end"),
+        ("optim.warmup_steps", cfg.optim.warmup_steps >= 0, "an int >= 0"),
+        ("val.every", cfg.val.every >= 0, "an int >= 0 (0 disables validation)"),
+        ("eval.every", cfg.eval.every >= 0, "an int >= 0 (0 disables rollouts)"),
+        ("eval.vector", cfg.eval.vector in VECTOR_KINDS, f"one of {list(VECTOR_KINDS)}"),
+        ("checkpoint.every", cfg.checkpoint.every >= 1, "an int >= 1"),
+        ("checkpoint.snapshot_every", cfg.checkpoint.snapshot_every >= 0,
+         "an int >= 0 (0 keeps no step snapshots)"),
+    ]
+    for key, ok, allowed in checks:
+        if not ok:
+            raise ConfigError(f"{key} must be {allowed}; got {OmegaConf.select(cfg, key)!r}")
+
+
+def setup_runtime(cfg: DictConfig) -> torch.device:
+    """Seed every RNG, set torch threads, pick the device (auto = CUDA when available)."""
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)  # noqa: NPY002 (the legacy global RNG, for dependencies)
+    torch.manual_seed(cfg.seed)
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+# ------------------------------------------------------------------------------------ data
+def build_datasets(cfg: DictConfig) -> tuple[SequenceDataset, SequenceDataset]:
+    """Train and validation windows (split by episode) of the demonstration store."""
+    if not OmegaConf.is_list(cfg.data.obs_keys):
+        raise ConfigError(
+            f"data.obs_keys must be a list of low-dim feature specs; got {cfg.data.obs_keys} "
+            "(image observations need an image dataset, which policy.data does not have yet)"
+        )
+    path = Path(cfg.data.path)
+    if not path.exists():
+        raise ConfigError(f"data.path does not exist: {path} (run from the repo root?)")
+    train_set = SequenceDataset(
+        path, obs_keys=list(cfg.data.obs_keys), action_key=cfg.data.action_key,
+        horizon=cfg.policy.horizon, n_obs_steps=cfg.policy.n_obs_steps,
+        n_action_steps=cfg.policy.n_action_steps, val_ratio=cfg.data.val_ratio, seed=cfg.seed,
+        split="train", max_train_episodes=cfg.data.max_train_episodes,
+    )
+    for key, got in (("obs_dim", train_set.obs_dim), ("action_dim", train_set.action_dim)):
+        if cfg.env[key] != got:
+            raise ConfigError(f"env.{key} is {cfg.env[key]} but the data's is {got}")
+    return train_set, train_set.get_validation_dataset()
+
+
+def make_train_loader(
+    dataset: Dataset, batch_size: int, seed: int, epoch: int, skip_batches: int = 0,
+    num_workers: int = 0,
+) -> DataLoader:
+    """One epoch of shuffled batches; the order depends only on (seed, epoch), so a resumed
+    run skips the `skip_batches` already trained on and sees the rest in the same order."""
+    order = np.random.default_rng([seed, epoch]).permutation(len(dataset))
+    indices = order[skip_batches * batch_size :].tolist()
+    return DataLoader(
+        dataset, batch_size=batch_size, sampler=indices, num_workers=num_workers,
+        generator=torch.Generator().manual_seed(seed),  # keeps the global RNG untouched
+    )
+
+
+def epoch_batches(
+    dataset: Dataset, cfg: DictConfig, epoch: int, batch_in_epoch: int
+) -> Iterator[tuple[int, int, Any]]:
+    """Endless (epoch, index in epoch, batch), starting at batch `batch_in_epoch` of `epoch`."""
+    for e in itertools.count(epoch):
+        skip = batch_in_epoch if e == epoch else 0
+        loader = make_train_loader(
+            dataset, cfg.data.batch_size, cfg.seed, e, skip, cfg.data.num_workers
+        )
+        for index, batch in enumerate(loader, start=skip):
+            yield e, index, batch
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Move a (nested dict of) tensor batch to `device`."""
+    if isinstance(batch, Mapping):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch.to(device, non_blocking=True)
+
+
+# ---------------------------------------------------------------------------------- policy
+def build_policy(cfg: DictConfig) -> DiffusionPolicy:
+    """Instantiate (and so validate) the policy of `cfg.policy`; its normalizer is unfitted."""
+    return hydra.utils.instantiate(cfg.policy, _convert_="all")
+
+
+def build_optimizer(
+    cfg: DictConfig, policy: torch.nn.Module, total_steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW plus a linear warm-up then cosine decay to 0 over `total_steps` (DP's schedule)."""
+    optimizer = torch.optim.AdamW(
+        policy.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+        weight_decay=cfg.optim.weight_decay,
+    )
+    warmup = cfg.optim.warmup_steps
+
+    def lr_factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+
+
+# ---------------------------------------------------------------------------------- steps
+def train_step(
+    policy: DiffusionPolicy,
+    batch: Mapping[str, Any],
+    loss_fn: LossFn,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
+    ema: EMA,
+) -> float:
+    """One optimizer step on `batch`, then the LR schedule and the EMA; returns the loss."""
+    policy.train()
+    loss = loss_fn(policy, batch)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    lr_scheduler.step()
+    ema.update(policy)
+    return loss.item()
+
+
+@torch.no_grad()
+def validation_loss(
+    policy: DiffusionPolicy, dataset: Dataset, batch_size: int, max_batches: int, seed: int,
+    device: torch.device,
+) -> float:
+    """Mean loss over the first `max_batches` validation batches, with fixed noise (seed)."""
+    if len(dataset) == 0:
+        return float("nan")
+    generator = torch.Generator(device).manual_seed(seed)
+    losses = []
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    for i, batch in enumerate(loader):
+        if i >= max_batches:
+            break
+        losses.append(policy.compute_loss(to_device(batch, device), generator=generator).item())
+    return float(np.mean(losses))
+
+
+def evaluate(policy: DiffusionPolicy, cfg: DictConfig, device: torch.device) -> dict[str, float]:
+    """Roll the policy out in the env on `cfg.eval` seeds; mean_score, success_rate, rounds."""
+    sampler = hydra.utils.instantiate(cfg.eval.sampler)
+    generator = torch.Generator(device).manual_seed(cfg.eval.seed_start)
+    env_id, env_kwargs = cfg.env.id, OmegaConf.to_container(cfg.env.kwargs)
+
+    def policy_fn(obs: Any) -> tuple[np.ndarray, dict[str, Any]]:
+        actions, stats = policy.predict_action(obs, sampler, generator=generator)
+        return actions.cpu().numpy(), stats
+
+    result = rollout(
+        policy_fn, lambda: gym.make(env_id, **env_kwargs), n_episodes=cfg.eval.n_episodes,
+        n_envs=cfg.eval.n_envs, seed_start=cfg.eval.seed_start, max_steps=cfg.env.max_steps,
+        n_obs_steps=policy.n_obs_steps, n_action_steps=policy.n_action_steps,
+        vector=cfg.eval.vector, progress=cfg.progress,
+    )
+    rounds = [c["rounds"] for c in result.policy_calls if "rounds" in c]
+    return {**result.metrics, "mean_rounds": float(np.mean(rounds)) if rounds else float("nan")}
+
+
+def changed_keys(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested config dicts."""
+    changed = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            changed += changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changed.append(f"{prefix}{key}")
+    return changed
+
+
+def resume_training(
+    path: Path, policy: DiffusionPolicy, ema: EMA, optimizer: torch.optim.Optimizer,
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler, device: torch.device,
+    config: Mapping[str, Any],
+) -> dict[str, Any]:
+    """Load weights, optimizer, scheduler and RNG states from `path`; return the progress.
+
+    Warns about config keys that changed since the checkpoint (other than `resume`): the run
+    goes on, but it is no longer the same as an uninterrupted one."""
+    ckpt = load_checkpoint(path, map_location=device)
+    changed = [k for k in changed_keys(ckpt["config"], config) if k != "resume"]
+    if changed:
+        print(f"warning: resuming {path} with changed config keys {changed}", file=sys.stderr)
+    policy.load_state_dict(ckpt["model"])
+    ema.load_state_dict(ckpt["ema"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
+    restore_rng_states(ckpt["rng"])
+    return {**ckpt["extra"], "step": ckpt["step"], "epoch": ckpt["epoch"]}
+
+
+# ------------------------------------------------------------------------------ bookkeeping
+class MetricLogger:
+    """Appends metrics to run_dir/metrics.jsonl and, if enabled, to wandb (offline by default)."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path, wandb_id: str | None):
+        self.path = run_dir / "metrics.jsonl"
+        self.wandb = None
+        self.wandb_id = wandb_id
+        if cfg.logger.wandb:
+            import wandb
+
+            self.wandb = wandb.init(
+                project=cfg.logger.project, name=cfg.name, id=wandb_id, resume="allow",
+                dir=str(run_dir), mode=cfg.logger.mode,
+                config=OmegaConf.to_container(cfg, resolve=True),
+            )
+            self.wandb_id = self.wandb.id
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(dict(metrics), step=step)
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+class StopOnSignal:
+    """Turns the first SIGINT/SIGTERM into `requested = True` (a second one acts as usual)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopOnSignal:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+        self._restore()
+
+    def _restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._restore()
+
+
+# -------------------------------------------------------------------------------------- run
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Train per `cfg`; returns the final step, epoch and last losses / rollout metrics."""
+    check_config(cfg)
+    device = setup_runtime(cfg)
+    run_dir = Path(cfg.run_dir)
+    latest = run_dir / "latest.ckpt"
+    if latest.exists() and not cfg.resume:
+        raise ConfigError(
+            f"{latest} exists: pass resume=true to continue it, or name=<new> for a new run"
+        )
+    if cfg.resume and not latest.exists():
+        raise ConfigError(f"resume=true but there is no checkpoint at {latest}")
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+
+    policy = build_policy(cfg)
+    train_set, val_set = build_datasets(cfg)
+    policy.normalizer.fit(train_set.all_obs_and_actions())
+    policy.to(device)
+    steps_per_epoch = math.ceil(len(train_set) / cfg.data.batch_size)
+    epoch_steps = cfg.train.num_epochs and cfg.train.num_epochs * steps_per_epoch
+    total_steps = min(n for n in (cfg.train.max_steps, epoch_steps) if n is not None)
+    ema = EMA(policy, power=cfg.ema.power, max_decay=cfg.ema.max_decay)
+    optimizer, lr_scheduler = build_optimizer(cfg, policy, total_steps)
+    loss_fn = STAGE_LOSSES[cfg.stage]
+
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_score": -math.inf,
+             "wandb_id": None}
+    if cfg.resume:
+        state.update(
+            resume_training(latest, policy, ema, optimizer, lr_scheduler, device, resolved)
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    logger = MetricLogger(cfg, run_dir, state["wandb_id"])
+    state["wandb_id"] = logger.wandb_id
+
+    def checkpoint(path: Path) -> None:
+        save_checkpoint(
+            path, policy=policy, ema=ema, optimizer=optimizer, lr_scheduler=lr_scheduler,
+            step=state["step"], epoch=state["epoch"], config=resolved,
+            extra={k: state[k] for k in ("batch_in_epoch", "best_score", "wandb_id")},
+        )
+
+    n_params = sum(p.numel() for p in policy.model.parameters())
+    print(f"{cfg.name}: {len(train_set)} train / {len(val_set)} val windows, model "
+          f"{n_params / 1e6:.2f}M params, {total_steps} steps on {device} -> {run_dir}")
+    bar = tqdm(total=total_steps, initial=state["step"], disable=not cfg.progress, desc="train")
+    recent: list[float] = []  # losses since the last log, and their training seconds
+    recent_s = 0.0
+    last: dict[str, Any] = {}
+    saved_at = state["step"] if cfg.resume else None
+    batches = epoch_batches(train_set, cfg, state["epoch"], state["batch_in_epoch"])
+    with StopOnSignal() as stop:
+        for epoch, index, batch in batches:
+            if state["step"] >= total_steps or stop.requested:
+                break
+            tick = time.perf_counter()
+            recent.append(train_step(
+                policy, to_device(batch, device), loss_fn, optimizer, lr_scheduler, ema
+            ))
+            recent_s += time.perf_counter() - tick
+            state.update(step=state["step"] + 1, epoch=epoch, batch_in_epoch=index + 1)
+            step = state["step"]
+            bar.update(1)
+            metrics: dict[str, float] = {}
+            if step % cfg.logger.log_every == 0 or step == total_steps:
+                metrics.update({
+                    "train/loss": float(np.mean(recent)),
+                    "train/lr": lr_scheduler.get_last_lr()[0],
+                    "train/steps_per_s": len(recent) / recent_s,
+                    "train/epoch": epoch,
+                })
+                bar.set_postfix(loss=f"{metrics['train/loss']:.4f}")
+                recent, recent_s = [], 0.0
+            if cfg.val.every and (step % cfg.val.every == 0 or step == total_steps):
+                metrics["val/loss"] = validation_loss(
+                    ema.model, val_set, cfg.data.batch_size, cfg.val.max_batches, cfg.seed, device
+                )
+            if cfg.eval.every and (step % cfg.eval.every == 0 or step == total_steps):
+                scores = evaluate(ema.model, cfg, device)
+                metrics.update({f"eval/{k}": v for k, v in scores.items()})
+                if scores["mean_score"] > state["best_score"]:
+                    state["best_score"] = scores["mean_score"]
+                    checkpoint(run_dir / "best.ckpt")
+            if metrics:
+                logger.log(metrics, step)
+                last.update(metrics)
+            if step % cfg.checkpoint.every == 0:
+                checkpoint(latest)
+                saved_at = step
+            if cfg.checkpoint.snapshot_every and step % cfg.checkpoint.snapshot_every == 0:
+                checkpoint(run_dir / f"step_{step:07d}.ckpt")
+    if saved_at != state["step"]:
+        checkpoint(latest)
+    bar.close()
+    logger.close()
+    summary = {"step": state["step"], "epoch": state["epoch"], "total_steps": total_steps,
+               "stopped_early": stop.requested, **last}
+    print(json.dumps(summary))
+    return summary
+
+
+@hydra.main(config_path="conf", config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    """Hydra entry: config errors become one line on stderr and exit status 1."""
+    os.environ.setdefault("WANDB_SILENT", "true")
+    try:
+        run(cfg)
+    except (ConfigError, InstantiationException, OmegaConfBaseException) as e:
+        cause = e.__cause__ if isinstance(e, InstantiationException) and e.__cause__ else e
+        sys.exit(f"config error: {' '.join(str(cause).split())}")
+
+
+if __name__ == "__main__":
+    main()
