@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from picard_sampler import DDIMSchedule, DDPMSchedule, Sampler
-from policy.checkpoint import load_checkpoint, load_policy, save_checkpoint
+from policy.checkpoint import export_policy, load_checkpoint, load_policy, save_checkpoint
 from policy.diffusion_policy import DiffusionPolicy
 from policy.ema import EMA
 from policy.encoders import ImageObsEncoder, LowDimObsEncoder, crop_images
@@ -273,6 +273,16 @@ def test_saved_then_loaded_policy_gives_identical_actions(make_cfg, tmp_path: Pa
         expected, _ = reference.predict_action(pusht_obs(2), sampler, noise=noise)
         actual, _ = loaded.predict_action(pusht_obs(2), sampler, noise=noise)
         torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+
+
+    exported = export_policy(path, tmp_path / "shipped.ckpt")
+    assert exported.stat().st_size < path.stat().st_size / 2
+    shipped = load_policy(exported)
+    expected, _ = ema.model.predict_action(pusht_obs(2), sampler, noise=noise)
+    actual, _ = shipped.predict_action(pusht_obs(2), sampler, noise=noise)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0.5)  # float16 weights, env units
+    with pytest.raises(ValueError, match="holds only the EMA weights"):
+        load_policy(exported, use_ema=False)
 
 
 # ------------------------------------------------------------------------ shipped configs

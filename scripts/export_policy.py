@@ -1,0 +1,28 @@
+"""Turn a training checkpoint into a small deployable one (EMA weights in float16 + config).
+
+    python scripts/export_policy.py SRC.ckpt checkpoints/pusht_lowdim/policy.ckpt [--float32]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from policy.checkpoint import export_policy
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("src", type=Path, help="training checkpoint (latest.ckpt, best.ckpt, ...)")
+    parser.add_argument("dst", type=Path, help="where to write the exported checkpoint")
+    parser.add_argument("--float32", action="store_true", help="keep float32 weights")
+    args = parser.parse_args()
+    dtype = torch.float32 if args.float32 else torch.float16
+    path = export_policy(args.src, args.dst, dtype=dtype)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {dtype})")
+
+
+if __name__ == "__main__":
+    main()
