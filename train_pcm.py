@@ -28,7 +28,6 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import gymnasium as gym
 import hydra
 import numpy as np
 import torch
@@ -38,17 +37,15 @@ from omegaconf.errors import OmegaConfBaseException
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from envs.rollout import VECTOR_KINDS, rollout
+import eval_policy
+from envs.rollout import VECTOR_KINDS
+from eval_policy import ConfigError
 from policy.checkpoint import load_checkpoint, restore_rng_states, save_checkpoint
 from policy.data import SequenceDataset
 from policy.diffusion_policy import DiffusionPolicy
 from policy.ema import EMA
 
 LossFn = Callable[[DiffusionPolicy, Mapping[str, Any]], torch.Tensor]
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work; the entry point prints it as one line."""
 
 
 def dp_loss(policy: DiffusionPolicy, batch: Mapping[str, Any]) -> torch.Tensor:
@@ -218,24 +215,16 @@ def validation_loss(
     return float(np.mean(losses))
 
 
-def evaluate(policy: DiffusionPolicy, cfg: DictConfig, device: torch.device) -> dict[str, float]:
-    """Roll the policy out in the env on `cfg.eval` seeds; mean_score, success_rate, rounds."""
-    sampler = hydra.utils.instantiate(cfg.eval.sampler)
-    generator = torch.Generator(device).manual_seed(cfg.eval.seed_start)
-    env_id, env_kwargs = cfg.env.id, OmegaConf.to_container(cfg.env.kwargs)
-
-    def policy_fn(obs: Any) -> tuple[np.ndarray, dict[str, Any]]:
-        actions, stats = policy.predict_action(obs, sampler, generator=generator)
-        return actions.cpu().numpy(), stats
-
-    result = rollout(
-        policy_fn, lambda: gym.make(env_id, **env_kwargs), n_episodes=cfg.eval.n_episodes,
-        n_envs=cfg.eval.n_envs, seed_start=cfg.eval.seed_start, max_steps=cfg.env.max_steps,
-        n_obs_steps=policy.n_obs_steps, n_action_steps=policy.n_action_steps,
-        vector=cfg.eval.vector, progress=cfg.progress,
+def evaluate(policy: DiffusionPolicy, cfg: DictConfig) -> dict[str, float]:
+    """Roll the policy out in the env on `cfg.eval` seeds with eval_policy's evaluation; the
+    measured DESIGN.md §5 metrics (mean_score, success_rate, rounds_mean, nfe, latency_ms_*)."""
+    sampler = eval_policy.build_sampler(cfg.eval.sampler, cfg.policy.train_schedule)
+    result = eval_policy.evaluate(
+        policy, sampler, cfg.env, n_episodes=cfg.eval.n_episodes, n_envs=cfg.eval.n_envs,
+        seed_start=cfg.eval.seed_start, noise_seed=cfg.eval.seed_start,
+        max_steps=cfg.env.max_steps, vector=cfg.eval.vector, progress=cfg.progress,
     )
-    rounds = [c["rounds"] for c in result.policy_calls if "rounds" in c]
-    return {**result.metrics, "mean_rounds": float(np.mean(rounds)) if rounds else float("nan")}
+    return {k: v for k, v in eval_policy.summarize(result).items() if v is not None}
 
 
 def changed_keys(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
@@ -405,7 +394,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                     ema.model, val_set, cfg.data.batch_size, cfg.val.max_batches, cfg.seed, device
                 )
             if cfg.eval.every and (step % cfg.eval.every == 0 or step == total_steps):
-                scores = evaluate(ema.model, cfg, device)
+                scores = evaluate(ema.model, cfg)
                 metrics.update({f"eval/{k}": v for k, v in scores.items()})
                 if scores["mean_score"] > state["best_score"]:
                     state["best_score"] = scores["mean_score"]

@@ -23,6 +23,7 @@ from gymnasium.vector import AsyncVectorEnv, AutoresetMode, SyncVectorEnv
 from tqdm.auto import tqdm
 
 PolicyFn = Callable[[Any], tuple[np.ndarray, dict[str, Any]]]
+ResetHook = Callable[[int, int | None], None]
 VECTOR_KINDS = ("sync", "async")
 
 
@@ -160,6 +161,12 @@ def _scalars(stats: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in stats.items() if isinstance(v, bool | int | float | np.number)}
 
 
+def _notify(on_reset: ResetHook | None, env_index: int, seed: int | None) -> None:
+    """Tell the policy (if it asked) that env `env_index` started episode `seed` or went idle."""
+    if on_reset is not None:
+        on_reset(env_index, seed)
+
+
 def rollout(
     policy_fn: PolicyFn,
     make_env: Callable[[], gym.Env],
@@ -172,6 +179,7 @@ def rollout(
     vector: str = "sync",
     record_frames: bool = False,
     progress: bool = True,
+    on_reset: ResetHook | None = None,
 ) -> RolloutResult:
     """Run `n_episodes` episodes (seeds seed_start + i) on min(n_envs, n_episodes) envs.
 
@@ -179,7 +187,10 @@ def rollout(
     called once per chunk for the whole batch. Each record holds seed, episode, max_reward,
     success, n_steps, terminated, truncated and final_coverage when the env reports `coverage`.
     `record_frames` keeps the rendered frames of episode 0 (make_env must create envs with
-    render_mode="rgb_array").
+    render_mode="rgb_array"). `on_reset(env_index, seed)` is called whenever an env starts an
+    episode, before the policy sees its first observation, and `on_reset(env_index, None)` when
+    it goes idle (its row of the batch is then a frozen observation whose action is ignored):
+    what a policy with per-episode state (noise, warm starts) needs to know.
     """
     if n_episodes < 1 or n_envs < 1:
         raise ValueError(f"n_episodes and n_envs must be >= 1; got {n_episodes}, {n_envs}")
@@ -198,6 +209,8 @@ def rollout(
     try:
         seeds = [seed_start + i for i in range(n_envs)]
         obs, _ = envs.reset(seed=seeds)
+        for i, seed in enumerate(seeds):
+            _notify(on_reset, i, seed)
         if record_frames:  # reset env 0 again, same seed, now rendering
             mask = np.arange(n_envs) == 0
             obs, info = envs.reset(seed=seeds, options={"reset_mask": mask, "record_frames": True})
@@ -235,9 +248,13 @@ def rollout(
                 mask = np.isin(np.arange(n_envs), list(new_seeds))
                 seeds = [new_seeds.get(i) for i in range(n_envs)]
                 obs, _ = envs.reset(seed=seeds, options={"reset_mask": mask})
+                for i, seed in new_seeds.items():
+                    _notify(on_reset, i, seed)
             if idle:
                 mask = np.isin(np.arange(n_envs), idle)
                 obs, _ = envs.reset(options={"reset_mask": mask, "idle": True})
+                for i in idle:
+                    _notify(on_reset, i, None)
     finally:
         bar.close()
         envs.close()

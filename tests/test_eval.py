@@ -1,0 +1,208 @@
+"""eval_policy.py: every sampler end to end, results.json, determinism, sweeps, one-line errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+import eval_policy
+import train_pcm
+from envs.rollout import RolloutResult
+
+REPO_ROOT, CONF_DIR = Path(eval_policy.__file__).parent, eval_policy.CONF_DIR
+pytestmark = pytest.mark.usefixtures("one_thread")
+HEADLESS = {"WANDB_MODE": "offline", "SDL_VIDEODRIVER": "dummy", "SDL_AUDIODRIVER": "dummy"}
+EPISODE_KEYS = {"seed", "max_reward", "success", "n_steps", "final_coverage"}
+
+
+@pytest.fixture(autouse=True)
+def headless(monkeypatch: pytest.MonkeyPatch) -> None:
+    """wandb offline, SDL without a display or sound card."""
+    for key, value in HEADLESS.items():
+        monkeypatch.setenv(key, value)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_demos: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A debug=tiny policy trained for 10 steps on the tiny store, made once per session."""
+    run_dir = tmp_path_factory.mktemp("tiny_policy")
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=[
+            "debug=tiny", f"data.path={tiny_demos}", f"run_dir={run_dir}", "train.max_steps=10",
+            "val.every=0", "threads=1",
+        ])
+    threads = torch.get_num_threads()
+    train_pcm.run(cfg)
+    torch.set_num_threads(threads)
+    return run_dir / "latest.ckpt"
+
+
+@pytest.fixture
+def eval_cfg(tiny_checkpoint: Path) -> Callable[..., DictConfig]:
+    """Compose conf/eval.yaml on the tiny checkpoint: 2 episodes of 24 steps (3 chunks) in 2
+    envs, 1 warm-up chunk, exact_err on every chunk, no wandb, one thread."""
+
+    def _make(*overrides: str) -> DictConfig:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose("eval", overrides=[
+                f"checkpoint={tiny_checkpoint}", "n_episodes=2", "n_envs=2", "max_steps=24",
+                "warmup_chunks=1", "exact_err_every=1", "threads=1", "progress=false",
+                "logger.wandb=false",
+                *overrides,
+            ])
+
+    return _make
+
+
+def run_script(*args: str, cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess:
+    """eval_policy.py as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "eval_policy.py", *args], cwd=cwd, capture_output=True, text=True,
+        timeout=300, env={**os.environ, **HEADLESS},
+    )
+
+
+# ------------------------------------------------------------------------- end to end
+@pytest.mark.parametrize(
+    ("sampler", "rounds"),
+    [("sequential", 100), ("ddim", 16), ("picard", None), ("picard_ddim", None)],
+)
+def test_each_sampler_evaluates_end_to_end_and_writes_every_result(
+    eval_cfg, tmp_path: Path, sampler: str, rounds: int | None
+) -> None:
+    eval_policy.run(eval_cfg(f"sampler={sampler}"), tmp_path)
+    results = json.loads((tmp_path / "results.json").read_text())
+    metrics = results["metrics"]
+    assert set(eval_policy.METRICS) <= set(metrics)
+    assert results["n_episodes"] == 2 and results["seeds"] == [100000, 100001]
+    assert results["noise_seed"] == 100000
+    assert [e["seed"] for e in results["episodes"]] == results["seeds"]
+    assert all(set(e) >= EPISODE_KEYS and e["n_steps"] == 24 for e in results["episodes"])
+    assert {"device", "threads", "versions"} <= set(results["run_info"])
+    assert results["run_info"]["threads"] == 1 and results["run_info"]["versions"]["torch"]
+    assert results["config"]["env"]["name"] == "pusht_lowdim"  # from the checkpoint
+    assert results["sampler"]["schedule"]["beta_schedule"] == "squaredcos_cap_v2"  # policy's
+    assert metrics["n_chunks"] == 3 and metrics["n_timed_chunks"] == 2
+    assert metrics["n_exact_err_chunks"] == 3
+    assert 0 <= metrics["mean_score"] <= 1 and metrics["success_rate"] == 0
+    assert metrics["latency_ms_p50"] <= metrics["latency_ms_p95"] <= metrics["latency_ms_p99"]
+    assert metrics["deadline_miss_rate"] is None and metrics["converged_rate"] == 1
+    if rounds is not None:  # sequential: exact by definition, T rounds
+        assert metrics["rounds_mean"] == metrics["nfe"] == rounds
+        assert metrics["exact_err_max"] == 0
+    else:
+        steps = results["sampler"]["schedule"]["num_inference_steps"]
+        assert 1 <= metrics["rounds_mean"] <= steps and metrics["nfe"] >= metrics["rounds_mean"]
+        assert 0 <= metrics["exact_err_mean"] <= metrics["exact_err_max"] < 0.5
+    assert (tmp_path / "latency_hist.png").stat().st_size > 0
+    assert (tmp_path / "rounds_hist.png").stat().st_size > 0
+
+
+def test_pcm_sampler_names_the_missing_checkpoint_key(eval_cfg, tmp_path: Path) -> None:
+    with pytest.raises(eval_policy.ConfigError, match="under the checkpoint key 'pcm'"):
+        eval_policy.run(eval_cfg("sampler=pcm"), tmp_path)
+
+
+@pytest.mark.parametrize("warm_start", [True, False])
+def test_picard_at_zero_tolerance_gives_the_sequential_actions(
+    eval_cfg, tmp_path: Path, warm_start: bool
+) -> None:
+    """Warm starts change the rounds, never the answer."""
+    cfg = eval_cfg("sampler=picard_ddim", "sampler.tol=0", f"warm_start={warm_start}")
+    assert eval_policy.run(cfg, tmp_path)["metrics"]["exact_err_max"] < 1e-5
+
+
+def test_same_seeds_give_the_same_episodes_and_chunks_whatever_the_batching(
+    eval_cfg, tmp_path: Path
+) -> None:
+    """Noise is drawn per episode, so the number of envs does not change an episode either."""
+    overrides = ("sampler=picard", "exact_err=false")
+    first = eval_policy.run(eval_cfg(*overrides), tmp_path / "a")
+    again = eval_policy.run(eval_cfg(*overrides), tmp_path / "b")
+    one_env = eval_policy.run(eval_cfg(*overrides, "n_envs=1"), tmp_path / "c")
+    assert again["episodes"] == first["episodes"]
+    drop_timing = ("wall_s", "latency_ms")
+    assert [{k: v for k, v in c.items() if k not in drop_timing} for c in again["chunks"]] == [
+        {k: v for k, v in c.items() if k not in drop_timing} for c in first["chunks"]
+    ]
+    for a, b in zip(one_env["episodes"], first["episodes"], strict=True):
+        assert a["final_coverage"] == pytest.approx(b["final_coverage"], abs=1e-4)
+
+
+def test_video_and_offline_wandb_run(eval_cfg, tmp_path: Path) -> None:
+    cfg = eval_cfg("sampler=ddim", "video=true", "logger.wandb=true", "n_episodes=1",
+                   "max_steps=8", "warmup_chunks=0")
+    results = eval_policy.run(cfg, tmp_path)
+    video = Path(results["video"])
+    assert video.parent == tmp_path and video.suffix in (".gif", ".mp4")
+    assert video.stat().st_size > 0
+    assert list((tmp_path / "wandb").glob("offline-run-*"))
+
+
+def test_summarize_excludes_warmup_from_latency_and_weights_errors_by_batch() -> None:
+    chunks = [
+        {"batch": 2, "rounds": 10, "nfe_total": 40, "n_converged": 2, "latency_ms": 500.0,
+         "exact_err": 0.2, "exact_err_mean": 0.1},
+        {"batch": 2, "rounds": 6, "nfe_total": 24, "n_converged": 1, "latency_ms": 10.0,
+         "exact_err": 0.4, "exact_err_mean": 0.3},
+        {"batch": 1, "rounds": 2, "nfe_total": 4, "n_converged": 1, "latency_ms": 30.0,
+         "exact_err": 0.0, "exact_err_mean": 0.0},
+    ]
+    result = RolloutResult(episodes=[], metrics={"mean_score": 0.5}, policy_calls=chunks)
+    metrics = eval_policy.summarize(result, warmup_chunks=1, deadline_ms=20.0)
+    assert metrics["mean_score"] == 0.5 and metrics["rounds_mean"] == 6
+    assert metrics["nfe"] == pytest.approx(68 / 5) and metrics["converged_rate"] == 0.8
+    assert metrics["exact_err_max"] == 0.4
+    assert metrics["exact_err_mean"] == pytest.approx((0.2 + 0.6) / 5)
+    assert metrics["latency_ms_p50"] == 20.0 and metrics["deadline_miss_rate"] == 0.5
+    assert eval_policy.summarize(result)["deadline_miss_rate"] is None
+
+
+# ------------------------------------------------------------------------- the script
+def test_multirun_over_two_samplers_writes_one_summary(tiny_checkpoint: Path, tmp_path) -> None:
+    sweep = tmp_path / "sweep"
+    result = run_script(
+        "-m", "sampler=sequential,picard", f"checkpoint={tiny_checkpoint}", "n_episodes=1",
+        "n_envs=1", "max_steps=8", "warmup_chunks=0", "threads=1", "progress=false",
+        "logger.wandb=false", f"hydra.sweep.dir={sweep}",
+    )
+    assert result.returncode == 0, result.stderr
+    with (sweep / "summary.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["overrides"] for r in rows] == ["sampler=sequential", "sampler=picard"]
+    assert rows[0]["sampler"] == "sequential DDPM-100" and rows[0]["rounds_mean"] == "100.0"
+    assert rows[1]["sampler"].startswith("picard DDPM-100")
+    summary = (sweep / "summary.md").read_text()
+    assert summary.count("\n| ") == 3 and "mean_score" in summary  # header + 2 jobs
+    assert "sweep summary" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("checkpoint={tmp}/missing.ckpt",), "config error: checkpoint not found: {tmp}/missing"),
+        (("sampler=nope",), "config error: unknown sampler 'nope'; available samplers: ddim, "
+                            "pcm, picard, picard_ddim, sequential"),
+        (("checkpoint={ckpt}", "env=pusht_image"),
+         "config error: env pusht_image does not fit the policy in {ckpt}: the env observes"),
+    ],
+    ids=["missing-checkpoint", "unknown-sampler", "env-obs-mismatch"],
+)
+def test_script_errors_are_one_line(
+    tiny_checkpoint: Path, tmp_path: Path, args: tuple[str, ...], message: str
+) -> None:
+    fill = {"tmp": tmp_path, "ckpt": tiny_checkpoint}
+    result = run_script(*(a.format(**fill) for a in args), f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message.format(**fill)), result.stderr
