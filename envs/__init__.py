@@ -1,4 +1,8 @@
-"""Simulated environments and scripted experts; importing this package registers PushT-v0."""
+"""Simulated environments and scripted experts; importing this package registers PushT-v0 and
+the robomimic tasks Lift-v0, PickPlaceCan-v0, NutAssemblySquare-v0.
+
+The robomimic entry points are strings, so robosuite is imported only when one is made.
+"""
 
 import gymnasium
 
@@ -6,4 +10,15 @@ from envs.pusht import PushTEnv
 
 gymnasium.register("PushT-v0", entry_point="envs.pusht:PushTEnv", max_episode_steps=300)
 
-__all__ = ["PushTEnv"]
+ROBOMIMIC_ENV_NAMES = ("Lift", "PickPlaceCan", "NutAssemblySquare")
+ROBOMIMIC_MAX_STEPS = 400
+"""Diffusion Policy's episode limit for robomimic's ph tasks."""
+for _env_name in ROBOMIMIC_ENV_NAMES:
+    gymnasium.register(
+        f"{_env_name}-v0",
+        entry_point="envs.robomimic:RobomimicEnv",
+        kwargs={"env_name": _env_name},
+        max_episode_steps=ROBOMIMIC_MAX_STEPS,
+    )
+
+__all__ = ["ROBOMIMIC_ENV_NAMES", "ROBOMIMIC_MAX_STEPS", "PushTEnv"]
