@@ -17,6 +17,7 @@ import statistics
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -29,13 +30,38 @@ WARM_COND_PERTURBATION = 0.05
 
 
 def build_denoiser(checkpoint: str | None, seed: int = 0):
-    """The policy's denoiser from a checkpoint, or a random (64,128,256) ConditionalUnet1D."""
+    """The policy's denoiser from a checkpoint, or a random (64,128,256) ConditionalUnet1D.
+
+    Returns (denoiser, conditioning source, description). With a checkpoint the conditioning is
+    the policy's encoding of real PushT windows from its demonstration data (the warm start's
+    nearby conditioning is the next window of the same episode, as in a rollout); without one,
+    seeded Gaussian vectors.
+    """
     if checkpoint is not None:
-        from policy.checkpoint import load_policy
+        from policy.checkpoint import load_checkpoint, load_policy
+        from policy.data import SequenceDataset
 
         policy = load_policy(checkpoint)
-        policy.eval()
-        return policy.denoiser, policy.global_cond_dim, "checkpoint:" + checkpoint
+        data_cfg = load_checkpoint(checkpoint)["config"]["data"]
+        windows = SequenceDataset(
+            data_cfg["path"],
+            obs_keys=data_cfg["obs_keys"],
+            horizon=policy.horizon,
+            n_obs_steps=policy.n_obs_steps,
+            n_action_steps=policy.n_action_steps,
+            val_ratio=0.0,
+            split="train",
+        )
+        rng = np.random.default_rng(seed)
+        picks = rng.choice(len(windows) - 1, size=256, replace=False)
+        with torch.no_grad():
+            obs = torch.stack([windows[int(i)]["obs"] for i in picks])
+            nxt = torch.stack([windows[int(i) + 1]["obs"] for i in picks])
+            conds = (
+                policy.encode_obs(policy.check_obs(obs)),
+                policy.encode_obs(policy.check_obs(nxt)),
+            )
+        return policy.denoiser, conds, f"checkpoint {checkpoint} (step {policy_step(checkpoint)})"
     from policy.unet import ConditionalUnet1D
 
     torch.manual_seed(seed)
@@ -43,14 +69,20 @@ def build_denoiser(checkpoint: str | None, seed: int = 0):
         input_dim=DA,
         global_cond_dim=COND_DIM,
         down_dims=(64, 128, 256),
-        diffusion_step_embed_dim=256,
+        diffusion_step_embed_dim=128,
     ).eval()
 
     def denoiser(x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         return net(x, t, cond)
 
     n_params = sum(p.numel() for p in net.parameters())
-    return denoiser, COND_DIM, f"random ConditionalUnet1D(64,128,256) {n_params / 1e6:.1f}M"
+    return denoiser, None, f"random ConditionalUnet1D(64,128,256) {n_params / 1e6:.2f}M"
+
+
+def policy_step(checkpoint: str) -> int:
+    from policy.checkpoint import load_checkpoint
+
+    return int(load_checkpoint(checkpoint)["step"])
 
 
 def make_schedules() -> dict[str, Schedule]:
@@ -60,13 +92,20 @@ def make_schedules() -> dict[str, Schedule]:
     }
 
 
-def chunk_inputs(schedule: Schedule, batch: int, cond_dim: int, index: int):
-    """Seeded conditioning, noise and a perturbed conditioning for chunk ``index``."""
+def chunk_inputs(schedule: Schedule, batch: int, conds, index: int):
+    """Seeded conditioning, noise and a nearby conditioning (for warm starts) for chunk ``index``.
+
+    ``conds`` is None (Gaussian conditioning, perturbed for the nearby one) or a pair of
+    (real, next-window) encoded observations to take ``batch`` rows from.
+    """
     g = torch.Generator().manual_seed(1000 + index)
-    cond = torch.randn(batch, cond_dim, generator=g)
     noise = torch.randn(schedule.num_inference_steps + 1, batch, H, DA, generator=g)
-    nearby = cond + WARM_COND_PERTURBATION * torch.randn(batch, cond_dim, generator=g)
-    return cond, noise, nearby
+    if conds is None:
+        cond = torch.randn(batch, COND_DIM, generator=g)
+        nearby = cond + WARM_COND_PERTURBATION * torch.randn(batch, COND_DIM, generator=g)
+        return cond, noise, nearby
+    rows = (torch.arange(batch) + index * batch) % conds[0].shape[0]
+    return conds[0][rows], noise, conds[1][rows]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -77,10 +116,10 @@ def percentile(values: list[float], q: float) -> float:
 @torch.no_grad()
 def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
-    denoiser, cond_dim, network = build_denoiser(args.checkpoint)
+    denoiser, conds, network = build_denoiser(args.checkpoint)
     schedules = make_schedules()
     batches = [1] if args.quick else [1, 8]
-    windows = [4, 16, None] if args.quick else [4, 8, 16, 32, None]
+    window_choices = [4, 16, None] if args.quick else [4, 8, 16, 32, None]
     tols = [0.1] if args.quick else [0.1, 0.01]
     n_chunks = args.chunks
 
@@ -92,7 +131,7 @@ def run(args: argparse.Namespace) -> dict:
     ):
         times = []
         for c in range(n_chunks):
-            cond, noise, nearby = chunk_inputs(schedule, batch, cond_dim, c)
+            cond, noise, nearby = chunk_inputs(schedule, batch, conds, c)
             start = time.perf_counter()
             x, stats = sequential_sample(denoiser, schedule, noise, cond)
             times.append(time.perf_counter() - start)
@@ -121,7 +160,9 @@ def run(args: argparse.Namespace) -> dict:
         (name, schedule, update, window, tol, batch, warm)
         for name, schedule in schedules.items()
         for update in ("scan", "drift")
-        for window in windows
+        for window in sorted(
+            {min(w or 10**9, schedule.num_inference_steps) for w in window_choices}
+        )
         for tol in tols
         for batch in batches
         for warm in (False, True)
@@ -129,7 +170,7 @@ def run(args: argparse.Namespace) -> dict:
     for name, schedule, update, window, tol, batch, warm in tqdm(grid, desc="picard"):
         rounds, nfe, times, errs, mean_errs = [], [], [], [], []
         for c in range(n_chunks):
-            cond, noise, _ = chunk_inputs(schedule, batch, cond_dim, c)
+            cond, noise, _ = chunk_inputs(schedule, batch, conds, c)
             reference, warm_init = refs[(name, batch, c)]
             start = time.perf_counter()
             x, stats = picard_sample(
@@ -153,7 +194,7 @@ def run(args: argparse.Namespace) -> dict:
                 "schedule": name,
                 "update": update,
                 "steps": schedule.num_inference_steps,
-                "window": window or schedule.num_inference_steps,
+                "window": window,
                 "tol": tol,
                 "batch": batch,
                 "warm": warm,
@@ -167,7 +208,7 @@ def run(args: argparse.Namespace) -> dict:
         )
 
     anytime = anytime_curves(
-        denoiser, schedules, cond_dim, n_chunks=min(n_chunks, 5), max_rounds=args.anytime_rounds
+        denoiser, schedules, conds, n_chunks=min(n_chunks, 5), max_rounds=args.anytime_rounds
     )
     return {
         "benchmark": "samplers",
@@ -183,7 +224,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def anytime_curves(
-    denoiser, schedules: dict[str, Schedule], cond_dim: int, n_chunks: int, max_rounds: int
+    denoiser, schedules: dict[str, Schedule], conds, n_chunks: int, max_rounds: int
 ) -> list[dict]:
     """Mean/max error of the full-window estimate X[T] after each round, both updates, B=1."""
     curves = []
@@ -192,7 +233,7 @@ def anytime_curves(
         for update in ("scan", "drift"):
             per_round: list[list[float]] = [[] for _ in range(T)]
             for c in range(n_chunks):
-                cond, noise, _ = chunk_inputs(schedule, 1, cond_dim, c)
+                cond, noise, _ = chunk_inputs(schedule, 1, conds, c)
                 reference, _ = sequential_sample(denoiser, schedule, noise, cond)
 
                 def record(info, reference=reference, per_round=per_round):
