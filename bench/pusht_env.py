@@ -11,7 +11,6 @@ import os
 import platform
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ from tqdm import tqdm
 
 from envs.pusht import OBS_TYPES, PushTEnv
 from envs.pusht_expert import PushTExpert, run_expert_episode
+from picard_sampler.runinfo import package_versions
 
 STEPS_PER_OBS_TYPE = {"state": 3000, "keypoints": 3000, "image": 600}
 EPISODE_LENGTH = 300
@@ -68,20 +68,12 @@ def evaluate_expert(seeds: range) -> dict:
 
 def environment_info() -> dict:
     """Device, threads and package versions to report next to the numbers."""
-    packages = ["numpy", "gymnasium", "pymunk", "pygame", "shapely", "torch"]
-    versions = {}
-    for package in packages:
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = None
     return {
         "device": "cpu",
         "cpu": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "threads": 1,
-        "python": platform.python_version(),
-        "versions": versions,
+        "versions": package_versions(["numpy", "gymnasium", "pymunk", "pygame", "shapely"]),
     }
 
 

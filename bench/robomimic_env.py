@@ -15,7 +15,6 @@ import os
 import platform
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ from tqdm import tqdm
 
 from envs.robomimic import RobomimicEnv
 from envs.robomimic_expert import make_expert, run_expert_episode
+from picard_sampler.runinfo import package_versions
 
 TASKS = {"lift": "Lift", "can": "PickPlaceCan"}
 STEPS_PER_OBS_TYPE = {"lowdim": 400, "image": 60}
@@ -96,20 +96,13 @@ def evaluate_expert(env_name: str, seeds: range, max_steps: int) -> dict:
 
 def environment_info() -> dict:
     """Device, load, rendering backend and package versions to report next to the numbers."""
-    versions = {}
-    for package in ("numpy", "gymnasium", "robosuite", "mujoco"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = None
     return {
         "device": "cpu",
         "cpu": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "load_average_1min": os.getloadavg()[0],
         "mujoco_gl": os.environ.get("MUJOCO_GL"),
-        "python": platform.python_version(),
-        "versions": versions,
+        "versions": package_versions(["numpy", "gymnasium", "robosuite", "mujoco"]),
     }
 
 

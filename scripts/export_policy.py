@@ -1,6 +1,6 @@
 """Turn a training checkpoint into a small deployable one (EMA weights in float16 + config).
 
-    python scripts/export_policy.py SRC.ckpt checkpoints/pusht_lowdim/policy.ckpt [--float32]
+python scripts/export_policy.py SRC.ckpt checkpoints/pusht_lowdim/policy.ckpt [--float32]
 """
 
 from __future__ import annotations

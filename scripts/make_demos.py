@@ -18,13 +18,9 @@ from __future__ import annotations
 import argparse
 import math
 import multiprocessing
-import platform
-import shlex
 import sys
 from collections.abc import Iterator, Sequence
-from datetime import UTC, datetime
 from functools import partial
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +29,7 @@ from tqdm import tqdm
 
 from envs.pusht import PushTEnv
 from envs.pusht_expert import PushTExpert, run_expert_episode
+from picard_sampler.runinfo import provenance
 from policy.data import ReplayBuffer
 
 STEP_KEYS = ("state", "keypoint", "action")
@@ -167,21 +164,6 @@ def expert_statistics(attempted: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def provenance(argv: Sequence[str]) -> dict[str, Any]:
-    """The exact command line, package versions and UTC date, for the store's attributes."""
-    versions = {"python": platform.python_version()}
-    for package in VERSIONED_PACKAGES:
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = None
-    return {
-        "command": shlex.join(["python", sys.argv[0], *argv]),
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "versions": versions,
-    }
-
-
 def render_episode_images(env: PushTEnv, states: np.ndarray) -> np.ndarray:
     """(T, 5) PushT states -> (T, 96, 96, 3) uint8: the image observation the env gives at each
     state (`env` must have obs_type="image"), so stored images match what a policy sees."""
@@ -235,7 +217,7 @@ def make_demos(args: argparse.Namespace, argv: Sequence[str]) -> ReplayBuffer:
             "only_successes": not args.keep_failures,
             "expert": expert_statistics(attempted),
             "episodes": {key: [run[key] for run in kept] for key in ("seed", *SUMMARY_KEYS)},
-            "provenance": provenance(argv),
+            "provenance": provenance(argv, VERSIONED_PACKAGES),
         }
     )
     return add_images(buffer) if args.render_images else buffer
@@ -247,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     if args.from_lowdim is not None:
         buffer = add_images(ReplayBuffer.load(args.from_lowdim))
-        buffer.attrs["images_provenance"] = provenance(argv)
+        buffer.attrs["images_provenance"] = provenance(argv, VERSIONED_PACKAGES)
     else:
         buffer = make_demos(args, argv)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -21,12 +21,8 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
-import shlex
 import sys
 from collections.abc import Sequence
-from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +31,7 @@ from tqdm import tqdm
 
 from envs.robomimic import IMAGE_OBS_KEYS, LOWDIM_OBS_KEYS, RobomimicEnv
 from envs.robomimic_expert import EXPERTS, make_expert, run_expert_episode
+from picard_sampler.runinfo import provenance
 from policy.data.robomimic_hdf5 import (
     RobomimicHDF5Writer,
     robomimic_to_replay_buffer,
@@ -102,27 +99,12 @@ def expert_statistics(outcomes: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def provenance(argv: Sequence[str]) -> dict[str, Any]:
-    """The exact command line, package versions and UTC date, for the file's attributes."""
-    versions = {"python": platform.python_version()}
-    for package in VERSIONED_PACKAGES:
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = None
-    return {
-        "command": shlex.join(["python", sys.argv[0], *argv]),
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "versions": versions,
-    }
-
-
 def write_demos(args: argparse.Namespace, argv: Sequence[str]) -> tuple[int, dict[str, Any]]:
     """Run the expert over seeds, streaming kept demos into ``args.out``: (demos, stats)."""
     env_name = TASKS[args.task]
     env = RobomimicEnv(env_name, obs_type="image" if args.images else "lowdim")
-    max_attempts = args.episodes if args.keep_failures else math.ceil(
-        args.episodes * (1 + args.extra_frac)
+    max_attempts = (
+        args.episodes if args.keep_failures else math.ceil(args.episodes * (1 + args.extra_frac))
     )
     outcomes: list[dict[str, Any]] = []
     seeds: list[int] = []
@@ -153,7 +135,7 @@ def write_demos(args: argparse.Namespace, argv: Sequence[str]) -> tuple[int, dic
                 "only_successes": not args.keep_failures,
                 "expert": stats,
                 "demo_seeds": seeds,
-                "provenance": provenance(argv),
+                "provenance": provenance(argv, VERSIONED_PACKAGES),
             },
             mask=split_demos(names, args.valid_ratio, seed=args.seed_start),
         )
