@@ -42,7 +42,8 @@ def build_denoiser(checkpoint: str | None, seed: int = 0):
         from policy.data import SequenceDataset
 
         policy = load_policy(checkpoint)
-        data_cfg = load_checkpoint(checkpoint)["config"]["data"]
+        saved = load_checkpoint(checkpoint)
+        data_cfg = saved["config"]["data"]
         windows = SequenceDataset(
             data_cfg["path"],
             obs_keys=data_cfg["obs_keys"],
@@ -61,7 +62,7 @@ def build_denoiser(checkpoint: str | None, seed: int = 0):
                 policy.encode_obs(policy.check_obs(obs)),
                 policy.encode_obs(policy.check_obs(nxt)),
             )
-        return policy.denoiser, conds, f"checkpoint {checkpoint} (step {policy_step(checkpoint)})"
+        return policy.denoiser, conds, f"checkpoint {checkpoint} (step {saved['step']})"
     from policy.unet import ConditionalUnet1D
 
     torch.manual_seed(seed)
@@ -77,12 +78,6 @@ def build_denoiser(checkpoint: str | None, seed: int = 0):
 
     n_params = sum(p.numel() for p in net.parameters())
     return denoiser, None, f"random ConditionalUnet1D(64,128,256) {n_params / 1e6:.2f}M"
-
-
-def policy_step(checkpoint: str) -> int:
-    from policy.checkpoint import load_checkpoint
-
-    return int(load_checkpoint(checkpoint)["step"])
 
 
 def make_schedules() -> dict[str, Schedule]:
