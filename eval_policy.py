@@ -16,6 +16,7 @@ callback registered in conf/eval.yaml) writes one table over every job of the sw
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
 import importlib.util
 import json
@@ -39,6 +40,7 @@ from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from envs.realtime import CLOCKS, RealtimeController, max_lead_steps, summarize_realtime
 from envs.rollout import VECTOR_KINDS, RolloutResult, rollout
 from picard_sampler import Sampler
 from picard_sampler.runinfo import run_info
@@ -52,7 +54,7 @@ PCM_CHECKPOINT_KEY = "pcm"
 METRICS = (
     "mean_score", "success_rate", "mean_steps", "rounds_mean", "rounds_p95", "nfe",
     "converged_rate", "exact_err_max", "exact_err_mean", "latency_ms_p50", "latency_ms_p95",
-    "latency_ms_p99", "deadline_miss_rate",
+    "latency_ms_p99", "deadline_miss_rate", "anytime_rate", "held_step_rate",
 )
 """The metrics every report shows (DESIGN.md §5 names), in table order."""
 
@@ -75,10 +77,33 @@ def check_config(cfg: DictConfig) -> None:
         ("device", cfg.device == "auto" or str(cfg.device).split(":")[0] in ("cpu", "cuda"),
          "'auto', 'cpu', 'cuda' or 'cuda:N'"),
         ("threads", cfg.threads is None or cfg.threads >= 1, "null or an int >= 1"),
+        ("realtime.control_hz", cfg.realtime.control_hz > 0, "a number > 0"),
+        ("realtime.clock", cfg.realtime.clock in CLOCKS, f"one of {list(CLOCKS)}"),
+        ("realtime.budget_margin_ms", cfg.realtime.budget_margin_ms >= 0, "a number >= 0"),
+        ("deadline_ms", not (cfg.realtime.enabled and cfg.deadline_ms is not None),
+         "null with realtime.enabled=true (the deadline is realtime.lead_steps ticks at "
+         "realtime.control_hz)"),
     ]
     for key, ok, allowed in checks:
         if not ok:
             raise ConfigError(f"{key} must be {allowed}; got {OmegaConf.select(cfg, key)!r}")
+    resolve_warm_start(cfg.warm_start)
+
+
+def realtime_settings(cfg: DictConfig, policy: DiffusionPolicy) -> Realtime | None:
+    """The `realtime` block as Realtime settings (None when disabled); lead_steps is checked
+    against what the policy's horizon allows."""
+    if not cfg.realtime.enabled:
+        return None
+    most = max_lead_steps(policy.horizon, policy.n_obs_steps, policy.n_action_steps)
+    lead = cfg.realtime.lead_steps
+    if most < 1 or (lead is not None and not 1 <= lead <= most):
+        raise ConfigError(
+            f"realtime.lead_steps must be null or in [1, horizon - n_obs_steps + 1 - "
+            f"n_action_steps = {most}] for this policy; got {lead!r}"
+        )
+    return Realtime(float(cfg.realtime.control_hz), cfg.realtime.clock, lead,
+                    float(cfg.realtime.budget_margin_ms))
 
 
 def configure_torch(device: str, threads: int | None) -> torch.device:
@@ -239,26 +264,48 @@ def _take_rows(obs: Any, rows: list[int]) -> Any:
     return obs[rows]
 
 
+WARM_STARTS = ("none", "reuse", "shift")
+"""How consecutive chunks of an episode share noise and start Picard (DESIGN.md §4): `none`
+draws fresh noise per chunk and starts cold (DP's protocol); `reuse` draws one noise per episode
+for every chunk and starts from the previous chunk's trajectory; `shift` moves the previous
+noise and trajectory Ta steps along the horizon with the actions they belong to (fresh noise for
+the Ta new steps at the end), so every action step keeps its noise over time."""
+
+
+def resolve_warm_start(value: Any) -> str:
+    """`warm_start` as one of WARM_STARTS (true/false are accepted as reuse/none)."""
+    if isinstance(value, bool):
+        return "reuse" if value else "none"
+    if value not in WARM_STARTS:
+        raise ConfigError(f"warm_start must be one of {list(WARM_STARTS)}; got {value!r}")
+    return value
+
+
 class ChunkPolicy:
     """The rollout's `policy_fn`: the chunks of all envs running an episode in ONE sampler call.
 
     Noise is per episode: the episode with env seed s draws from a generator seeded by
     (noise_seed, s), so its actions do not depend on which env runs it or on its batch mates.
-    `warm_start` draws one noise per episode, reused by all its chunks, and starts Picard/PCM
-    from the env's previous trajectory (DESIGN.md §4: same fixed point, fewer rounds). Every
+    `warm_start` (WARM_STARTS) shares noise between the chunks of an episode and starts
+    Picard/PCM from the env's previous trajectory (same fixed point, fewer rounds). Every
     `exact_err_every`-th call (0: never) also runs the sequential sampler on the same noise and
     records each chunk's largest |a - a_seq| (normalized units). Idle envs are not sampled.
+    `full_horizon` returns the whole (H) chunk instead of the Ta executed steps (what the
+    real-time controller needs); `budget_s` caps one call's sampling time (anytime Picard/PCM).
     """
 
     def __init__(
         self, policy: DiffusionPolicy, sampler: Sampler, noise_seed: int,
-        warm_start: bool = False, exact_err_every: int = 0,
+        warm_start: str | bool = "none", exact_err_every: int = 0, full_horizon: bool = False,
+        clock: Callable[[], float] = time.perf_counter,
     ):
         self.policy = policy
         self.sampler = sampler
         self.noise_seed = noise_seed
-        self.warm_start = warm_start
+        self.warm_start = resolve_warm_start(warm_start)
         self.exact_err_every = exact_err_every
+        self.full_horizon = full_horizon
+        self.clock = clock
         self.reference = (
             Sampler(sampler.schedule, method="sequential")
             if exact_err_every and sampler.method != "sequential" else None
@@ -266,7 +313,7 @@ class ChunkPolicy:
         self._calls = 0
         self.noise_shape = (sampler.num_steps + 1, policy.horizon, policy.action_dim)
         self._generators: dict[int, torch.Generator] = {}  # one per env running an episode
-        self._episode_noise: dict[int, torch.Tensor] = {}  # warm start: the episode's noise
+        self._episode_noise: dict[int, torch.Tensor] = {}  # warm start: the last chunk's noise
         self._trajectories: dict[int, torch.Tensor] = {}  # warm start: the last trajectory
 
     def on_reset(self, env_index: int, seed: int | None) -> None:
@@ -278,37 +325,63 @@ class ChunkPolicy:
             return
         generator = torch.Generator().manual_seed(episode_noise_seed(self.noise_seed, seed))
         self._generators[env_index] = generator
-        if self.warm_start:
-            self._episode_noise[env_index] = torch.randn(self.noise_shape, generator=generator)
 
     def _noise(self, env_index: int) -> torch.Tensor:
         """This chunk's noise (T+1, H, Da) for the episode in env `env_index`."""
-        if self.warm_start:
-            return self._episode_noise[env_index]
-        return torch.randn(self.noise_shape, generator=self._generators[env_index])
+        generator = self._generators[env_index]
+        previous = self._episode_noise.get(env_index)
+        if self.warm_start == "none" or previous is None:
+            noise = torch.randn(self.noise_shape, generator=generator)
+        elif self.warm_start == "reuse":
+            noise = previous
+        else:
+            ta = self.policy.n_action_steps
+            fresh = torch.randn((self.noise_shape[0], ta, self.noise_shape[2]), generator=generator)
+            noise = torch.cat([previous[:, ta:], fresh], dim=1)
+        if self.warm_start != "none":
+            self._episode_noise[env_index] = noise
+        return noise
 
     def _initial_trajectory(self, rows: list[int], noise: torch.Tensor) -> torch.Tensor | None:
-        """Warm start (T+1, B, H, Da): each env's previous trajectory, x_T copies for envs that
-        just started; None when no env has one (a plain cold start)."""
+        """Warm start (T+1, B, H, Da): each env's previous trajectory (shifted by Ta along the
+        horizon for `shift`, its last step repeated), x_T copies for envs that just started;
+        None when no env has one (a plain cold start)."""
         if not any(row in self._trajectories for row in rows):
             return None
         init = noise[:1].expand_as(noise).clone()
+        ta = self.policy.n_action_steps
         for k, row in enumerate(rows):
-            if row in self._trajectories:
-                init[:, k] = self._trajectories[row]
+            previous = self._trajectories.get(row)
+            if previous is None:
+                continue
+            if self.warm_start == "shift":
+                tail = previous[:, -1:].expand_as(previous[:, :ta])
+                previous = torch.cat([previous[:, ta:], tail], dim=1)
+            init[:, k] = previous
         return init
 
-    def __call__(self, obs: Any) -> tuple[np.ndarray, dict[str, Any]]:
-        """Actions (n_envs, Ta, Da) for a batch of observation histories, and the call's stats."""
+    def __call__(
+        self, obs: Any, budget_s: float | None = None
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        """Actions (n_envs, Ta or H, Da) for a batch of observation histories, and the call's
+        stats (rounds, nfe, convergence, latency_ms around the sampler, exact_err when due)."""
         rows = sorted(self._generators)
         obs_rows = _take_rows(obs, rows)
         noise = torch.stack([self._noise(row) for row in rows], dim=1).to(self.policy.device)
-        init = self._initial_trajectory(rows, noise) if self.warm_start else None
-        start = time.perf_counter()
-        actions, stats = self.policy.predict_action(obs_rows, self.sampler, noise=noise, init=init)
+        warm = self.warm_start != "none" and self.sampler.method != "sequential"
+        init = self._initial_trajectory(rows, noise) if warm else None
+        sampler = self.sampler
+        if budget_s is not None and sampler.method != "sequential":
+            budget_s = budget_s if sampler.budget_s is None else min(budget_s, sampler.budget_s)
+            sampler = dataclasses.replace(sampler, budget_s=budget_s, extra={
+                **sampler.extra, "clock": self.clock})
+        start = self.clock()
+        actions, stats = self.policy.predict_action(obs_rows, sampler, noise=noise, init=init)
+        if self.full_horizon:
+            actions = self.policy.normalizer.unnormalize("action", stats["naction"])
         actions = actions.cpu().numpy()
-        latency_ms = (time.perf_counter() - start) * 1e3
-        if self.warm_start and self.sampler.method != "sequential":
+        latency_ms = (self.clock() - start) * 1e3
+        if warm:
             for k, row in enumerate(rows):
                 self._trajectories[row] = stats["trajectory"][:, k]
         record = {
@@ -317,6 +390,7 @@ class ChunkPolicy:
             "nfe": float(stats["nfe"]),
             "nfe_total": int(stats["nfe_total"]),
             "n_converged": int(sum(stats["converged_per_sample"])),
+            "converged": bool(all(stats["converged_per_sample"])),
             "latency_ms": latency_ms,
         }
         if self.exact_err_every and self._calls % self.exact_err_every == 0:
@@ -337,6 +411,16 @@ class ChunkPolicy:
         return (naction - reference["naction"]).abs().flatten(1).amax(1).cpu()
 
 
+@dataclasses.dataclass
+class Realtime:
+    """Real-time rollout settings (envs.realtime): the control rate, which clock, the lead."""
+
+    control_hz: float = 10.0
+    clock: str = "simulated"
+    lead_steps: int | None = None
+    budget_margin_ms: float = 5.0
+
+
 def evaluate(
     policy: DiffusionPolicy,
     sampler: Sampler,
@@ -347,47 +431,82 @@ def evaluate(
     noise_seed: int,
     max_steps: int | None = None,
     vector: str = "sync",
-    warm_start: bool = False,
+    warm_start: str | bool = "none",
     exact_err_every: int = 0,
     video: bool = False,
     progress: bool = True,
+    realtime: Realtime | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> RolloutResult:
     """Roll `policy` out with `sampler` in `env` (an env config: id, kwargs, max_steps) for the
     episodes with env seeds seed_start .. seed_start + n_episodes - 1.
 
-    The result's `policy_calls` hold one record per sampler call: batch, rounds, nfe,
+    The result's `policy_calls` hold one record per rollout call: batch, rounds, nfe,
     nfe_total, n_converged, latency_ms (around the sampler call) and, on every
-    `exact_err_every`-th call (0: never), exact_err / exact_err_mean. `video` keeps the frames
-    of episode 0.
+    `exact_err_every`-th sampler call (0: never), exact_err / exact_err_mean. `video` keeps the
+    frames of episode 0. With `realtime`, one env runs on the control clock of
+    envs.realtime.RealtimeController (its per-request records are in `result.requests`).
     """
     env = _plain(env)
     max_steps = env["max_steps"] if max_steps is None else max_steps
-    chunk_policy = ChunkPolicy(policy, sampler, noise_seed, warm_start, exact_err_every)
-    return rollout(
-        chunk_policy, make_env_factory(env, max_steps, render=video), n_episodes=n_episodes,
-        n_envs=n_envs, seed_start=seed_start, max_steps=max_steps,
-        n_obs_steps=policy.n_obs_steps, n_action_steps=policy.n_action_steps, vector=vector,
-        record_frames=video, progress=progress, on_reset=chunk_policy.on_reset,
-    )
+    chunk_policy = ChunkPolicy(policy, sampler, noise_seed, warm_start, exact_err_every,
+                               full_horizon=realtime is not None, clock=clock)
+    policy_fn, on_reset, controller = chunk_policy, chunk_policy.on_reset, None
+    if realtime is not None:
+        if n_envs != 1:
+            raise ConfigError(f"realtime runs one env (one robot, one control clock); got "
+                              f"n_envs={n_envs}")
+        controller = RealtimeController(
+            chunk_policy, realtime.control_hz, policy.n_obs_steps, policy.n_action_steps,
+            policy.horizon, realtime.lead_steps, realtime.budget_margin_ms / 1e3,
+            realtime.clock, clock=clock, sleep=sleep,
+        )
+
+        def on_reset(env_index: int, seed: int | None) -> None:
+            controller.on_reset(env_index, seed)
+            chunk_policy.on_reset(env_index, seed)
+
+        policy_fn = controller
+    try:
+        result = rollout(
+            policy_fn, make_env_factory(env, max_steps, render=video), n_episodes=n_episodes,
+            n_envs=n_envs, seed_start=seed_start, max_steps=max_steps,
+            n_obs_steps=policy.n_obs_steps, n_action_steps=policy.n_action_steps, vector=vector,
+            record_frames=video, progress=progress, on_reset=on_reset,
+        )
+    finally:
+        if controller is not None:
+            controller.close()
+    if controller is not None:
+        result.requests = controller.requests
+        result.realtime = {"control_hz": controller.control_hz, "clock": controller.clock_mode,
+                           "lead_steps": controller.lead_steps,
+                           "deadline_ms": controller.deadline_s * 1e3,
+                           "budget_ms": controller.budget_s * 1e3}
+    return result
 
 
 def summarize(
     result: RolloutResult, warmup_chunks: int = 0, deadline_ms: float | None = None
 ) -> dict[str, Any]:
-    """DESIGN.md §5 metrics: scores per episode; rounds, nfe, exact_err per chunk; latency per
-    chunk after the first `warmup_chunks` sampler calls. Unmeasured metrics are None."""
-    chunks = result.policy_calls
+    """DESIGN.md §5 metrics: scores per episode; rounds, nfe, exact_err per sampler call;
+    latency per call after the first `warmup_chunks` calls. Offline, `deadline_miss_rate` is the
+    share of timed calls slower than `deadline_ms`; in a real-time rollout it is the share of
+    chunks that arrived after their due tick, next to anytime_rate and held_step_rate
+    (envs.realtime.summarize_realtime). Unmeasured metrics are None."""
+    chunks = result.requests if result.realtime is not None else result.policy_calls
     samples = sum(c["batch"] for c in chunks)  # (chunk, env) pairs sampled
     rounds = np.array([c["rounds"] for c in chunks], dtype=float)
     latency = np.array([c["latency_ms"] for c in chunks[warmup_chunks:]], dtype=float)
     measured = [c for c in chunks if "exact_err" in c]
     p50, p95, p99 = np.percentile(latency, [50, 95, 99]) if latency.size else (None,) * 3
-    return {
+    metrics = {
         **result.metrics,
-        "rounds_mean": float(rounds.mean()),
-        "rounds_p95": float(np.percentile(rounds, 95)),
-        "nfe": sum(c["nfe_total"] for c in chunks) / samples,
-        "converged_rate": sum(c["n_converged"] for c in chunks) / samples,
+        "rounds_mean": float(rounds.mean()) if rounds.size else None,
+        "rounds_p95": float(np.percentile(rounds, 95)) if rounds.size else None,
+        "nfe": sum(c["nfe_total"] for c in chunks) / samples if samples else None,
+        "converged_rate": sum(c["n_converged"] for c in chunks) / samples if samples else None,
         "exact_err_max": max(c["exact_err"] for c in measured) if measured else None,
         "exact_err_mean": (
             sum(c["exact_err_mean"] * c["batch"] for c in measured)
@@ -401,10 +520,15 @@ def summarize(
             float(np.mean(latency > deadline_ms)) if deadline_ms is not None and latency.size
             else None
         ),
+        "anytime_rate": None,  # real time only (summarize_realtime)
+        "held_step_rate": None,
         "n_chunks": len(chunks),
         "n_timed_chunks": int(latency.size),
         "n_exact_err_chunks": len(measured),
     }
+    if result.realtime is not None:
+        metrics.update(summarize_realtime(result.policy_calls, result.requests))
+    return metrics
 
 
 # ---------------------------------------------------------------------------------- outputs
@@ -438,8 +562,11 @@ def plot_histograms(
     out_dir: Path, result: RolloutResult, metrics: Mapping[str, Any], warmup_chunks: int,
     deadline_ms: float | None, title: str,
 ) -> list[Path]:
-    """latency_hist.png (timed chunks, p50/p95/p99 and the deadline) and rounds_hist.png."""
-    chunks = result.policy_calls
+    """latency_hist.png (timed chunks, p50/p95/p99 and the deadline) and rounds_hist.png (none
+    when no chunk was sampled)."""
+    chunks = result.requests if result.realtime is not None else result.policy_calls
+    if not chunks:
+        return []
     rounds = [c["rounds"] for c in chunks]
     latency = [c["latency_ms"] for c in chunks[warmup_chunks:]]
     marks = {f"p{q}": metrics[f"latency_ms_p{q}"] for q in (50, 95, 99)}
@@ -497,14 +624,20 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 def format_report(results: Mapping[str, Any]) -> str:
     """What a run prints at the end: what was evaluated, where and how, then the metric table."""
-    info, seeds = results["run_info"], results["seeds"]
+    info, seeds = results["run_info"], results["seeds"] or ["-"]
+    realtime = results.get("realtime")
+    clock = (
+        f" | real time: {realtime['control_hz']:g} Hz, deadline {realtime['deadline_ms']:.4g} ms "
+        f"({realtime['lead_steps']} ticks), {realtime['clock']} clock" if realtime else ""
+    )
+    interrupted = " (INTERRUPTED: finished episodes only)" if results.get("interrupted") else ""
     return "\n".join([
         f"{results['sampler']['label']} | {results['checkpoint']['path']} "
-        f"(step {results['checkpoint']['step']}) | env {results['config']['env']['name']}",
-        f"{results['n_episodes']} episodes (seeds {seeds[0]}..{seeds[-1]}, noise_seed "
+        f"(step {results['checkpoint']['step']}) | env {results['config']['env']['name']}{clock}",
+        f"{results['n_episodes']} episodes{interrupted} (seeds {seeds[0]}..{seeds[-1]}, noise_seed "
         f"{results['noise_seed']}) | {info['device']} ({info['device_name']}), threads "
         f"{info['threads']}, torch {info['versions']['torch']}",
-        markdown_table(("metric", "value"), [(k, results["metrics"][k]) for k in METRICS]),
+        markdown_table(("metric", "value"), [(k, results["metrics"].get(k)) for k in METRICS]),
     ])
 
 
@@ -524,7 +657,7 @@ def write_sweep_summary(sweep_dir: Path) -> str:
     header = ("job", "overrides", "sampler", "n_episodes", *METRICS)
     rows = [
         [name, " ".join(o for o in r["overrides"] if o not in shared), r["sampler"]["label"],
-         r["n_episodes"], *(r["metrics"][k] for k in METRICS)]
+         r["n_episodes"], *(r["metrics"].get(k) for k in METRICS)]
         for name, r in jobs
     ]
     with (sweep_dir / "summary.csv").open("w", newline="") as f:
@@ -561,12 +694,20 @@ def run(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] = ()) -> dict[s
     print(f"evaluating {cfg.checkpoint} (step {checkpoint['step']}) with {label}: "
           f"{cfg.n_episodes} episodes of {env['name']} on {device} -> {out_dir}")
 
+    realtime = realtime_settings(cfg, policy)
+    n_envs, exact_err_every = cfg.n_envs, cfg.exact_err_every if cfg.exact_err else 0
+    if realtime is not None:
+        n_envs = 1
+        if realtime.clock == "wall" and exact_err_every:
+            exact_err_every = 0
+            print("realtime.clock=wall: exact_err is not measured (it would run on the clock)")
+        print(f"real-time rollout: one env at {realtime.control_hz:g} Hz ({realtime.clock} clock)")
+
     result = evaluate(
-        policy, sampler, env, n_episodes=cfg.n_episodes, n_envs=cfg.n_envs,
+        policy, sampler, env, n_episodes=cfg.n_episodes, n_envs=n_envs,
         seed_start=cfg.seed_start, noise_seed=cfg.noise_seed, max_steps=max_steps,
-        vector=cfg.vector, warm_start=cfg.warm_start,
-        exact_err_every=cfg.exact_err_every if cfg.exact_err else 0, video=cfg.video,
-        progress=cfg.progress,
+        vector=cfg.vector, warm_start=cfg.warm_start, exact_err_every=exact_err_every,
+        video=cfg.video, progress=cfg.progress, realtime=realtime,
     )
     metrics = summarize(result, cfg.warmup_chunks, cfg.deadline_ms)
 
@@ -581,8 +722,10 @@ def run(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] = ()) -> dict[s
             **{k: getattr(sampler, k) for k in ("window", "tol", "update", "switch_rounds",
                                                  "max_rounds", "budget_s")},
         },
-        "n_episodes": cfg.n_episodes,
-        "seeds": [cfg.seed_start + i for i in range(cfg.n_episodes)],
+        "n_episodes": len(result.episodes),
+        "interrupted": result.interrupted,
+        "realtime": result.realtime,
+        "seeds": [e["seed"] for e in result.episodes],
         "noise_seed": cfg.noise_seed,
         "checkpoint": {"path": str(cfg.checkpoint), "step": checkpoint["step"]},
         "overrides": list(overrides),
@@ -590,8 +733,10 @@ def run(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] = ()) -> dict[s
         "run_info": run_info(device),
         "episodes": result.episodes,
         "chunks": result.policy_calls,
+        "requests": result.requests,
     }
-    images = plot_histograms(out_dir, result, metrics, cfg.warmup_chunks, cfg.deadline_ms, label)
+    deadline_ms = result.realtime["deadline_ms"] if result.realtime else cfg.deadline_ms
+    images = plot_histograms(out_dir, result, metrics, cfg.warmup_chunks, deadline_ms, label)
     if result.frames:
         results["video"] = str(save_video(result.frames, out_dir))
     write_results(out_dir / "results.json", results)
@@ -599,6 +744,8 @@ def run(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] = ()) -> dict[s
         log_to_wandb(cfg.logger, out_dir, results, images)
     print(format_report(results))
     print(f"results: {out_dir / 'results.json'}")
+    if result.interrupted:
+        raise KeyboardInterrupt(f"interrupted; results so far in {out_dir / 'results.json'}")
     return results
 
 
@@ -609,6 +756,9 @@ def hydra_main(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     try:
         run(cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task))
+    except KeyboardInterrupt as e:
+        print(str(e) or "interrupted", file=sys.stderr)
+        sys.exit(130)
     except (ConfigError, InstantiationException, OmegaConfBaseException) as e:
         cause = e.__cause__ if isinstance(e, InstantiationException) and e.__cause__ else e
         sys.exit(f"config error: {' '.join(str(cause).split())}")

@@ -118,10 +118,16 @@ class RolloutResult:
     metrics: dict[str, float]
     policy_calls: list[dict[str, Any]] = field(default_factory=list)
     frames: list[np.ndarray] = field(default_factory=list)
+    interrupted: bool = False  # Ctrl-C: `episodes` holds the episodes that finished before it
+    requests: list[dict[str, Any]] = field(default_factory=list)  # real-time chunk requests
+    realtime: dict[str, Any] | None = None  # real-time settings, when the rollout used them
 
 
 def summarize(episodes: Sequence[dict[str, Any]]) -> dict[str, float]:
-    """mean_score (mean of per-episode max reward), success_rate, n_episodes, mean_steps."""
+    """mean_score (mean of per-episode max reward), success_rate, n_episodes, mean_steps (None
+    when no episode finished)."""
+    if not episodes:
+        return {"mean_score": None, "success_rate": None, "mean_steps": None, "n_episodes": 0}
     return {
         "mean_score": float(np.mean([e["max_reward"] for e in episodes])),
         "success_rate": float(np.mean([e["success"] for e in episodes])),
@@ -190,7 +196,9 @@ def rollout(
     render_mode="rgb_array"). `on_reset(env_index, seed)` is called whenever an env starts an
     episode, before the policy sees its first observation, and `on_reset(env_index, None)` when
     it goes idle (its row of the batch is then a frozen observation whose action is ignored):
-    what a policy with per-episode state (noise, warm starts) needs to know.
+    what a policy with per-episode state (noise, warm starts) needs to know. A KeyboardInterrupt
+    ends the rollout cleanly: the envs are closed and the episodes finished so far are returned
+    with `interrupted=True`.
     """
     if n_episodes < 1 or n_envs < 1:
         raise ValueError(f"n_episodes and n_envs must be >= 1; got {n_episodes}, {n_envs}")
@@ -205,6 +213,7 @@ def rollout(
     calls: list[dict[str, Any]] = []
     frames: list[np.ndarray] = []
     next_episode = n_envs
+    interrupted = False
     bar = tqdm(total=n_episodes, desc="rollout", disable=not progress, leave=False)
     try:
         seeds = [seed_start + i for i in range(n_envs)]
@@ -255,7 +264,11 @@ def rollout(
                 obs, _ = envs.reset(options={"reset_mask": mask, "idle": True})
                 for i in idle:
                     _notify(on_reset, i, None)
+    except KeyboardInterrupt:
+        interrupted = True
     finally:
         bar.close()
         envs.close()
-    return RolloutResult(records, summarize(records), calls, frames)
+    if interrupted:
+        records = [r for r in records if "terminated" in r]
+    return RolloutResult(records, summarize(records), calls, frames, interrupted=interrupted)

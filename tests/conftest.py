@@ -79,3 +79,37 @@ def make_cfg(tiny_demos: Path, tmp_path: Path) -> Callable[..., DictConfig]:
             )
 
     return _make
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_demos: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A debug=tiny policy trained for 10 steps on the tiny store, made once per session."""
+    import train_pcm
+
+    run_dir = tmp_path_factory.mktemp("tiny_policy")
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=[
+            "debug=tiny", f"data.path={tiny_demos}", f"run_dir={run_dir}", "train.max_steps=10",
+            "val.every=0", "threads=1",
+        ])
+    threads = torch.get_num_threads()
+    train_pcm.run(cfg)
+    torch.set_num_threads(threads)
+    return run_dir / "latest.ckpt"
+
+
+@pytest.fixture
+def eval_cfg(tiny_checkpoint: Path) -> Callable[..., DictConfig]:
+    """Compose conf/eval.yaml on the tiny checkpoint: 2 episodes of 24 steps (3 chunks) in 2
+    envs, 1 warm-up chunk, exact_err on every chunk, no wandb, one thread."""
+
+    def _make(*overrides: str) -> DictConfig:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose("eval", overrides=[
+                f"checkpoint={tiny_checkpoint}", "n_episodes=2", "n_envs=2", "max_steps=24",
+                "warmup_chunks=1", "exact_err_every=1", "threads=1", "progress=false",
+                "logger.wandb=false",
+                *overrides,
+            ])
+
+    return _make

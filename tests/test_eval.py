@@ -7,16 +7,11 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
 
 import eval_policy
-import train_pcm
 from envs.rollout import RolloutResult
 
 REPO_ROOT, CONF_DIR = Path(eval_policy.__file__).parent, eval_policy.CONF_DIR
@@ -30,38 +25,6 @@ def headless(monkeypatch: pytest.MonkeyPatch) -> None:
     """wandb offline, SDL without a display or sound card."""
     for key, value in HEADLESS.items():
         monkeypatch.setenv(key, value)
-
-
-@pytest.fixture(scope="session")
-def tiny_checkpoint(tiny_demos: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A debug=tiny policy trained for 10 steps on the tiny store, made once per session."""
-    run_dir = tmp_path_factory.mktemp("tiny_policy")
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=[
-            "debug=tiny", f"data.path={tiny_demos}", f"run_dir={run_dir}", "train.max_steps=10",
-            "val.every=0", "threads=1",
-        ])
-    threads = torch.get_num_threads()
-    train_pcm.run(cfg)
-    torch.set_num_threads(threads)
-    return run_dir / "latest.ckpt"
-
-
-@pytest.fixture
-def eval_cfg(tiny_checkpoint: Path) -> Callable[..., DictConfig]:
-    """Compose conf/eval.yaml on the tiny checkpoint: 2 episodes of 24 steps (3 chunks) in 2
-    envs, 1 warm-up chunk, exact_err on every chunk, no wandb, one thread."""
-
-    def _make(*overrides: str) -> DictConfig:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return compose("eval", overrides=[
-                f"checkpoint={tiny_checkpoint}", "n_episodes=2", "n_envs=2", "max_steps=24",
-                "warmup_chunks=1", "exact_err_every=1", "threads=1", "progress=false",
-                "logger.wandb=false",
-                *overrides,
-            ])
-
-    return _make
 
 
 def run_script(*args: str, cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess:
