@@ -118,10 +118,17 @@ class RealtimeController:
         self._last_action: np.ndarray | None = None
 
     def on_reset(self, env_index: int, seed: int | None) -> None:
-        """rollout's hook: a new episode (or idling) restarts the clock; in-flight work is
-        awaited and dropped so nothing leaks into the next episode."""
-        if self._pending is not None and self._pending.future is not None:
-            self._pending.future.result()
+        """rollout's hook: a new episode (or idling) restarts the clock. In-flight work is
+        awaited and dropped so nothing leaks into the next episode; if its due tick had passed,
+        it is recorded as a miss that was never delivered."""
+        pending = self._pending
+        if pending is not None:
+            if pending.future is not None:
+                chunks, record, latency_s = pending.future.result()
+                self._finish(pending, chunks, record, latency_s)
+            if self.tick > pending.tick + self.lead_steps:
+                pending.record.update(late=True, anytime=False, delivered=False, ready_tick=None)
+                self.requests.append(pending.record)
         self._start_episode()
 
     # ------------------------------------------------------------------------------ chunks
@@ -246,10 +253,15 @@ def _all_converged(record: dict[str, Any]) -> bool:
     return bool(value)
 
 
+def timed_requests(requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The requests made under a deadline: all but each episode's awaited first chunk."""
+    return [r for r in requests if not r.get("startup")]
+
+
 def summarize_realtime(calls: list[dict[str, Any]], requests: list[dict[str, Any]]) -> dict:
-    """deadline_miss_rate, anytime_rate (of timed requests; the episode's first chunk is awaited
-    and left out), held_step_rate (held ticks / ticks), skipped_requests."""
-    timed = [r for r in requests if not r.get("startup")]
+    """deadline_miss_rate (late or never delivered), anytime_rate (on time but unconverged), both
+    over timed requests; held_step_rate (held ticks / ticks), skipped_requests."""
+    timed = timed_requests(requests)
     ticks = sum(c.get("ticks", 0) for c in calls)
     return {
         "deadline_miss_rate": float(np.mean([r["late"] for r in timed])) if timed else None,

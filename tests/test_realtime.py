@@ -259,3 +259,13 @@ def test_shifted_noise_moves_with_the_actions(tiny_policy) -> None:
     assert not torch.equal(second[:, -ta:], first[:, -ta:])
     with pytest.raises(eval_policy.ConfigError, match="warm_start must be one of"):
         eval_policy.resolve_warm_start("sometimes")
+
+
+def test_a_chunk_still_missing_when_the_episode_ends_is_a_miss() -> None:
+    clock = FakeClock()
+    controller = RealtimeController(tick_chunks(2.0, clock), 10, TO, TA, H, clock=clock)
+    _, records = run_ticks(controller, 5)  # asked at tick 4, would arrive at 24; ends at 20
+    controller.on_reset(0, None)
+    missing = controller.requests[-1]
+    assert (missing["request_tick"], missing["late"], missing["delivered"]) == (4, True, False)
+    assert summarize_realtime(records, controller.requests)["deadline_miss_rate"] == 1.0
