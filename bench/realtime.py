@@ -93,7 +93,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--checkpoint", default=None, help="default: eval.yaml's checkpoint")
     parser.add_argument("--quick", action="store_true", help="2 episodes of 48 steps, 2 rates")
-    parser.add_argument("--runs-dir", type=Path, default=None, help="keep each cell's run here")
+    parser.add_argument("--runs-dir", type=Path, default=None,
+                        help="keep each cell's run here; cells already there are reused")
     args = parser.parse_args()
     rates = args.rates[:2] if args.quick else args.rates
     episodes = 2 if args.quick else args.episodes
@@ -111,8 +112,12 @@ def main() -> None:
                 overrides.append(f"checkpoint={args.checkpoint}")
             if args.quick:
                 overrides.append("max_steps=48")
-            slug = f"{name.replace(' ', '_')}_{hz:g}hz"
-            results = run_cell(overrides, runs_dir / slug)
+            cell_dir = runs_dir / f"{name.replace(' ', '_')}_{hz:g}hz"
+            done = cell_dir / "results.json"
+            if done.is_file() and json.loads(done.read_text())["overrides"] == overrides:
+                results = json.loads(done.read_text())  # resume: this cell already ran
+            else:
+                results = run_cell(overrides, cell_dir)
             info = results["run_info"]
             rows.append({
                 "sampler": name, "label": results["sampler"]["label"], "control_hz": hz,
@@ -122,21 +127,28 @@ def main() -> None:
                 **{k: results["metrics"].get(k) for k in ROW_METRICS},
                 "n_episodes": results["n_episodes"], "overrides": overrides,
             })
+            write(args.out, rows, episodes, args.threads, info)
+    result = write(args.out, rows, episodes, args.threads, info)
+    plot(result, args.out.with_suffix(".png"))
+    print(json.dumps(result["sustained_hz_miss_below_1pct"], indent=1))
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+
+
+def write(path: Path, rows: list[dict], episodes: int, threads: int, info: dict | None) -> dict:
+    """Write the rows so far (a killed run keeps its finished cells); returns the record."""
     result = {
         "benchmark": "realtime",
         "clock": "simulated (measured inference latency, env steps cost no time)",
         "n_episodes": episodes,
         "seeds": f"100000..{100000 + episodes - 1}",
-        "threads": args.threads,
+        "threads": threads,
         "run_info": info,
         "rows": rows,
         "sustained_hz_miss_below_1pct": sustained_rates(rows),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    plot(result, args.out.with_suffix(".png"))
-    print(json.dumps(result["sustained_hz_miss_below_1pct"], indent=1))
-    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    return result
 
 
 if __name__ == "__main__":

@@ -76,9 +76,9 @@ def test_pcm_sampler_names_the_missing_checkpoint_key(eval_cfg, tmp_path: Path) 
         eval_policy.run(eval_cfg("sampler=pcm"), tmp_path)
 
 
-@pytest.mark.parametrize("warm_start", [True, False])
+@pytest.mark.parametrize("warm_start", ["none", "reuse", "shift", True])
 def test_picard_at_zero_tolerance_gives_the_sequential_actions(
-    eval_cfg, tmp_path: Path, warm_start: bool
+    eval_cfg, tmp_path: Path, warm_start: str | bool
 ) -> None:
     """Warm starts change the rounds, never the answer."""
     cfg = eval_cfg("sampler=picard_ddim", "sampler.tol=0", f"warm_start={warm_start}")
