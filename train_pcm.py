@@ -1,13 +1,18 @@
-"""Train a Diffusion Policy (stage=dp) from demonstrations; the PCM stage will reuse this loop.
+"""Train a Diffusion Policy (stage=dp), then its Picard Consistency Model (stage=pcm).
 
     python train_pcm.py                                  # PushT low-dim, CPU-sized UNet
     python train_pcm.py resume=true                      # continue runs/<name>/latest.ckpt
     python train_pcm.py debug=tiny logger.wandb=false    # seconds-long smoke run
+    python train_pcm.py stage=pcm                        # PCM for pcm.base_checkpoint (conf/pcm/)
+    python train_pcm.py experiment=pcm_pusht_lowdim_cpu  # the shipped PCM's CPU recipe
 
 The script reads top to bottom: config check, data, policy (normalizer fitted on the data),
 optimizer + cosine LR, EMA, then the loop of `train_step` with periodic validation loss, rollout
 evaluation of the EMA policy and atomic checkpoints (`latest.ckpt`, `best.ckpt` by rollout
-score, optional step snapshots) in `run_dir`. The stage picks the loss and the data, not the loop.
+score, optional step snapshots) in `run_dir`. The stage picks the loss and the data, not the loop:
+stage=pcm loads the base policy of `pcm.base_checkpoint`, attaches a fresh PCM (policy/pcm.py)
+and trains only it, on base-model trajectories collected once into `pcm.data.cache`, with the
+objective of `pcm.objective` (policy/pcm_training.py); its checkpoints hold base + PCM.
 Resuming gives the same weights as an uninterrupted run: the data order is a function of
 (seed, epoch), the RNG states travel in the checkpoint, and validation and evaluation draw from
 their own generators. SIGINT/SIGTERM finish the current step, write `latest.ckpt` and stop.
@@ -40,10 +45,20 @@ from tqdm.auto import tqdm
 import eval_policy
 from envs.rollout import VECTOR_KINDS
 from eval_policy import ConfigError
-from policy.checkpoint import load_checkpoint, restore_rng_states, save_checkpoint
+from picard_sampler import Schedule
+from policy.checkpoint import (
+    load_checkpoint,
+    load_policy,
+    policy_weights,
+    restore_rng_states,
+    save_checkpoint,
+    weights_fingerprint,
+)
 from policy.data import SequenceDataset
 from policy.diffusion_policy import DiffusionPolicy
 from policy.ema import EMA
+from policy.pcm import build_pcm
+from policy.pcm_training import PCMObjective, TrajectoryDataset, collect_trajectories
 
 LossFn = Callable[[DiffusionPolicy, Mapping[str, Any]], torch.Tensor]
 
@@ -53,7 +68,27 @@ def dp_loss(policy: DiffusionPolicy, batch: Mapping[str, Any]) -> torch.Tensor:
     return policy.compute_loss(batch)
 
 
-STAGE_LOSSES: dict[str, LossFn] = {"dp": dp_loss}
+def dp_objective(cfg: DictConfig) -> LossFn:
+    """Stage dp's loss (it has no knobs)."""
+    return dp_loss
+
+
+def pcm_objective(cfg: DictConfig) -> LossFn:
+    """Stage pcm: the PCM objective of `cfg.pcm` (DESIGN.md §4 (a) landing, (b) consistency)."""
+    try:
+        return PCMObjective(
+            schedule=build_pcm_schedule(cfg), objective=cfg.pcm.objective,
+            switch_rounds=cfg.pcm.switch_rounds, update=cfg.pcm["update"],
+            iterates=cfg.pcm.iterates, huber_c=cfg.pcm.huber_c,
+        )
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+
+
+STAGE_LOSSES: dict[str, Callable[[DictConfig], LossFn]] = {
+    "dp": dp_objective, "pcm": pcm_objective,
+}
+"""Each stage's loss, built from the config; the loop is the same for all."""
 
 
 # ----------------------------------------------------------------------------- config, setup
@@ -78,6 +113,15 @@ def check_config(cfg: DictConfig) -> None:
         ("checkpoint.snapshot_every", cfg.checkpoint.snapshot_every >= 0,
          "an int >= 0 (0 keeps no step snapshots)"),
     ]
+    if cfg.stage == "pcm":
+        d = cfg.pcm.data
+        checks += [
+            ("pcm.base_checkpoint", Path(cfg.pcm.base_checkpoint).is_file(),
+             "an existing policy checkpoint (train one with stage=dp)"),
+            ("pcm.data.n_chunks", d.n_chunks >= 1, "an int >= 1"),
+            ("pcm.data.n_val_chunks", d.n_val_chunks >= 0, "an int >= 0"),
+            ("pcm.data.iterate_rounds", d.iterate_rounds >= 0, "an int >= 0"),
+        ]
     for key, ok, allowed in checks:
         if not ok:
             raise ConfigError(f"{key} must be {allowed}; got {OmegaConf.select(cfg, key)!r}")
@@ -96,7 +140,17 @@ def setup_runtime(cfg: DictConfig) -> torch.device:
 
 
 # ------------------------------------------------------------------------------------ data
-def build_datasets(cfg: DictConfig) -> tuple[SequenceDataset, SequenceDataset]:
+def build_datasets(
+    cfg: DictConfig, policy: DiffusionPolicy | None = None
+) -> tuple[Dataset, Dataset]:
+    """Stage dp: train and validation windows (split by episode) of the demonstration store.
+    Stage pcm: `policy`'s trajectories on those windows (`pcm_trajectories`)."""
+    if cfg.stage == "pcm":
+        return pcm_trajectories(cfg, policy)
+    return sequence_datasets(cfg)
+
+
+def sequence_datasets(cfg: DictConfig) -> tuple[SequenceDataset, SequenceDataset]:
     """Train and validation windows (split by episode) of the demonstration store."""
     if not OmegaConf.is_list(cfg.data.obs_keys):
         raise ConfigError(
@@ -116,6 +170,76 @@ def build_datasets(cfg: DictConfig) -> tuple[SequenceDataset, SequenceDataset]:
         if cfg.env[key] != got:
             raise ConfigError(f"env.{key} is {cfg.env[key]} but the data's is {got}")
     return train_set, train_set.get_validation_dataset()
+
+
+def build_pcm_schedule(cfg: DictConfig) -> Schedule:
+    """The sampler schedule the PCM trains for (`pcm.schedule`), with the training settings
+    (timesteps, betas, clipping, prediction type) of the base policy's `train_schedule`."""
+    trained = load_checkpoint(cfg.pcm.base_checkpoint)["config"]["policy"]["train_schedule"]
+    settings = {k: v for k, v in trained.items() if k not in ("_target_", "num_inference_steps")}
+    clash = sorted(set(settings) & set(cfg.pcm.schedule))
+    if clash:
+        raise ConfigError(
+            f"pcm.schedule.{clash[0]} cannot be set: it comes from the base policy's "
+            f"train_schedule ({settings[clash[0]]!r})"
+        )
+    return hydra.utils.instantiate(cfg.pcm.schedule, **settings)
+
+
+def pcm_trajectories(
+    cfg: DictConfig, policy: DiffusionPolicy
+) -> tuple[TrajectoryDataset, TrajectoryDataset]:
+    """Train / val trajectories of the base policy on train / val windows, read from
+    `pcm.data.cache` when it holds the same collection, else collected and saved there."""
+    d = cfg.pcm.data
+    schedule = build_pcm_schedule(cfg)
+    base_weights = {k: v for k, v in policy.state_dict().items() if not k.startswith("pcm.")}
+    meta = {
+        "base_fingerprint": weights_fingerprint(base_weights),
+        "schedule": {"class": type(schedule).__name__, **schedule.config},
+        "data": {k: OmegaConf.to_container(cfg.data, resolve=True)[k]
+                 for k in ("path", "obs_keys", "action_key", "val_ratio", "max_train_episodes")},
+        "seed": cfg.seed, "n_chunks": d.n_chunks, "n_val_chunks": d.n_val_chunks,
+        "iterate_rounds": d.iterate_rounds, "update": cfg.pcm["update"],
+    }
+    cache = Path(d.cache)
+    if cache.exists():
+        saved = torch.load(cache, map_location="cpu", weights_only=True)
+        changed = changed_keys(saved["meta"], meta)
+        if changed:
+            raise ConfigError(
+                f"pcm.data.cache {cache} holds another collection (differs in {changed}): "
+                "delete it or point pcm.data.cache elsewhere"
+            )
+        return _trajectory_dataset(saved["train"]), _trajectory_dataset(saved["val"])
+    windows = SequenceDataset(
+        cfg.data.path, obs_keys=list(cfg.data.obs_keys), action_key=cfg.data.action_key,
+        horizon=policy.horizon, n_obs_steps=policy.n_obs_steps,
+        n_action_steps=policy.n_action_steps, val_ratio=cfg.data.val_ratio, seed=cfg.seed,
+        split="train", max_train_episodes=cfg.data.max_train_episodes,
+    )
+    splits = {}
+    for split, source, n, seed in (
+        ("train", windows, d.n_chunks, cfg.seed),
+        ("val", windows.get_validation_dataset(), d.n_val_chunks, cfg.seed + 1),
+    ):
+        if n == 0 or len(source) == 0:
+            splits[split] = {}
+            continue
+        splits[split] = collect_trajectories(
+            policy, schedule, source, n, seed=seed, iterate_rounds=d.iterate_rounds,
+            update=cfg.pcm["update"], progress=cfg.progress,
+        )
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+    torch.save({"meta": meta, **splits}, tmp)
+    os.replace(tmp, cache)
+    return _trajectory_dataset(splits["train"]), _trajectory_dataset(splits["val"])
+
+
+def _trajectory_dataset(data: Mapping[str, torch.Tensor]) -> Dataset:
+    """A TrajectoryDataset, or an empty dataset when nothing was collected (no val chunks)."""
+    return TrajectoryDataset(data) if data else torch.utils.data.TensorDataset(torch.empty(0))
 
 
 def make_train_loader(
@@ -154,8 +278,29 @@ def to_device(batch: Any, device: torch.device) -> Any:
 
 # ---------------------------------------------------------------------------------- policy
 def build_policy(cfg: DictConfig) -> DiffusionPolicy:
-    """Instantiate (and so validate) the policy of `cfg.policy`; its normalizer is unfitted."""
-    return hydra.utils.instantiate(cfg.policy, _convert_="all")
+    """Stage dp: instantiate (and so validate) the policy of `cfg.policy`, normalizer unfitted.
+    Stage pcm: the base policy of `pcm.base_checkpoint` (EMA weights, frozen) with a fresh PCM
+    of `pcm.model` attached (initialised from the EMA PCM of `pcm.init` if set), the only part
+    that trains."""
+    if cfg.stage != "pcm":
+        return hydra.utils.instantiate(cfg.policy, _convert_="all")
+    policy = load_policy(cfg.pcm.base_checkpoint)
+    if policy.pcm is not None:
+        raise ConfigError(f"pcm.base_checkpoint {cfg.pcm.base_checkpoint} already holds a PCM")
+    policy.requires_grad_(False)
+    try:
+        pcm = build_pcm(policy, **OmegaConf.to_container(cfg.pcm.model, resolve=True))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"pcm.model: {e}") from e
+    if cfg.pcm.init is not None:  # start from a trained PCM (e.g. one trained for another K_s)
+        init = load_checkpoint(cfg.pcm.init).get("pcm")
+        if init is None or init["config"] != pcm.config:
+            raise ConfigError(
+                f"pcm.init {cfg.pcm.init} holds no PCM with pcm.model's settings {pcm.config}"
+            )
+        pcm.load_state_dict(init["ema"])
+    policy.attach_pcm(pcm.requires_grad_(True))
+    return policy
 
 
 def build_optimizer(
@@ -163,8 +308,8 @@ def build_optimizer(
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW plus a linear warm-up then cosine decay to 0 over `total_steps` (DP's schedule)."""
     optimizer = torch.optim.AdamW(
-        policy.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-        weight_decay=cfg.optim.weight_decay,
+        [p for p in policy.parameters() if p.requires_grad], lr=cfg.optim.lr,
+        betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay,
     )
     warmup = cfg.optim.warmup_steps
 
@@ -200,9 +345,10 @@ def train_step(
 @torch.no_grad()
 def validation_loss(
     policy: DiffusionPolicy, dataset: Dataset, batch_size: int, max_batches: int, seed: int,
-    device: torch.device,
+    device: torch.device, loss_fn: LossFn | None = None,
 ) -> float:
-    """Mean loss over the first `max_batches` validation batches, with fixed noise (seed)."""
+    """Mean loss over the first `max_batches` validation batches, with fixed noise (seed);
+    `loss_fn` (deterministic, e.g. the PCM objective) replaces the policy's DP loss."""
     if len(dataset) == 0:
         return float("nan")
     generator = torch.Generator(device).manual_seed(seed)
@@ -211,7 +357,12 @@ def validation_loss(
     for i, batch in enumerate(loader):
         if i >= max_batches:
             break
-        losses.append(policy.compute_loss(to_device(batch, device), generator=generator).item())
+        batch = to_device(batch, device)
+        loss = (
+            policy.compute_loss(batch, generator=generator) if loss_fn is None
+            else loss_fn(policy, batch)
+        )
+        losses.append(loss.item())
     return float(np.mean(losses))
 
 
@@ -252,8 +403,8 @@ def resume_training(
     changed = [k for k in changed_keys(ckpt["config"], config) if k != "resume"]
     if changed:
         print(f"warning: resuming {path} with changed config keys {changed}", file=sys.stderr)
-    policy.load_state_dict(ckpt["model"])
-    ema.load_state_dict(ckpt["ema"])
+    policy.load_state_dict(policy_weights(ckpt, "model"))
+    ema.load_state_dict({**ckpt["ema"], "model": policy_weights(ckpt, "ema")})
     optimizer.load_state_dict(ckpt["optimizer"])
     lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
     restore_rng_states(ckpt["rng"])
@@ -329,17 +480,20 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.resume and not latest.exists():
         raise ConfigError(f"resume=true but there is no checkpoint at {latest}")
     resolved = OmegaConf.to_container(cfg, resolve=True)
+    loss_fn = STAGE_LOSSES[cfg.stage](cfg)
 
     policy = build_policy(cfg)
-    train_set, val_set = build_datasets(cfg)
-    policy.normalizer.fit(train_set.all_obs_and_actions())
+    train_set, val_set = build_datasets(cfg, policy)
+    if cfg.stage == "pcm":  # the checkpoint must rebuild the base policy, whatever cfg.policy says
+        resolved["policy"] = load_checkpoint(cfg.pcm.base_checkpoint)["config"]["policy"]
+    else:
+        policy.normalizer.fit(train_set.all_obs_and_actions())
     policy.to(device)
     steps_per_epoch = math.ceil(len(train_set) / cfg.data.batch_size)
     epoch_steps = cfg.train.num_epochs and cfg.train.num_epochs * steps_per_epoch
     total_steps = min(n for n in (cfg.train.max_steps, epoch_steps) if n is not None)
     ema = EMA(policy, power=cfg.ema.power, max_decay=cfg.ema.max_decay)
     optimizer, lr_scheduler = build_optimizer(cfg, policy, total_steps)
-    loss_fn = STAGE_LOSSES[cfg.stage]
 
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_score": -math.inf,
              "wandb_id": None}
@@ -358,8 +512,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             extra={k: state[k] for k in ("batch_in_epoch", "best_score", "wandb_id")},
         )
 
-    n_params = sum(p.numel() for p in policy.model.parameters())
-    print(f"{cfg.name}: {len(train_set)} train / {len(val_set)} val windows, model "
+    trained = policy.pcm if cfg.stage == "pcm" else policy.model
+    n_params = sum(p.numel() for p in trained.parameters())
+    items = "chunks" if cfg.stage == "pcm" else "windows"
+    print(f"{cfg.name}: {len(train_set)} train / {len(val_set)} val {items}, {cfg.stage} model "
           f"{n_params / 1e6:.2f}M params, {total_steps} steps on {device} -> {run_dir}")
     bar = tqdm(total=total_steps, initial=state["step"], disable=not cfg.progress, desc="train")
     recent: list[float] = []  # losses since the last log, and their training seconds
@@ -391,7 +547,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 recent, recent_s = [], 0.0
             if cfg.val.every and (step % cfg.val.every == 0 or step == total_steps):
                 metrics["val/loss"] = validation_loss(
-                    ema.model, val_set, cfg.data.batch_size, cfg.val.max_batches, cfg.seed, device
+                    ema.model, val_set, cfg.data.batch_size, cfg.val.max_batches, cfg.seed, device,
+                    loss_fn=None if cfg.stage == "dp" else loss_fn,
                 )
             if cfg.eval.every and (step % cfg.eval.every == 0 or step == total_steps):
                 scores = evaluate(ema.model, cfg)

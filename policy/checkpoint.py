@@ -2,12 +2,18 @@
 
 A checkpoint holds the policy weights (normalizer included), the EMA weights, optimizer and LR
 scheduler state, step/epoch, all RNG states and the resolved config, from which `load_policy`
-rebuilds the policy with `hydra.utils.instantiate`. Files are written to a temporary name in the
-same directory and moved into place with `os.replace`, so a killed run never leaves a torn file.
+rebuilds the policy with `hydra.utils.instantiate`. A policy with a Picard Consistency Model
+attached (`DiffusionPolicy.attach_pcm`) stores the PCM under the key "pcm" (`PCM_KEY`):
+`{"config": constructor args, "model": raw weights, "ema": EMA weights}`, the base weights
+staying under "model" / "ema" as for any policy; `load_policy` re-attaches it. `export_pcm`
+writes a small PCM-only file that names its base checkpoint instead of copying it. Files are
+written to a temporary name in the same directory and moved into place with `os.replace`, so a
+killed run never leaves a torn file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 from collections.abc import Mapping
@@ -21,8 +27,12 @@ from torch import nn
 
 from policy.diffusion_policy import DiffusionPolicy
 from policy.ema import EMA
+from policy.pcm import build_pcm
 
 FORMAT = "picard-policy-checkpoint/1"
+PCM_KEY = "pcm"
+"""Checkpoint key of the PCM's config and weights (eval_policy.PCM_CHECKPOINT_KEY)."""
+_PCM_PREFIX = f"{PCM_KEY}."
 
 
 def rng_states() -> dict[str, Any]:
@@ -80,20 +90,45 @@ def save_checkpoint(
     config: Mapping[str, Any],
     extra: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Atomically write a checkpoint to `path`; `config` is the resolved config as plain dicts."""
+    """Atomically write a checkpoint to `path`; `config` is the resolved config as plain dicts.
+
+    An attached PCM's weights go under `PCM_KEY` rather than into "model" / "ema"."""
+    model, pcm_model = split_pcm_weights(policy.state_dict())
+    ema_state = ema.state_dict()
+    ema_model, pcm_ema = split_pcm_weights(ema_state["model"])
     payload = {
         "format": FORMAT,
         "step": step,
         "epoch": epoch,
-        "model": policy.state_dict(),
-        "ema": ema.state_dict(),
+        "model": model,
+        "ema": {**ema_state, "model": ema_model},
         "optimizer": optimizer.state_dict(),
         "lr_scheduler": lr_scheduler.state_dict(),
         "rng": rng_states(),
         "config": dict(config),
         "extra": dict(extra or {}),
     }
+    pcm = getattr(policy, "pcm", None)
+    if pcm is not None:
+        payload[PCM_KEY] = {"config": dict(pcm.config), "model": pcm_model, "ema": pcm_ema}
     return _atomic_torch_save(payload, Path(path))
+
+
+def split_pcm_weights(
+    state: Mapping[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A policy state dict -> (base weights, PCM weights without the "pcm." prefix)."""
+    base = {k: v for k, v in state.items() if not k.startswith(_PCM_PREFIX)}
+    pcm = {k[len(_PCM_PREFIX) :]: v for k, v in state.items() if k.startswith(_PCM_PREFIX)}
+    return base, pcm
+
+
+def policy_weights(ckpt: Mapping[str, Any], part: str = "ema") -> dict[str, torch.Tensor]:
+    """The full policy state dict of a checkpoint: `part` ("ema" or "model") base weights plus
+    the same part of the PCM's, if it has one (the inverse of `save_checkpoint`'s split)."""
+    base = ckpt["ema"]["model"] if part == "ema" else ckpt["model"]
+    pcm = (ckpt.get(PCM_KEY) or {}).get(part) or {}
+    return {**base, **{_PCM_PREFIX + k: v for k, v in pcm.items()}}
 
 
 def export_policy(
@@ -106,20 +141,89 @@ def export_policy(
     float32. Normalizer statistics are kept in float32 so action scaling is unchanged.
     """
     ckpt = load_checkpoint(src)
-    weights = {
-        k: v.to(dtype) if v.is_floating_point() and not k.startswith("normalizer.") else v
-        for k, v in ckpt["ema"]["model"].items()
-    }
+    if ckpt["ema"] is None:
+        raise ValueError(f"{src} is a PCM-only file: export its base checkpoint instead")
     payload = {
         "format": FORMAT,
         "step": ckpt["step"],
         "epoch": ckpt["epoch"],
         "model": None,
-        "ema": {"model": weights},
+        "ema": {"model": _cast_weights(ckpt["ema"]["model"], dtype)},
         "config": ckpt["config"],
         "extra": {"exported_from": str(src), "weights_dtype": str(dtype)},
     }
+    if PCM_KEY in ckpt:
+        payload[PCM_KEY] = _exported_pcm(ckpt, dtype)
     return _atomic_torch_save(payload, Path(dst))
+
+
+def export_pcm(
+    src: str | Path, dst: str | Path, base: str | Path, dtype: torch.dtype = torch.float16
+) -> Path:
+    """Write a PCM-only deployable file: the PCM's EMA weights and config plus the path of its
+    base checkpoint `base` (relative to `dst`'s folder) and a fingerprint of the base weights.
+
+    `src` is a PCM training checkpoint; its base weights must equal `base`'s (as float32), so the
+    PCM is known to belong to that base. `load_policy(dst)` loads the base, then the PCM.
+    """
+    ckpt = load_checkpoint(src)
+    if PCM_KEY not in ckpt or ckpt["ema"] is None:
+        raise ValueError(f"{src} is not a PCM training checkpoint (no '{PCM_KEY}' key)")
+    base_ckpt = load_checkpoint(base)
+    if base_ckpt["ema"] is None:
+        raise ValueError(f"base {base} is itself a PCM-only file")
+    ours, theirs = ckpt["ema"]["model"], base_ckpt["ema"]["model"]
+    differ = sorted(
+        k for k in set(ours) | set(theirs)
+        if k not in ours or k not in theirs or not torch.equal(ours[k].float(), theirs[k].float())
+    )
+    if differ:
+        raise ValueError(
+            f"the PCM in {src} was trained on other base weights than {base}'s "
+            f"(first differing key: {differ[0]})"
+        )
+    dst = Path(dst)
+    relative = os.path.relpath(Path(base).resolve(), dst.resolve().parent)
+    payload = {
+        "format": FORMAT,
+        "step": ckpt["step"],
+        "epoch": ckpt["epoch"],
+        "model": None,
+        "ema": None,
+        "base_checkpoint": relative,
+        "base_fingerprint": weights_fingerprint(theirs),
+        "config": ckpt["config"],
+        PCM_KEY: _exported_pcm(ckpt, dtype),
+        "extra": {"exported_from": str(src), "weights_dtype": str(dtype)},
+    }
+    return _atomic_torch_save(payload, dst)
+
+
+def _cast_weights(weights: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict:
+    """Floating-point weights as `dtype`; normalizer statistics stay float32."""
+    return {
+        k: v.to(dtype) if v.is_floating_point() and not k.startswith("normalizer.") else v
+        for k, v in weights.items()
+    }
+
+
+def _exported_pcm(ckpt: Mapping[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+    """The PCM entry of an exported file: config and EMA weights as `dtype`, no raw weights."""
+    return {
+        "config": ckpt[PCM_KEY]["config"],
+        "model": None,
+        "ema": _cast_weights(ckpt[PCM_KEY]["ema"], dtype),
+    }
+
+
+def weights_fingerprint(weights: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of a state dict (sorted by name)."""
+    digest = hashlib.sha256()
+    for key in sorted(weights):
+        value = weights[key].detach().cpu().contiguous()
+        digest.update(f"{key}|{value.dtype}|{tuple(value.shape)}|".encode())
+        digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    return digest.hexdigest()
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -139,10 +243,48 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 def load_policy(
     path: str | Path, use_ema: bool = True, map_location: str | torch.device = "cpu"
 ) -> DiffusionPolicy:
-    """Rebuild the policy from the checkpoint's config and load its (EMA) weights, in eval mode."""
+    """Rebuild the policy from the checkpoint's config and load its (EMA) weights, in eval mode.
+
+    A PCM stored in the checkpoint is attached (`DiffusionPolicy.attach_pcm`); a PCM-only file
+    (`export_pcm`) loads its base checkpoint first and checks the base weights' fingerprint."""
+    path = Path(path)
     ckpt = load_checkpoint(path, map_location)
+    if ckpt["ema"] is None:
+        return _load_pcm_only(path, ckpt, use_ema, map_location)
     if not use_ema and ckpt["model"] is None:
         raise ValueError(f"{path} is an exported checkpoint: it holds only the EMA weights")
     policy = hydra.utils.instantiate(ckpt["config"]["policy"], _convert_="all")
-    policy.load_state_dict(ckpt["ema"]["model"] if use_ema else ckpt["model"])
+    if PCM_KEY in ckpt:
+        policy.attach_pcm(build_pcm(policy, **ckpt[PCM_KEY]["config"]))
+    policy.load_state_dict(policy_weights(ckpt, "ema" if use_ema else "model"))
     return policy.to(map_location).eval()
+
+
+def _load_pcm_only(
+    path: Path, ckpt: Mapping[str, Any], use_ema: bool, map_location: str | torch.device
+) -> DiffusionPolicy:
+    """`load_policy` for a file written by `export_pcm`: its base, then its PCM."""
+    if not use_ema:
+        raise ValueError(f"{path} is an exported PCM: it holds only the EMA weights")
+    if "base_checkpoint" not in ckpt or PCM_KEY not in ckpt:
+        raise ValueError(f"{path} holds no base weights and names no base checkpoint")
+    base_path = (path.parent / ckpt["base_checkpoint"]).resolve()
+    if not base_path.is_file():
+        raise FileNotFoundError(
+            f"{path} needs its base checkpoint {ckpt['base_checkpoint']} (relative to "
+            f"{path.parent}), which is missing: {base_path}"
+        )
+    base = load_checkpoint(base_path, map_location)
+    if base["ema"] is None:
+        raise ValueError(f"base checkpoint {base_path} of {path} is itself a PCM-only file")
+    fingerprint = weights_fingerprint(base["ema"]["model"])
+    if fingerprint != ckpt["base_fingerprint"]:
+        raise ValueError(
+            f"base checkpoint {base_path} is not the one the PCM in {path} was trained on "
+            "(the weights' fingerprint differs): retrain or re-export the PCM"
+        )
+    policy = load_policy(base_path, use_ema=True, map_location=map_location)
+    pcm = build_pcm(policy, **ckpt[PCM_KEY]["config"])
+    pcm.load_state_dict(ckpt[PCM_KEY]["ema"])  # copies cast float16 back to float32
+    policy.attach_pcm(pcm.to(map_location).eval())
+    return policy

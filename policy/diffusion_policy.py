@@ -74,6 +74,7 @@ class DiffusionPolicy(nn.Module):
         self.horizon = horizon
         self.n_obs_steps = n_obs_steps
         self.n_action_steps = n_action_steps
+        self.pcm: nn.Module | None = None  # a Picard Consistency Model, see attach_pcm
 
     # ------------------------------------------------------------------ observations
     def check_obs(self, obs: Obs) -> dict[str, torch.Tensor]:
@@ -142,6 +143,19 @@ class DiffusionPolicy(nn.Module):
         """picard_sampler denoiser: noisy chunk (N, H, Da), timesteps (N,), cond (N, Dc) -> eps."""
         return self.model(x, t, cond)
 
+    def attach_pcm(self, pcm: nn.Module | None) -> None:
+        """Attach (or with None detach) a PCM, called as `pcm(self.model, x, t, cond) -> eps`.
+
+        Its weights then travel in `state_dict()` under `pcm.` (checkpoints store them under the
+        key "pcm"), and `predict_action` hands it to `pcm` samplers."""
+        self.pcm = pcm
+
+    def pcm_denoiser(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """picard_sampler denoiser of the attached PCM: (N, H, Da), (N,), (N, Dc) -> eps."""
+        if self.pcm is None:
+            raise ValueError("this policy has no PCM attached (attach_pcm, or a PCM checkpoint)")
+        return self.pcm(self.model, x, t, cond)
+
     @torch.no_grad()
     def predict_action(
         self,
@@ -161,7 +175,8 @@ class DiffusionPolicy(nn.Module):
             executed:     x  x  x  x  x  x  x  x                         [To-1 : To-1+Ta]
 
         obs: (B, To, Do) or {key: (B, To, ...)}; noise: (T+1, B, H, Da) pre-drawn (drawn from
-        `generator` if None); init: warm-start trajectory for Picard samplers. Returns actions
+        `generator` if None); init: warm-start trajectory for Picard samplers. A `pcm` sampler
+        gets the attached PCM (`attach_pcm`; load_policy attaches a checkpoint's). Returns actions
         (B, Ta, Da) in raw units and the sampler's stats plus "naction" (B, H, Da), the whole
         normalized chunk ("trajectory", when the sampler returns it, is its final trajectory).
         """
@@ -172,7 +187,10 @@ class DiffusionPolicy(nn.Module):
             noise = torch.randn(shape, generator=generator, device=self.device)
         elif tuple(noise.shape) != shape:
             raise ValueError(f"noise: expected shape {shape}, got {tuple(noise.shape)}")
-        naction, stats = sampler(self.denoiser, noise.to(self.device), cond, init=init)
+        pcm = self.pcm_denoiser if self.pcm is not None else None
+        naction, stats = sampler(
+            self.denoiser, noise.to(self.device), cond, init=init, denoiser_pcm=pcm
+        )
         start = self.n_obs_steps - 1
         action = self.normalizer.unnormalize("action", naction)
         return action[:, start : start + self.n_action_steps], {**stats, "naction": naction}

@@ -68,7 +68,8 @@ class ConditionalUnet1D(nn.Module):
     """Epsilon network eps(x_t, t, cond) over an action chunk: (B, H, Da) -> (B, H, Da).
 
     `down_dims` sets the channels of each level; the horizon is halved between levels, so H
-    must be a multiple of `horizon_multiple` = 2 ** (len(down_dims) - 1).
+    must be a multiple of `horizon_multiple` = 2 ** (len(down_dims) - 1). `output_dim` (default
+    `input_dim`) sets the output channels, for networks that read more channels than they write.
     """
 
     def __init__(
@@ -79,6 +80,7 @@ class ConditionalUnet1D(nn.Module):
         kernel_size: int = 5,
         n_groups: int = 8,
         diffusion_step_embed_dim: int = 256,
+        output_dim: int | None = None,
     ):
         super().__init__()
         down_dims = [int(d) for d in down_dims]
@@ -90,6 +92,7 @@ class ConditionalUnet1D(nn.Module):
         if bad:
             raise ValueError(f"down_dims {down_dims} must be multiples of n_groups={n_groups}")
         self.input_dim = input_dim
+        self.output_dim = input_dim if output_dim is None else int(output_dim)
         self.global_cond_dim = global_cond_dim
         self.horizon_multiple = 2 ** (len(down_dims) - 1)
 
@@ -129,13 +132,13 @@ class ConditionalUnet1D(nn.Module):
             )
         self.final = nn.Sequential(
             Conv1dBlock(down_dims[0], down_dims[0], kernel_size, n_groups),
-            nn.Conv1d(down_dims[0], input_dim, 1),
+            nn.Conv1d(down_dims[0], self.output_dim, 1),
         )
 
     def forward(
         self, sample: torch.Tensor, timestep: torch.Tensor, global_cond: torch.Tensor
     ) -> torch.Tensor:
-        """sample (B, H, Da), timestep (B,) long, global_cond (B, Dc) -> eps (B, H, Da)."""
+        """sample (B, H, Da), timestep (B,) long, global_cond (B, Dc) -> (B, H, output_dim)."""
         cond = torch.cat([self.step_encoder(timestep), global_cond], dim=-1)
         x = sample.transpose(1, 2)
         skips = []  # as in DP, the top level's skip is never popped: up levels = levels - 1

@@ -1,6 +1,8 @@
 """Turn a training checkpoint into a small deployable one (EMA weights in float16 + config).
 
 python scripts/export_policy.py SRC.ckpt checkpoints/pusht_lowdim/policy.ckpt [--float32]
+python scripts/export_policy.py PCM_RUN/latest.ckpt checkpoints/pusht_lowdim/pcm.ckpt \
+    --pcm-only checkpoints/pusht_lowdim/policy.ckpt   # the PCM alone, naming its base
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from policy.checkpoint import export_policy
+from policy.checkpoint import export_pcm, export_policy
 
 
 def main() -> None:
@@ -18,9 +20,17 @@ def main() -> None:
     parser.add_argument("src", type=Path, help="training checkpoint (latest.ckpt, best.ckpt, ...)")
     parser.add_argument("dst", type=Path, help="where to write the exported checkpoint")
     parser.add_argument("--float32", action="store_true", help="keep float32 weights")
+    parser.add_argument(
+        "--pcm-only", type=Path, default=None, metavar="BASE",
+        help="write only the PCM of a stage=pcm checkpoint, referring to the base checkpoint "
+        "BASE (which must hold the base weights it was trained on) instead of copying it",
+    )
     args = parser.parse_args()
     dtype = torch.float32 if args.float32 else torch.float16
-    path = export_policy(args.src, args.dst, dtype=dtype)
+    if args.pcm_only is not None:
+        path = export_pcm(args.src, args.dst, base=args.pcm_only, dtype=dtype)
+    else:
+        path = export_policy(args.src, args.dst, dtype=dtype)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {dtype})")
 
 

@@ -86,7 +86,7 @@ def test_run_refuses_to_overwrite_or_to_resume_nothing_and_warns_on_changes(
 @pytest.mark.parametrize(
     ("override", "match"),
     [
-        ("stage=pcmx", r"stage must be one of \['dp'\]; got 'pcmx'"),
+        ("stage=pcmx", r"stage must be one of \['dp', 'pcm'\]; got 'pcmx'"),
         ("eval.vector=threads", r"eval.vector must be one of \['sync', 'async'\]"),
         ("checkpoint.every=0", r"checkpoint.every must be an int >= 1; got 0"),
         ("policy.n_action_steps=20", r"policy.n_action_steps must be <= horizon"),
