@@ -22,6 +22,7 @@ from hydra import compose, initialize_config_dir
 
 import eval_policy
 
+PCM_CHECKPOINT = "checkpoints/pusht_lowdim/pcm.ckpt"  # the shipped PCM of the shipped policy
 SAMPLERS: dict[str, list[str]] = {
     "sequential DDPM-100": ["sampler=sequential"],
     "sequential DDIM-16": ["sampler=ddim"],
@@ -29,6 +30,8 @@ SAMPLERS: dict[str, list[str]] = {
     "picard DDPM-100 w16 shift": ["sampler=picard", "warm_start=shift"],
     "picard DDIM-16": ["sampler=picard_ddim"],
     "picard DDIM-16 shift": ["sampler=picard_ddim", "warm_start=shift"],
+    "pcm DDIM-16": ["sampler=pcm", f"checkpoint={PCM_CHECKPOINT}"],
+    "pcm DDIM-16 shift": ["sampler=pcm", f"checkpoint={PCM_CHECKPOINT}", "warm_start=shift"],
 }
 ROW_METRICS = (
     "mean_score", "success_rate", "deadline_miss_rate", "anytime_rate", "held_step_rate",
