@@ -7,6 +7,9 @@ action units. A second table follows the anytime error after each round (no stop
 number a deadline-bound control loop cares about.
 
     python bench/samplers.py --out bench/results/samplers.json [--quick] [--checkpoint CKPT]
+
+Rows are also written to OUT.partial.json as they finish; a rerun with the same network and
+chunk count reuses them (resume after a kill; timings of reused rows come from the earlier run).
 """
 
 from __future__ import annotations
@@ -162,7 +165,12 @@ def run(args: argparse.Namespace) -> dict:
         for batch in batches
         for warm in (False, True)
     ]
+    done = previous_rows(args.out, network, n_chunks)
     for name, schedule, update, window, tol, batch, warm in tqdm(grid, desc="picard"):
+        key = (name, update, window, tol, batch, warm)
+        if key in done:  # resume: this row was measured by an earlier, interrupted run
+            rows.append(done[key])
+            continue
         rounds, nfe, times, errs, mean_errs = [], [], [], [], []
         for c in range(n_chunks):
             cond, noise, _ = chunk_inputs(schedule, batch, conds, c)
@@ -201,6 +209,7 @@ def run(args: argparse.Namespace) -> dict:
                 "exact_err_mean": statistics.mean(mean_errs),
             }
         )
+        write_partial(args.out, network, n_chunks, rows)
 
     anytime = anytime_curves(
         denoiser, schedules, conds, n_chunks=min(n_chunks, 5), max_rounds=args.anytime_rounds
@@ -216,6 +225,29 @@ def run(args: argparse.Namespace) -> dict:
         "rows": rows,
         "anytime": anytime,
     }
+
+
+def _row_key(row: dict) -> tuple:
+    return (row["schedule"], row["update"], row["window"], row["tol"], row["batch"], row["warm"])
+
+
+def previous_rows(path: Path, network: str, n_chunks: int) -> dict[tuple, dict]:
+    """Picard rows of an unfinished earlier run with the same network and chunks (to resume)."""
+    partial = path.with_suffix(".partial.json")
+    if not partial.is_file():
+        return {}
+    record = json.loads(partial.read_text())
+    if record["network"] != network or record["chunks_per_row"] != n_chunks:
+        return {}
+    return {_row_key(r): r for r in record["rows"] if r["sampler"] == "picard"}
+
+
+def write_partial(path: Path, network: str, n_chunks: int, rows: list[dict]) -> None:
+    """The rows so far, next to the output, so a killed run resumes where it stopped."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"network": network, "chunks_per_row": n_chunks, "run_info": run_info("cpu"),
+              "rows": rows}
+    path.with_suffix(".partial.json").write_text(json.dumps(record, indent=1))
 
 
 def anytime_curves(
@@ -322,6 +354,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     plot(result, args.out.with_suffix(".png"))
+    args.out.with_suffix(".partial.json").unlink(missing_ok=True)
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
 
 
