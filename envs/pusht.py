@@ -33,6 +33,7 @@ os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
 import pygame  # noqa: E402  (headless: the SDL_* variables must be set before the import)
 
 WORKSPACE_SIZE = 512.0
+OBS_MARGIN = 32.0  # px of slack around the workspace in the observation bounds
 SIM_HZ = 100
 CONTROL_HZ = 10
 SUBSTEPS_PER_ACTION = SIM_HZ // CONTROL_HZ
@@ -274,11 +275,15 @@ class PushTEnv(gymnasium.Env):
             high = np.array([size, size, size, size, 2 * np.pi], dtype=np.float32)
             return spaces.Box(np.zeros(5, dtype=np.float32), high, dtype=np.float32)
         if self.obs_type == "keypoints":
-            return spaces.Box(0.0, size, shape=(2 * len(BLOCK_KEYPOINTS) + 2,), dtype=np.float32)
+            # Keypoints of a T that spawned against a wall, and an agent that overshoots its
+            # target, can sit a few pixels outside the workspace: bound with a margin.
+            return spaces.Box(-OBS_MARGIN, size + OBS_MARGIN,
+                              shape=(2 * len(BLOCK_KEYPOINTS) + 2,), dtype=np.float32)
         return spaces.Dict(
             {
                 "image": spaces.Box(0, 255, (self.image_size, self.image_size, 3), np.uint8),
-                "agent_pos": spaces.Box(0.0, size, shape=(2,), dtype=np.float32),
+                "agent_pos": spaces.Box(-OBS_MARGIN, size + OBS_MARGIN, shape=(2,),
+                                        dtype=np.float32),
             }
         )
 
