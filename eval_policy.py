@@ -493,6 +493,14 @@ def evaluate(
     return result
 
 
+def sampler_calls(result: RolloutResult) -> list[dict[str, Any]]:
+    """One record per sampler call to report: the rollout's calls offline, the timed chunk
+    requests in real time (each episode's awaited first chunk left out)."""
+    if result.realtime is not None:
+        return timed_requests(result.requests)
+    return result.policy_calls
+
+
 def summarize(
     result: RolloutResult, warmup_chunks: int = 0, deadline_ms: float | None = None
 ) -> dict[str, Any]:
@@ -502,9 +510,7 @@ def summarize(
     share of timed calls slower than `deadline_ms`; in a real-time rollout it is the share of
     chunks that arrived after their due tick, next to anytime_rate and held_step_rate
     (envs.realtime.summarize_realtime). Unmeasured metrics are None."""
-    chunks = (
-        timed_requests(result.requests) if result.realtime is not None else result.policy_calls
-    )
+    chunks = sampler_calls(result)
     samples = sum(c["batch"] for c in chunks)  # (chunk, env) pairs sampled
     rounds = np.array([c["rounds"] for c in chunks], dtype=float)
     latency = np.array([c["latency_ms"] for c in chunks[warmup_chunks:]], dtype=float)
@@ -573,9 +579,7 @@ def plot_histograms(
 ) -> list[Path]:
     """latency_hist.png (timed chunks, p50/p95/p99 and the deadline) and rounds_hist.png (none
     when no chunk was sampled)."""
-    chunks = (
-        timed_requests(result.requests) if result.realtime is not None else result.policy_calls
-    )
+    chunks = sampler_calls(result)
     if not chunks:
         return []
     rounds = [c["rounds"] for c in chunks]

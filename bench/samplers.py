@@ -165,6 +165,7 @@ def run(args: argparse.Namespace) -> dict:
         for batch in batches
         for warm in (False, True)
     ]
+    info = run_info("cpu")
     done = previous_rows(args.out, network, n_chunks)
     for name, schedule, update, window, tol, batch, warm in tqdm(grid, desc="picard"):
         key = (name, update, window, tol, batch, warm)
@@ -209,7 +210,8 @@ def run(args: argparse.Namespace) -> dict:
                 "exact_err_mean": statistics.mean(mean_errs),
             }
         )
-        write_partial(args.out, network, n_chunks, rows)
+        write_partial(args.out, {"network": network, "chunks_per_row": n_chunks,
+                                 "run_info": info, "rows": rows})
 
     anytime = anytime_curves(
         denoiser, schedules, conds, n_chunks=min(n_chunks, 5), max_rounds=args.anytime_rounds
@@ -221,7 +223,7 @@ def run(args: argparse.Namespace) -> dict:
         "action_dim": DA,
         "chunks_per_row": n_chunks,
         "ms_statistic": "median over chunks",
-        "run_info": run_info("cpu"),
+        "run_info": info,
         "rows": rows,
         "anytime": anytime,
     }
@@ -242,12 +244,14 @@ def previous_rows(path: Path, network: str, n_chunks: int) -> dict[tuple, dict]:
     return {_row_key(r): r for r in record["rows"] if r["sampler"] == "picard"}
 
 
-def write_partial(path: Path, network: str, n_chunks: int, rows: list[dict]) -> None:
-    """The rows so far, next to the output, so a killed run resumes where it stopped."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    record = {"network": network, "chunks_per_row": n_chunks, "run_info": run_info("cpu"),
-              "rows": rows}
-    path.with_suffix(".partial.json").write_text(json.dumps(record, indent=1))
+def write_partial(path: Path, record: dict) -> None:
+    """The rows so far, next to the output, so a killed run resumes where it stopped; written
+    to a temp file and renamed, so a kill mid-write cannot lose the rows already there."""
+    partial = path.with_suffix(".partial.json")
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    tmp = partial.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(partial)
 
 
 def anytime_curves(

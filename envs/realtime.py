@@ -36,6 +36,8 @@ from typing import Any
 
 import numpy as np
 
+from envs.rollout import scalars
+
 ChunkFn = Callable[[Any, float | None], tuple[np.ndarray, dict[str, Any]]]
 CLOCKS = ("simulated", "wall")
 
@@ -50,7 +52,6 @@ class _Request:
     """One chunk request: when it was made, and (once known) when it was ready and what it said."""
 
     tick: int
-    start_s: float
     future: Future | None = None
     chunks: np.ndarray | None = None
     record: dict[str, Any] = field(default_factory=dict)
@@ -146,7 +147,7 @@ class RealtimeController:
         return chunks, dict(record), latency_s
 
     def _submit(self, obs: Any) -> _Request:
-        request = _Request(tick=self.tick, start_s=self.clock())
+        request = _Request(tick=self.tick)
         if self.clock_mode == "wall":
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chunk")
@@ -163,7 +164,7 @@ class RealtimeController:
     ) -> None:
         request.chunks = chunks
         request.record = {
-            **{k: v for k, v in record.items() if isinstance(v, bool | int | float | np.number)},
+            **scalars(record),
             "latency_ms": float(record.get("latency_ms", latency_s * 1e3)),
             "request_tick": request.tick,
             "converged": _all_converged(record),
@@ -204,7 +205,7 @@ class RealtimeController:
         """Actions (B, Ta, Da) for the next Ta ticks from the observation at the current tick."""
         record: dict[str, Any] = {"ticks": self.n_action_steps}
         if self._current is None:  # episode start: await the first chunk, then start the clock
-            first = _Request(tick=self.tick, start_s=self.clock())
+            first = _Request(tick=self.tick)
             self._finish(first, *self._run_chunk(obs, None))
             first.ready_tick = self.tick
             first.record["startup"] = True

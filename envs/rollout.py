@@ -162,7 +162,7 @@ def _info_at(info: dict[str, Any], key: str, i: int) -> Any:
     return None
 
 
-def _scalars(stats: dict[str, Any]) -> dict[str, Any]:
+def scalars(stats: dict[str, Any]) -> dict[str, Any]:
     """The int/float/bool entries of a stats dict (tensors and lists are dropped)."""
     return {k: v for k, v in stats.items() if isinstance(v, bool | int | float | np.number)}
 
@@ -227,7 +227,7 @@ def rollout(
         while any(e is not None for e in slot_episode):
             start = time.perf_counter()
             actions, stats = policy_fn(obs)
-            calls.append({"wall_s": time.perf_counter() - start, **_scalars(stats)})
+            calls.append({"wall_s": time.perf_counter() - start, **scalars(stats)})
             obs, reward, terminated, truncated, info = envs.step(np.asarray(actions))
             new_seeds: dict[int, int] = {}
             idle: list[int] = []

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -113,3 +116,27 @@ def eval_cfg(tiny_checkpoint: Path) -> Callable[..., DictConfig]:
             ])
 
     return _make
+
+
+@pytest.fixture
+def sigterm_at_train_step() -> Callable[[int], contextlib.AbstractContextManager[None]]:
+    """`with sigterm_at_train_step(n): ...`: inside, train_pcm.train_step sends SIGTERM to this
+    process on its n-th call, what a run killed mid-training sees."""
+    import train_pcm
+
+    @contextlib.contextmanager
+    def at(n: int) -> Iterator[None]:
+        real_step, calls = train_pcm.train_step, 0
+
+        def step_then_sigterm(*args, **kwargs):
+            nonlocal calls
+            calls += 1
+            if calls == n:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return real_step(*args, **kwargs)
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(train_pcm, "train_step", step_then_sigterm)
+            yield
+
+    return at

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
 from pathlib import Path
 
 import pytest
@@ -286,25 +284,15 @@ def _other_base(tmp_path: Path, base_checkpoint: Path) -> Path:
 
 
 def test_stage_pcm_resumes_exactly_and_checks_its_cache(
-    make_cfg, base_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    make_cfg, base_checkpoint: Path, tmp_path: Path, sigterm_at_train_step
 ) -> None:
     """SIGTERM at step 4 of 8 -> latest.ckpt -> resume=true equals an uninterrupted run."""
     overrides = pcm_overrides(base_checkpoint, tmp_path, "train.max_steps=8", "val.every=4",
                               "pcm.switch_rounds=2", "checkpoint.every=100")
     straight = train_pcm.run(make_cfg(*overrides, run_dir=tmp_path / "straight"))
-    calls = {"n": 0}
-    real_step = train_pcm.train_step
-
-    def step_then_sigterm(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(train_pcm, "train_step", step_then_sigterm)
-    first = train_pcm.run(make_cfg(*overrides, run_dir=tmp_path / "split"))
+    with sigterm_at_train_step(4):
+        first = train_pcm.run(make_cfg(*overrides, run_dir=tmp_path / "split"))
     assert first["stopped_early"] and first["step"] == 4
-    monkeypatch.setattr(train_pcm, "train_step", real_step)
     resumed = train_pcm.run(make_cfg(*overrides, "resume=true", run_dir=tmp_path / "split"))
     assert resumed["step"] == straight["step"] == 8
     a = load_checkpoint(tmp_path / "straight" / "latest.ckpt")

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 from itertools import pairwise
@@ -35,26 +33,16 @@ def test_tiny_run_trains_validates_evaluates_and_checkpoints(make_cfg, tmp_path:
 
 
 def test_interrupted_then_resumed_run_equals_an_uninterrupted_one(
-    make_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+    make_cfg, tmp_path: Path, sigterm_at_train_step, capsys: pytest.CaptureFixture
 ) -> None:
     """SIGTERM mid-epoch (step 7 of 12, 5 steps per epoch) -> latest.ckpt -> resume=true."""
     overrides = ("train.max_steps=12", "data.batch_size=32", "checkpoint.every=5", "val.every=4")
     straight = train_pcm.run(make_cfg(*overrides, run_dir=tmp_path / "straight"))
 
-    calls = {"n": 0}
-    real_step = train_pcm.train_step
-
-    def step_then_sigterm(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 7:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(train_pcm, "train_step", step_then_sigterm)
-    first = train_pcm.run(make_cfg(*overrides, run_dir=tmp_path / "split"))
+    with sigterm_at_train_step(7):
+        first = train_pcm.run(make_cfg(*overrides, run_dir=tmp_path / "split"))
     assert first["stopped_early"] and first["step"] == 7
     assert load_checkpoint(tmp_path / "split" / "latest.ckpt")["step"] == 7
-    monkeypatch.setattr(train_pcm, "train_step", real_step)
     resumed = train_pcm.run(make_cfg(*overrides, "resume=true", run_dir=tmp_path / "split"))
     assert "changed config keys" not in capsys.readouterr().err
 
