@@ -293,6 +293,47 @@ def anytime_curves(
     return curves
 
 
+def summary_table(result: dict) -> str:
+    """Markdown: one row per Picard setting with rounds, ms per chunk and speed-up over the
+    sequential sampler of the same schedule and batch, cold / warm, for each batch size."""
+    from eval_policy import markdown_table
+
+    picard = {_row_key(r): r for r in result["rows"] if r["sampler"] == "picard"}
+    sequential = {(r["schedule"], r["batch"]): r["ms_per_chunk"]
+                  for r in result["rows"] if r["sampler"] == "sequential"}
+    batches = sorted({batch for _, batch in sequential})
+    header = ["schedule", "update", "window", "tol", "max exact_err (cold)"]
+    for batch in batches:
+        header += [f"rounds B={batch} cold / warm", f"ms B={batch} cold / warm",
+                   f"speed-up B={batch} cold / warm"]
+    table = []
+    for setting in dict.fromkeys(key[:4] for key in picard):
+        rows = {(b, w): picard.get((*setting, b, w)) for b in batches for w in (False, True)}
+        errs = [r["exact_err"] for (_, warm), r in rows.items() if r is not None and not warm]
+        line: list = [*setting, max(errs) if errs else None]
+        for batch in batches:
+            cold, warm = rows[(batch, False)], rows[(batch, True)]
+            if cold is None or warm is None:
+                line += ["-", "-", "-"]
+                continue
+            base = sequential[(setting[0], batch)]
+            line += [f"{cold['rounds']:.1f} / {warm['rounds']:.1f}",
+                     f"{cold['ms_per_chunk']:.0f} / {warm['ms_per_chunk']:.0f}",
+                     f"{base / cold['ms_per_chunk']:.2f}x / {base / warm['ms_per_chunk']:.2f}x"]
+        table.append(line)
+    info = result["run_info"]
+    seq = ", ".join(f"{s} B={b} {ms:.0f} ms" for (s, b), ms in sequential.items())
+    return "\n".join([
+        f"Sampler grid: {result['network']}; median ms over {result['chunks_per_row']} chunks; "
+        f"{info['device']} ({info['device_name']}), {info['threads']} threads.",
+        "",
+        f"Sequential: {seq}.",
+        "",
+        markdown_table(header, table),
+        "",
+    ])
+
+
 def plot(result: dict, path: Path) -> None:
     """exact_err against rounds per update (grid rows) and the anytime curves, side by side."""
     import matplotlib
@@ -358,8 +399,9 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     plot(result, args.out.with_suffix(".png"))
+    args.out.with_suffix(".md").write_text(summary_table(result))
     args.out.with_suffix(".partial.json").unlink(missing_ok=True)
-    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+    print(f"wrote {args.out} (+ .png, .md)")
 
 
 if __name__ == "__main__":
