@@ -123,6 +123,8 @@ def run(args: argparse.Namespace) -> dict:
 
     # References: the sequential sample of every chunk, and a warm start from a nearby cond.
     refs: dict[tuple, tuple] = {}
+    info = run_info("cpu")
+    where = {"device": info["device"], "threads": info["threads"]}
     rows = []
     for (name, schedule), batch in tqdm(
         [(s, b) for s in schedules.items() for b in batches], desc="sequential"
@@ -151,6 +153,7 @@ def run(args: argparse.Namespace) -> dict:
                 "ms_per_chunk": 1e3 * statistics.median(times[1:] or times),
                 "exact_err": 0.0,
                 "exact_err_mean": 0.0,
+                **where,
             }
         )
 
@@ -165,7 +168,6 @@ def run(args: argparse.Namespace) -> dict:
         for batch in batches
         for warm in (False, True)
     ]
-    info = run_info("cpu")
     done = previous_rows(args.out, network, n_chunks)
     for name, schedule, update, window, tol, batch, warm in tqdm(grid, desc="picard"):
         key = (name, update, window, tol, batch, warm)
@@ -208,6 +210,7 @@ def run(args: argparse.Namespace) -> dict:
                 "ms_per_chunk": 1e3 * statistics.median(times),
                 "exact_err": max(errs),
                 "exact_err_mean": statistics.mean(mean_errs),
+                **where,
             }
         )
         write_partial(args.out, {"network": network, "chunks_per_row": n_chunks,
