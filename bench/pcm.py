@@ -196,6 +196,11 @@ def run(args: argparse.Namespace) -> dict:
          "switch_rounds": ks, "pcm_label": label}
         for label, p in pcms.items() for ks in p["switch_rounds"]
     ]
+    if args.only:
+        unknown = set(args.only) - {s["name"] for s in samplers}
+        if unknown:
+            raise ValueError(f"--only {sorted(unknown)}: not among {[s['name'] for s in samplers]}")
+        samplers = [s for s in samplers if s["name"] in args.only]
     result: dict[str, Any] = {
         "benchmark": "pcm",
         "checkpoint": args.checkpoint,
@@ -205,6 +210,7 @@ def run(args: argparse.Namespace) -> dict:
                         f"episodes, {conds['windows']} windows",
         "window": "full",
         "budgets": list(BUDGETS),
+        "max_rounds": args.max_rounds,
         "run_info": run_info("cpu"),
         "threads": args.threads,
         "schedules": {},
@@ -218,7 +224,7 @@ def run(args: argparse.Namespace) -> dict:
         warm_init = None
         if args.warm is not None:
             warm_init = sequential_sample(base, schedule, noise, conds["previous"])[1]["trajectory"]
-        max_rounds = min(max(BUDGETS), T)
+        max_rounds = min(max(args.max_rounds, *BUDGETS), T)
         rows, curves = [], []
         for sampler in tqdm(samplers, desc=name):
             label = {k: sampler[k] for k in ("name", "update", "switch_rounds")}
@@ -336,6 +342,11 @@ def main() -> None:
     parser.add_argument("--pcm-tols", type=float, nargs="+", default=None)
     parser.add_argument("--warm", nargs="*", default=None, metavar="SAMPLER",
                         help="also warm-started budget curves, for these samplers (none: all)")
+    parser.add_argument("--max-rounds", type=int, default=max(BUDGETS),
+                        help="rounds of the no-stopping curves (rounds_to_err is read from them; "
+                        "raise it when plain Picard has not reached 1e-2 by the last budget)")
+    parser.add_argument("--only", nargs="+", default=None, metavar="SAMPLER",
+                        help="run only these samplers (e.g. picard-scan pcm-a-ks1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = parser.parse_args()

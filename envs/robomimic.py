@@ -46,6 +46,7 @@ images then differ slightly from robomimic's, which were rendered with both on.
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -60,6 +61,11 @@ from robosuite.controllers.composite.composite_controller_factory import (
     is_part_controller_config,
     refactor_composite_controller_config,
 )
+
+# robosuite logs an INFO line per env built ("Loading controller configuration ...") through its
+# own console handler and, under Hydra, again through the root one: keep its warnings only.
+logging.getLogger("robosuite_logs").setLevel(logging.WARNING)
+logging.getLogger("robosuite_logs").propagate = False
 
 ROBOSUITE_ENV_TYPE = 1
 """robomimic's ``EnvType.ROBOSUITE_TYPE``, the ``type`` field of its env metadata."""
