@@ -224,7 +224,7 @@ def run(args: argparse.Namespace) -> dict:
         warm_init = None
         if args.warm is not None:
             warm_init = sequential_sample(base, schedule, noise, conds["previous"])[1]["trajectory"]
-        max_rounds = min(max(args.max_rounds, *BUDGETS), T)
+        max_rounds = min(args.max_rounds, T)
         rows, curves = [], []
         for sampler in tqdm(samplers, desc=name):
             label = {k: sampler[k] for k in ("name", "update", "switch_rounds")}
@@ -343,13 +343,17 @@ def main() -> None:
     parser.add_argument("--warm", nargs="*", default=None, metavar="SAMPLER",
                         help="also warm-started budget curves, for these samplers (none: all)")
     parser.add_argument("--max-rounds", type=int, default=max(BUDGETS),
-                        help="rounds of the no-stopping curves (rounds_to_err is read from them; "
-                        "raise it when plain Picard has not reached 1e-2 by the last budget)")
+                        help="rounds of the no-stopping curves, at least the last budget "
+                        "(rounds_to_err is read from them: raise it when plain Picard has not "
+                        "reached 1e-2)")
     parser.add_argument("--only", nargs="+", default=None, metavar="SAMPLER",
                         help="run only these samplers (e.g. picard-scan pcm-a-ks1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = parser.parse_args()
+    if args.max_rounds < max(BUDGETS):
+        parser.error(f"--max-rounds {args.max_rounds}: must be at least the last budget, "
+                     f"{max(BUDGETS)}")
     quick = args.quick
     args.chunks = args.chunks or (32 if quick else 256)
     args.switch_rounds = args.switch_rounds or ([1] if quick else [1, 2, 3])

@@ -8,8 +8,9 @@ number a deadline-bound control loop cares about.
 
     python bench/samplers.py --out bench/results/samplers.json [--quick] [--checkpoint CKPT]
 
-Rows are also written to OUT.partial.json as they finish; a rerun with the same network and
-chunk count reuses them (resume after a kill; timings of reused rows come from the earlier run).
+Rows are also written to OUT.partial.json as they finish; a rerun with the same network, chunk
+count, device and threads reuses them (resume after a kill; timings of reused rows come from
+the earlier run).
 """
 
 from __future__ import annotations
@@ -168,7 +169,7 @@ def run(args: argparse.Namespace) -> dict:
         for batch in batches
         for warm in (False, True)
     ]
-    done = previous_rows(args.out, network, n_chunks)
+    done = previous_rows(args.out, network, n_chunks, where)
     for name, schedule, update, window, tol, batch, warm in tqdm(grid, desc="picard"):
         key = (name, update, window, tol, batch, warm)
         if key in done:  # resume: this row was measured by an earlier, interrupted run
@@ -236,15 +237,17 @@ def _row_key(row: dict) -> tuple:
     return (row["schedule"], row["update"], row["window"], row["tol"], row["batch"], row["warm"])
 
 
-def previous_rows(path: Path, network: str, n_chunks: int) -> dict[tuple, dict]:
-    """Picard rows of an unfinished earlier run with the same network and chunks (to resume)."""
+def previous_rows(path: Path, network: str, n_chunks: int, where: dict) -> dict[tuple, dict]:
+    """Picard rows of an unfinished earlier run with the same network, chunks, device and
+    threads (to resume; rows timed with other settings are measured again)."""
     partial = path.with_suffix(".partial.json")
     if not partial.is_file():
         return {}
     record = json.loads(partial.read_text())
     if record["network"] != network or record["chunks_per_row"] != n_chunks:
         return {}
-    return {_row_key(r): r for r in record["rows"] if r["sampler"] == "picard"}
+    return {_row_key(r): r for r in record["rows"]
+            if r["sampler"] == "picard" and all(r.get(k) == v for k, v in where.items())}
 
 
 def write_partial(path: Path, record: dict) -> None:
