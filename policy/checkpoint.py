@@ -157,6 +157,28 @@ def export_policy(
     return _atomic_torch_save(payload, Path(dst))
 
 
+def write_config_yaml(ckpt_path: str | Path, out: str | Path) -> Path:
+    """Write a checkpoint's resolved training config as YAML next to a shipped checkpoint, so a
+    reader sees the recipe without loading torch; written atomically like the checkpoints."""
+    from omegaconf import OmegaConf
+
+    ckpt_path, out = Path(ckpt_path), Path(out)
+    config = load_checkpoint(ckpt_path)["config"]
+    text = (
+        f"# Resolved training config of {ckpt_path.name} (written by train_pcm.py into the "
+        f"checkpoint).\n{OmegaConf.to_yaml(OmegaConf.create(config))}"
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return out
+
+
 def export_pcm(
     src: str | Path, dst: str | Path, base: str | Path, dtype: torch.dtype = torch.float16
 ) -> Path:

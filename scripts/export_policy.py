@@ -1,5 +1,8 @@
 """Turn a training checkpoint into a small deployable one (EMA weights in float16 + config).
 
+A policy export also writes its resolved training config as `config.yaml` beside it (the
+recipe a reader of `checkpoints/<name>/` wants to see); `--no-config` skips that.
+
 python scripts/export_policy.py SRC.ckpt checkpoints/pusht_lowdim/policy.ckpt [--float32]
 python scripts/export_policy.py PCM_RUN/latest.ckpt checkpoints/pusht_lowdim/pcm.ckpt \
     --pcm-only checkpoints/pusht_lowdim/policy.ckpt   # the PCM alone, naming its base
@@ -12,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from policy.checkpoint import export_pcm, export_policy
+from policy.checkpoint import export_pcm, export_policy, write_config_yaml
 
 
 def main() -> None:
@@ -25,6 +28,10 @@ def main() -> None:
         help="write only the PCM of a stage=pcm checkpoint, referring to the base checkpoint "
         "BASE (which must hold the base weights it was trained on) instead of copying it",
     )
+    parser.add_argument(
+        "--no-config", action="store_true",
+        help="do not write config.yaml beside a policy export",
+    )
     args = parser.parse_args()
     dtype = torch.float32 if args.float32 else torch.float16
     if args.pcm_only is not None:
@@ -32,6 +39,8 @@ def main() -> None:
     else:
         path = export_policy(args.src, args.dst, dtype=dtype)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {dtype})")
+    if args.pcm_only is None and not args.no_config:
+        print(f"wrote {write_config_yaml(path, path.with_name('config.yaml'))}")
 
 
 if __name__ == "__main__":

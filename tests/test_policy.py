@@ -10,7 +10,13 @@ import pytest
 import torch
 
 from picard_sampler import DDIMSchedule, DDPMSchedule, Sampler
-from policy.checkpoint import export_policy, load_checkpoint, load_policy, save_checkpoint
+from policy.checkpoint import (
+    export_policy,
+    load_checkpoint,
+    load_policy,
+    save_checkpoint,
+    write_config_yaml,
+)
 from policy.diffusion_policy import DiffusionPolicy
 from policy.ema import EMA
 from policy.encoders import ImageObsEncoder, LowDimObsEncoder, crop_images
@@ -283,6 +289,9 @@ def test_saved_then_loaded_policy_gives_identical_actions(make_cfg, tmp_path: Pa
     torch.testing.assert_close(actual, expected, rtol=0, atol=0.5)  # float16 weights, env units
     with pytest.raises(ValueError, match="holds only the EMA weights"):
         load_policy(exported, use_ema=False)
+    written = write_config_yaml(exported, tmp_path / "config.yaml")
+    assert written.read_text().startswith("# Resolved training config of shipped.ckpt")
+    assert OmegaConf.to_container(OmegaConf.load(written)) == load_checkpoint(exported)["config"]
 
 
 # ------------------------------------------------------------------------ shipped configs
