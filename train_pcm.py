@@ -293,14 +293,34 @@ def build_policy(cfg: DictConfig) -> DiffusionPolicy:
     except (TypeError, ValueError) as e:
         raise ConfigError(f"pcm.model: {e}") from e
     if cfg.pcm.init is not None:  # start from a trained PCM (e.g. one trained for another K_s)
-        init = load_checkpoint(cfg.pcm.init).get("pcm")
-        if init is None or init["config"] != pcm.config:
-            raise ConfigError(
-                f"pcm.init {cfg.pcm.init} holds no PCM with pcm.model's settings {pcm.config}"
-            )
-        pcm.load_state_dict(init["ema"])
+        init_pcm_from(pcm, cfg.pcm.init)
     policy.attach_pcm(pcm.requires_grad_(True))
     return policy
+
+
+TRUNK_SETTINGS = ("finetune", "lora_rank", "lora_alpha")
+"""pcm.model keys that pick the trunk: a PCM that differs from pcm.init only in these starts
+from pcm.init's head, its trunk fresh (the base, a zero LoRA, or a copy of the base)."""
+
+
+def init_pcm_from(pcm: torch.nn.Module, path: str) -> None:
+    """Load the EMA weights of the PCM in checkpoint `path` into `pcm`: all of them when the
+    settings match, or only the head when only the trunk differs (e.g. a LoRA or full fine-tune
+    started from a trained head-only PCM, which learns the head far faster)."""
+    init = load_checkpoint(path).get("pcm")
+    if init is None:
+        raise ConfigError(f"pcm.init {path} holds no PCM")
+    differ = sorted(k for k in pcm.config if init["config"].get(k) != pcm.config[k])
+    if not differ:
+        pcm.load_state_dict(init["ema"])
+    elif set(differ) <= set(TRUNK_SETTINGS):
+        head = {k[len("head."):]: v for k, v in init["ema"].items() if k.startswith("head.")}
+        pcm.head.load_state_dict(head)
+    else:
+        raise ConfigError(
+            f"pcm.init {path} holds a PCM whose {differ} differ from pcm.model's; only the trunk "
+            f"settings {list(TRUNK_SETTINGS)} may differ (its head is then reused)"
+        )
 
 
 def build_optimizer(

@@ -306,3 +306,24 @@ def test_stage_pcm_resumes_exactly_and_checks_its_cache(
         train_pcm.run(make_cfg(*overrides, "pcm.data.n_chunks=7", run_dir=tmp_path / "other"))
     with pytest.raises(train_pcm.ConfigError, match="pcm.base_checkpoint must be an existing"):
         train_pcm.run(make_cfg("stage=pcm", f"pcm.base_checkpoint={tmp_path}/nothing.ckpt"))
+
+
+def test_pcm_init_reuses_a_trained_head_for_another_trunk(
+    make_cfg, base_checkpoint: Path, tmp_path: Path
+) -> None:
+    """pcm.init from a head-only PCM starts a LoRA fine-tune from its head; other settings that
+    differ are refused by name."""
+    train_pcm.run(make_cfg(*pcm_overrides(base_checkpoint, tmp_path), "train.max_steps=2",
+                           run_dir=tmp_path / "head"))
+    head_ckpt = tmp_path / "head" / "latest.ckpt"
+    trained = load_checkpoint(head_ckpt)["pcm"]["ema"]
+    assert trained["head.final.1.weight"].abs().sum() > 0  # the zero-initialised layer moved
+    cfg = make_cfg(*pcm_overrides(base_checkpoint, tmp_path), f"pcm.init={head_ckpt}",
+                   "pcm.model.finetune=lora", run_dir=tmp_path / "lora")
+    policy = train_pcm.build_policy(cfg)
+    for key, value in policy.pcm.head.state_dict().items():
+        torch.testing.assert_close(value, trained[f"head.{key}"], rtol=0, atol=0, msg=key)
+    assert all(b.abs().sum() == 0 for b in policy.pcm.lora.B.values())  # a fresh, zero LoRA
+    with pytest.raises(train_pcm.ConfigError, match=r"\['head_kernel_size'\] differ"):
+        train_pcm.build_policy(make_cfg(*pcm_overrides(base_checkpoint, tmp_path),
+                                        f"pcm.init={head_ckpt}", "pcm.model.head_kernel_size=3"))
