@@ -24,7 +24,7 @@ from envs.robomimic import RobomimicEnv
 from envs.robomimic_expert import make_expert, run_expert_episode
 from picard_sampler.runinfo import package_versions
 
-TASKS = {"lift": "Lift", "can": "PickPlaceCan"}
+TASKS = {"lift": "Lift", "can": "PickPlaceCan", "square": "NutAssemblySquare"}
 STEPS_PER_OBS_TYPE = {"lowdim": 400, "image": 60}
 EPISODE_LENGTH = 400
 WARMUP_STEPS = 20

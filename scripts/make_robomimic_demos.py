@@ -15,6 +15,8 @@ most of a low-dim file) is stored only with ``--model-files`` (robomimic's playb
         --out data/lift_demos.hdf5 --zarr data/lift_demos.zarr.zip
     python scripts/make_robomimic_demos.py --task can --episodes 100 \
         --out data/can_demos.hdf5 --zarr data/can_demos.zarr.zip
+    python scripts/make_robomimic_demos.py --task square --episodes 100 \
+        --out data/square_demos.hdf5 --zarr data/square_demos.zarr.zip
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from policy.data.robomimic_hdf5 import (
     split_demos,
 )
 
-TASKS = {"lift": "Lift", "can": "PickPlaceCan"}
+TASKS = {"lift": "Lift", "can": "PickPlaceCan", "square": "NutAssemblySquare"}
 VERSIONED_PACKAGES = ("numpy", "h5py", "zarr", "robosuite", "mujoco", "gymnasium")
 
 

@@ -181,7 +181,9 @@ def test_converter_reads_robomimic_datasets_layout(tmp_path: Path) -> None:
         robomimic_to_replay_buffer(path)
 
 
-@pytest.mark.parametrize(("config", "obs_dim"), [("lift_lowdim", 19), ("can_lowdim", 23)])
+@pytest.mark.parametrize(
+    ("config", "obs_dim"), [("lift_lowdim", 19), ("can_lowdim", 23), ("square_lowdim", 23)]
+)
 def test_lowdim_configs_feature_specs_give_obs_dim(
     config: str, obs_dim: int, tmp_path: Path
 ) -> None:
@@ -303,6 +305,26 @@ def test_lift_expert_episode_succeeds(lift_env: Any) -> None:
     np.testing.assert_allclose(
         lift_env.observation_dict()["object"], episode["obs"]["object"][5], atol=1e-5
     )
+
+
+@needs_robosuite
+def test_square_expert_episode_puts_the_nut_on_its_peg() -> None:
+    from envs.robomimic_expert import NutAssemblySquareExpert, make_expert, run_expert_episode
+
+    env = gymnasium.make("envs:NutAssemblySquare-v0")
+    expert = make_expert("NutAssemblySquare", rng=3)
+    assert isinstance(expert, NutAssemblySquareExpert)
+    episode = run_expert_episode(env, expert, seed=3, max_steps=400)
+    n_steps = episode["n_steps"]
+    assert episode["success"] and n_steps < 250
+    assert episode["rewards"][-1] == 1.0 and episode["rewards"][:-1].sum() == 0.0
+    assert np.all(np.abs(episode["actions"]) <= 1.0)
+    assert episode["obs"]["object"].shape == (n_steps, 14)
+    robosuite_env = env.unwrapped.robosuite_env
+    nut = robosuite_env.sim.data.body_xpos[robosuite_env.obj_body_id["SquareNut"]]
+    peg = robosuite_env.sim.data.body_xpos[robosuite_env.peg1_body_id]
+    assert np.linalg.norm(nut[:2] - peg[:2]) < 0.01  # down the peg, not beside it
+    env.close()
 
 
 @needs_robosuite

@@ -136,3 +136,24 @@ def test_wandb_logs_offline_and_keeps_its_run_id_across_resume(make_cfg, tmp_pat
     assert first.wandb_id and again.wandb_id == first.wandb_id
     assert list((tmp_path / "wandb").glob(f"offline-run-*-{first.wandb_id}"))
     assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1, "train/loss": 1.0}\n'
+
+
+@pytest.mark.parametrize(
+    "experiment", sorted(p.stem for p in (Path(train_pcm.__file__).parent / "conf" / "experiment")
+                         .glob("*.yaml")),
+)
+def test_shipped_experiment_recipes_compose_and_find_their_data(
+    experiment: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every conf/experiment recipe passes check_config; a stage-dp recipe's committed demos
+    load with its env's obs_dim/action_dim (so a recipe cannot rot unnoticed until trained)."""
+    from hydra import compose, initialize_config_dir
+
+    root = Path(train_pcm.__file__).resolve().parent
+    monkeypatch.chdir(root)
+    with initialize_config_dir(config_dir=str(root / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[f"experiment={experiment}"])
+    train_pcm.check_config(cfg)
+    if cfg.stage == "dp":
+        train_set, val_set = train_pcm.sequence_datasets(cfg)
+        assert len(train_set) > 0 and len(val_set) > 0
