@@ -99,6 +99,8 @@ def main() -> None:
     parser.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=list(SAMPLERS))
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--checkpoint", default=None, help="default: eval.yaml's checkpoint")
+    parser.add_argument("--pcm-checkpoint", default=PCM_CHECKPOINT,
+                        help="the PCM checkpoint of the pcm rows (default: the shipped PushT PCM)")
     parser.add_argument("--quick", action="store_true", help="2 episodes of 48 steps, 2 rates")
     parser.add_argument("--runs-dir", type=Path, default=None,
                         help="keep each cell's run here; cells already there are reused")
@@ -110,8 +112,10 @@ def main() -> None:
     rows, info = [], None
     for name in args.samplers:
         for hz in rates:
+            sampler = [f"checkpoint={args.pcm_checkpoint}" if o == f"checkpoint={PCM_CHECKPOINT}"
+                       else o for o in SAMPLERS[name]]
             overrides = [
-                *SAMPLERS[name], "realtime.enabled=true", f"realtime.control_hz={hz:g}",
+                *sampler, "realtime.enabled=true", f"realtime.control_hz={hz:g}",
                 f"n_episodes={episodes}", f"threads={args.threads}", "exact_err_every=4",
                 "logger.wandb=false", "progress=false",
             ]
