@@ -26,6 +26,7 @@ preferred final yaw (Square), its speed and how long it closes the gripper, scal
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -83,6 +84,16 @@ MAX_YAW_STEP = 0.25
 make the OSC swing the whole arm."""
 
 
+def _jitterer(rng: np.random.Generator, diversity: float) -> Callable[[float, float], float]:
+    """``jitter(nominal, half_range)``: nominal plus a uniform draw of ``diversity`` x
+    half_range either way (one episode's style parameters)."""
+
+    def jitter(nominal: float, half_range: float) -> float:
+        return nominal + diversity * rng.uniform(-half_range, half_range)
+
+    return jitter
+
+
 @dataclass(frozen=True)
 class _Style:
     """One episode's randomised motion parameters (metres, steps, fraction of full speed)."""
@@ -100,10 +111,7 @@ class _Style:
     @classmethod
     def draw(cls, rng: np.random.Generator, diversity: float) -> _Style:
         """Nominal values jittered uniformly by ``diversity`` x each parameter's half-range."""
-
-        def jitter(nominal: float, half_range: float) -> float:
-            return nominal + diversity * rng.uniform(-half_range, half_range)
-
+        jitter = _jitterer(rng, diversity)
         return cls(
             hover_height=jitter(0.08, 0.03),
             grasp_offset=np.array([jitter(0.0, 0.004), jitter(0.0, 0.004), jitter(0.0, 0.005)]),
@@ -140,10 +148,7 @@ class _SquareStyle:
     @classmethod
     def draw(cls, rng: np.random.Generator, diversity: float) -> _SquareStyle:
         """Nominal values jittered uniformly by ``diversity`` x each parameter's half-range."""
-
-        def jitter(nominal: float, half_range: float) -> float:
-            return nominal + diversity * rng.uniform(-half_range, half_range)
-
+        jitter = _jitterer(rng, diversity)
         return cls(
             hover_height=jitter(0.07, 0.02),
             grasp_offset=np.array([jitter(0.0, 0.003), jitter(0.0, 0.003), jitter(0.003, 0.003)]),
