@@ -47,6 +47,7 @@ from envs.rollout import VECTOR_KINDS
 from eval_policy import ConfigError
 from picard_sampler import Schedule
 from policy.checkpoint import (
+    atomic_torch_save,
     load_checkpoint,
     load_policy,
     policy_weights,
@@ -230,10 +231,7 @@ def pcm_trajectories(
             policy, schedule, source, n, seed=seed, iterate_rounds=d.iterate_rounds,
             update=cfg.pcm["update"], progress=cfg.progress,
         )
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
-    torch.save({"meta": meta, **splits}, tmp)
-    os.replace(tmp, cache)
+    atomic_torch_save({"meta": meta, **splits}, cache)
     return _trajectory_dataset(splits["train"]), _trajectory_dataset(splits["val"])
 
 

@@ -253,11 +253,10 @@ def previous_rows(path: Path, network: str, n_chunks: int, where: dict) -> dict[
 def write_partial(path: Path, record: dict) -> None:
     """The rows so far, next to the output, so a killed run resumes where it stopped; written
     to a temp file and renamed, so a kill mid-write cannot lose the rows already there."""
-    partial = path.with_suffix(".partial.json")
-    partial.parent.mkdir(parents=True, exist_ok=True)
-    tmp = partial.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    tmp.replace(partial)
+    from policy.checkpoint import atomic_write
+
+    text = json.dumps(record, indent=1)
+    atomic_write(path.with_suffix(".partial.json"), lambda f: f.write(text.encode()))
 
 
 def anytime_curves(

@@ -16,9 +16,9 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import hydra
 import numpy as np
@@ -62,13 +62,15 @@ def _as_tuples(x: Any) -> Any:
     return tuple(_as_tuples(v) for v in x) if isinstance(x, list | tuple) else x
 
 
-def _atomic_torch_save(payload: Mapping[str, Any], path: Path) -> Path:
-    """torch.save to a temporary file in the same directory, fsync, then os.replace."""
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
+    """`write` into a temporary file in the same directory, fsync, then os.replace: a killed
+    run leaves the old file or the new one, never a torn one (and no temporary file)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.ckpt.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with tmp.open("wb") as f:
-            torch.save(dict(payload), f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -76,6 +78,11 @@ def _atomic_torch_save(payload: Mapping[str, Any], path: Path) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_torch_save(payload: Mapping[str, Any], path: str | Path) -> Path:
+    """torch.save `payload` to `path` atomically (`atomic_write`)."""
+    return atomic_write(path, lambda f: torch.save(dict(payload), f))
 
 
 def save_checkpoint(
@@ -111,7 +118,7 @@ def save_checkpoint(
     pcm = getattr(policy, "pcm", None)
     if pcm is not None:
         payload[PCM_KEY] = {"config": dict(pcm.config), "model": pcm_model, "ema": pcm_ema}
-    return _atomic_torch_save(payload, Path(path))
+    return atomic_torch_save(payload, Path(path))
 
 
 def split_pcm_weights(
@@ -154,7 +161,7 @@ def export_policy(
     }
     if PCM_KEY in ckpt:
         payload[PCM_KEY] = _exported_pcm(ckpt, dtype)
-    return _atomic_torch_save(payload, Path(dst))
+    return atomic_torch_save(payload, Path(dst))
 
 
 def write_config_yaml(ckpt_path: str | Path, out: str | Path) -> Path:
@@ -162,21 +169,13 @@ def write_config_yaml(ckpt_path: str | Path, out: str | Path) -> Path:
     reader sees the recipe without loading torch; written atomically like the checkpoints."""
     from omegaconf import OmegaConf
 
-    ckpt_path, out = Path(ckpt_path), Path(out)
+    ckpt_path = Path(ckpt_path)
     config = load_checkpoint(ckpt_path)["config"]
     text = (
         f"# Resolved training config of {ckpt_path.name} (written by train_pcm.py into the "
         f"checkpoint).\n{OmegaConf.to_yaml(OmegaConf.create(config))}"
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return out
+    return atomic_write(out, lambda f: f.write(text.encode()))
 
 
 def export_pcm(
@@ -218,7 +217,7 @@ def export_pcm(
         PCM_KEY: _exported_pcm(ckpt, dtype),
         "extra": {"exported_from": str(src), "weights_dtype": str(dtype)},
     }
-    return _atomic_torch_save(payload, dst)
+    return atomic_torch_save(payload, dst)
 
 
 def _cast_weights(weights: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict:
