@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from envs import ROBOMIMIC_TASKS
 from envs.robomimic import RobomimicEnv
 from envs.robomimic_expert import make_expert, run_expert_episode
 from picard_sampler.runinfo import package_versions
 
-TASKS = {"lift": "Lift", "can": "PickPlaceCan", "square": "NutAssemblySquare"}
 STEPS_PER_OBS_TYPE = {"lowdim": 400, "image": 60}
 EPISODE_LENGTH = 400
 WARMUP_STEPS = 20
@@ -112,12 +112,14 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=50, help="expert episodes per task")
     parser.add_argument("--seed-start", type=int, default=0, help="first expert seed")
     parser.add_argument("--max-steps", type=int, default=EPISODE_LENGTH, help="episode limit")
-    parser.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=sorted(TASKS))
+    parser.add_argument(
+        "--tasks", nargs="+", choices=sorted(ROBOMIMIC_TASKS), default=sorted(ROBOMIMIC_TASKS)
+    )
     args = parser.parse_args()
 
     results = {}
     for task in args.tasks:
-        env_name = TASKS[task]
+        env_name = ROBOMIMIC_TASKS[task]
         results[task] = {
             "env_steps_per_second": {
                 obs_type: measure_steps_per_second(env_name, obs_type, n_steps)

@@ -10,7 +10,9 @@ from envs.pusht import PushTEnv
 
 gymnasium.register("PushT-v0", entry_point="envs.pusht:PushTEnv", max_episode_steps=300)
 
-ROBOMIMIC_ENV_NAMES = ("Lift", "PickPlaceCan", "NutAssemblySquare")
+ROBOMIMIC_TASKS = {"lift": "Lift", "can": "PickPlaceCan", "square": "NutAssemblySquare"}
+"""Short task names (scripts' --task, Diffusion Policy's) -> robomimic env names."""
+ROBOMIMIC_ENV_NAMES = tuple(ROBOMIMIC_TASKS.values())
 ROBOMIMIC_MAX_STEPS = 400
 """Diffusion Policy's episode limit for robomimic's ph tasks."""
 for _env_name in ROBOMIMIC_ENV_NAMES:
@@ -21,4 +23,4 @@ for _env_name in ROBOMIMIC_ENV_NAMES:
         max_episode_steps=ROBOMIMIC_MAX_STEPS,
     )
 
-__all__ = ["ROBOMIMIC_ENV_NAMES", "ROBOMIMIC_MAX_STEPS", "PushTEnv"]
+__all__ = ["ROBOMIMIC_ENV_NAMES", "ROBOMIMIC_MAX_STEPS", "ROBOMIMIC_TASKS", "PushTEnv"]

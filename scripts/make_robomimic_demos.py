@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from envs import ROBOMIMIC_TASKS
 from envs.robomimic import IMAGE_OBS_KEYS, LOWDIM_OBS_KEYS, RobomimicEnv
 from envs.robomimic_expert import EXPERTS, make_expert, run_expert_episode
 from picard_sampler.runinfo import provenance
@@ -40,14 +41,15 @@ from policy.data.robomimic_hdf5 import (
     split_demos,
 )
 
-TASKS = {"lift": "Lift", "can": "PickPlaceCan", "square": "NutAssemblySquare"}
 VERSIONED_PACKAGES = ("numpy", "h5py", "zarr", "robosuite", "mujoco", "gymnasium")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line options (see the module docstring for examples)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--task", choices=sorted(TASKS), required=True, help="robomimic task")
+    parser.add_argument(
+        "--task", choices=sorted(ROBOMIMIC_TASKS), required=True, help="robomimic task"
+    )
     parser.add_argument("--episodes", type=int, default=100, help="demos to store")
     parser.add_argument("--out", type=Path, required=True, help="output .hdf5 file")
     parser.add_argument("--zarr", type=Path, help="also write a DP replay buffer (.zarr.zip)")
@@ -103,7 +105,7 @@ def expert_statistics(outcomes: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 def write_demos(args: argparse.Namespace, argv: Sequence[str]) -> tuple[int, dict[str, Any]]:
     """Run the expert over seeds, streaming kept demos into ``args.out``: (demos, stats)."""
-    env_name = TASKS[args.task]
+    env_name = ROBOMIMIC_TASKS[args.task]
     env = RobomimicEnv(env_name, obs_type="image" if args.images else "lowdim")
     max_attempts = (
         args.episodes if args.keep_failures else math.ceil(args.episodes * (1 + args.extra_frac))
