@@ -305,7 +305,10 @@ def init_pcm_from(pcm: torch.nn.Module, path: str) -> None:
     """Load the EMA weights of the PCM in checkpoint `path` into `pcm`: all of them when the
     settings match, or only the head when only the trunk differs (e.g. a LoRA or full fine-tune
     started from a trained head-only PCM, which learns the head far faster)."""
-    init = load_checkpoint(path).get("pcm")
+    try:
+        init = load_checkpoint(path).get("pcm")
+    except (FileNotFoundError, ValueError) as e:  # missing, corrupt or foreign
+        raise ConfigError(f"pcm.init: {e}") from e
     if init is None:
         raise ConfigError(f"pcm.init {path} holds no PCM")
     differ = sorted(k for k in pcm.config if init["config"].get(k) != pcm.config[k])
