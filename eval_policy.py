@@ -23,6 +23,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -233,11 +234,25 @@ def build_sampler(sampler_cfg: DictConfig, train_schedule: Mapping[str, Any]) ->
 
 
 def check_pcm_weights(sampler: Sampler, checkpoint: Mapping[str, Any], path: str) -> None:
-    """PCM sampling needs a PCM in the checkpoint: say which key is missing, up front."""
-    if sampler.method == "pcm" and PCM_CHECKPOINT_KEY not in checkpoint:
+    """PCM sampling needs a PCM in the checkpoint: say which key is missing, up front; warn when
+    the PCM was trained for another schedule (still exact by switching, but no faster)."""
+    if sampler.method != "pcm":
+        return
+    if PCM_CHECKPOINT_KEY not in checkpoint:
         raise ConfigError(
             f"sampler=pcm needs PCM weights under the checkpoint key '{PCM_CHECKPOINT_KEY}', "
             f"which {path} does not have: train a PCM for this policy or pick another sampler"
+        )
+    trained = (checkpoint.get("config") or {}).get("pcm", {}).get("schedule") or {}
+    name = str(trained.get("_target_", "")).rsplit(".", 1)[-1]
+    steps = trained.get("num_inference_steps")
+    if name and (name, steps) != (type(sampler.schedule).__name__, sampler.num_steps):
+        warnings.warn(
+            f"the PCM in {path} was trained for {name} with {steps} steps, but the sampler runs "
+            f"{type(sampler.schedule).__name__} with {sampler.num_steps}: the chunks stay exact "
+            "(model switching), but expect no gain over Picard (sampler=pcm is DDIM-16, "
+            "sampler=pcm_ddpm DDPM-100)",
+            stacklevel=2,
         )
 
 

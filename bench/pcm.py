@@ -131,7 +131,8 @@ def run_sampler(sampler: dict, schedule: Schedule, noise, cond, **knobs) -> tupl
         return picard_sample(sampler["base"], schedule, noise, cond, window=None,
                              update=sampler["update"], **knobs)
     return pcm_sample(sampler["base"], sampler["pcm"], schedule, noise, cond, window=None,
-                      update=sampler["update"], switch_rounds=sampler["switch_rounds"], **knobs)
+                      update=sampler["update"], switch_rounds=sampler["switch_rounds"],
+                      pcm_sees_noise=sampler["sees_noise"], **knobs)
 
 
 @torch.no_grad()
@@ -184,6 +185,7 @@ def run(args: argparse.Namespace) -> dict:
             raise ValueError(f"--pcm {spec}: {path} holds no PCM")
         base_of(policy, other, label)
         pcms[label] = {"path": path, "denoiser": other.pcm_denoiser,
+                       "sees_noise": other.pcm_sees_noise,
                        "config": load_checkpoint(path)["config"].get("pcm"),
                        "switch_rounds": [int(k) for k in ks.split(",")] if ks else
                        args.switch_rounds}
@@ -193,7 +195,7 @@ def run(args: argparse.Namespace) -> dict:
         for u in ("scan", "drift")
     ] + [
         {"name": f"pcm-{label}-ks{ks}", "base": base, "pcm": p["denoiser"], "update": "scan",
-         "switch_rounds": ks, "pcm_label": label}
+         "switch_rounds": ks, "pcm_label": label, "sees_noise": p["sees_noise"]}
         for label, p in pcms.items() for ks in p["switch_rounds"]
     ]
     if args.only:

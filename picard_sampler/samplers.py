@@ -50,9 +50,11 @@ def _take_cond(cond: Any, sample_idx: torch.Tensor) -> Any:
     raise TypeError(f"cond must be a tensor, a dict of tensors or None; got {type(cond).__name__}")
 
 
-def _call_denoiser(denoiser: Denoiser, x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
+def _call_denoiser(
+    denoiser: Callable[..., torch.Tensor], x: torch.Tensor, t: torch.Tensor, cond: Any, *extra: Any
+) -> torch.Tensor:
     """Call the denoiser and check what it returns: same shape as ``x`` and finite."""
-    out = denoiser(x, t, cond)
+    out = denoiser(x, t, cond, *extra)
     if not isinstance(out, torch.Tensor) or out.shape != x.shape:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(f"denoiser returned shape {got}; expected {tuple(x.shape)} (same as x)")
@@ -106,10 +108,11 @@ def sequential_sample(
 # x_t coefficient gives the linear-exact scan update. Both have the sequential sample as their
 # unique fixed point. The window start b slides past every slot whose output stopped changing.
 
-# An evaluator maps (x, t, cond, slot, age) to (model_out, exact): model outputs for a batch of
-# slots, and which of them came from the base model alone (only those may count as converged).
+# An evaluator maps (x, t, cond, slot, sample, age) to (model_out, exact): model outputs for a
+# batch of slots (slot j of sample s, evaluated `age` times before), and which of them came from
+# the base model alone (only those may count as converged).
 Evaluator = Callable[
-    [torch.Tensor, torch.Tensor, Any, torch.Tensor, torch.Tensor],
+    [torch.Tensor, torch.Tensor, Any, torch.Tensor, torch.Tensor, torch.Tensor],
     tuple[torch.Tensor, torch.Tensor],
 ]
 
@@ -199,7 +202,8 @@ def _picard_iterate(
 
         x_old = X[j_flat, s_flat]  # (N, H, D)
         out, exact = evaluate(
-            x_old, timesteps[j_flat], _take_cond(cond, s_flat), j_flat, age[j_flat, s_flat]
+            x_old, timesteps[j_flat], _take_cond(cond, s_flat), j_flat, s_flat,
+            age[j_flat, s_flat],
         )
         age[j_flat, s_flat] += 1
         nfe_total += int(j_flat.numel())
@@ -297,7 +301,7 @@ def picard_sample(
     trajectory (its slot 0 is replaced by ``noise[0]``).
     """
 
-    def evaluate(x, t, c, slot, age):
+    def evaluate(x, t, c, slot, sample, age):
         return _call_denoiser(denoiser, x, t, c), torch.ones_like(slot, dtype=torch.bool)
 
     return _picard_iterate(
@@ -316,6 +320,21 @@ def picard_sample(
     )
 
 
+def noise_path(schedule: Schedule, noise: torch.Tensor) -> torch.Tensor:
+    """What the pre-drawn noise contributes to each slot: ``N[0] = 0``,
+    ``N[i+1] = a_i N[i] + s_i z[i+1]`` (``a_i`` the step's x_t coefficient, ``s_i`` its noise
+    scale), shape ``(T+1, B, ...)`` like ``noise``. Zero for DDIM. A noise-aware PCM sees
+    ``N[j]`` at slot j: with stochastic DDPM the fixed point of slot j depends on z[1..j], which
+    a cold-started slot (still x_T) cannot know otherwise (DESIGN.md §4 (c))."""
+    _check_noise(schedule, noise)
+    a, s = schedule.table("scan_coef", noise), schedule.table("noise_std", noise)
+    trail = [1] * (noise.dim() - 2)
+    path = torch.zeros_like(noise)
+    for i in range(schedule.num_inference_steps):
+        path[i + 1] = a[i].view(*trail) * path[i] + s[i].view(*trail) * noise[i + 1]
+    return path
+
+
 def switch_weight(age: torch.Tensor, switch_rounds: int) -> torch.Tensor:
     """PCM weight lam = clip(1 - k / K_s, 0, 1) of a slot evaluated for the (k+1)-th time."""
     if switch_rounds <= 0:
@@ -325,7 +344,7 @@ def switch_weight(age: torch.Tensor, switch_rounds: int) -> torch.Tensor:
 
 def pcm_sample(
     denoiser_base: Denoiser,
-    denoiser_pcm: Denoiser,
+    denoiser_pcm: Callable[..., torch.Tensor],
     schedule: Schedule,
     noise: torch.Tensor,
     cond: Any = None,
@@ -338,6 +357,7 @@ def pcm_sample(
     init: torch.Tensor | None = None,
     callback: Callback | None = None,
     clock: Callable[[], float] = time.perf_counter,
+    pcm_sees_noise: bool = False,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Picard Consistency Model sampling (So et al. 2025) with model switching.
 
@@ -345,16 +365,22 @@ def pcm_sample(
     ``lam = clip(1 - k / switch_rounds, 0, 1)``. Only slots evaluated with the base model alone
     may pass the convergence test, so the result is the sequential sample of the base model
     whatever the PCM learned; the PCM only moves the early iterates closer to it.
+    ``pcm_sees_noise``: call the PCM as ``denoiser_pcm(x, t, cond, noise_path)`` with each
+    slot's ``noise_path`` row (a noise-aware PCM for stochastic DDPM).
     """
+    path = noise_path(schedule, noise) if pcm_sees_noise else None
 
-    def evaluate(x, t, c, slot, age):
+    def evaluate(x, t, c, slot, sample, age):
         lam = switch_weight(age, switch_rounds).to(x.dtype)
         out = torch.zeros_like(x)
         use_pcm, use_base = lam > 0, lam < 1
         if bool(use_pcm.any()):
             rows = torch.nonzero(use_pcm).flatten()
             w = lam[rows].view(-1, *([1] * (x.dim() - 1)))
-            out[rows] += w * _call_denoiser(denoiser_pcm, x[rows], t[rows], _take_cond(c, rows))
+            extra = () if path is None else (path[slot[rows], sample[rows]],)
+            out[rows] += w * _call_denoiser(
+                denoiser_pcm, x[rows], t[rows], _take_cond(c, rows), *extra
+            )
         if bool(use_base.any()):
             rows = torch.nonzero(use_base).flatten()
             w = (1 - lam[rows]).view(-1, *([1] * (x.dim() - 1)))
@@ -384,8 +410,9 @@ SAMPLER_METHODS = ("sequential", "picard", "pcm")
 class Sampler:
     """A schedule plus a sampling method and its knobs: what a config chooses.
 
-    ``sampler(denoiser, noise, cond, init=None, denoiser_pcm=None) -> (x, stats)``. Policies draw
-    noise of ``sampler.noise_shape(B, H, D)`` and call this; they own no sampling loop.
+    ``sampler(denoiser, noise, cond, init=None, denoiser_pcm=None, pcm_sees_noise=False)
+    -> (x, stats)``. Policies draw noise of ``sampler.noise_shape(B, H, D)`` and call this; they
+    own no sampling loop (``pcm_sees_noise``: see ``pcm_sample``).
     """
 
     schedule: Schedule
@@ -423,7 +450,8 @@ class Sampler:
         noise: torch.Tensor,
         cond: Any = None,
         init: torch.Tensor | None = None,
-        denoiser_pcm: Denoiser | None = None,
+        denoiser_pcm: Callable[..., torch.Tensor] | None = None,
+        pcm_sees_noise: bool = False,
         **overrides: Any,
     ) -> tuple[torch.Tensor, dict[str, Any]]:
         """Sample with this configuration; ``overrides`` replace knobs for one call."""
@@ -452,5 +480,6 @@ class Sampler:
             cond,
             switch_rounds=knobs.pop("switch_rounds", self.switch_rounds),
             init=init,
+            pcm_sees_noise=pcm_sees_noise,
             **knobs,
         )

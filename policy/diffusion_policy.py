@@ -150,11 +150,25 @@ class DiffusionPolicy(nn.Module):
         key "pcm"), and `predict_action` hands it to `pcm` samplers."""
         self.pcm = pcm
 
-    def pcm_denoiser(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """picard_sampler denoiser of the attached PCM: (N, H, Da), (N,), (N, Dc) -> eps."""
+    def pcm_denoiser(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        cond: torch.Tensor,
+        noise_path: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """picard_sampler denoiser of the attached PCM: (N, H, Da), (N,), (N, Dc) -> eps; a
+        noise-aware PCM (`pcm_sees_noise`) also takes the slots' noise path (N, H, Da)."""
         if self.pcm is None:
             raise ValueError("this policy has no PCM attached (attach_pcm, or a PCM checkpoint)")
-        return self.pcm(self.model, x, t, cond)
+        if noise_path is None:
+            return self.pcm(self.model, x, t, cond)
+        return self.pcm(self.model, x, t, cond, noise_path)
+
+    @property
+    def pcm_sees_noise(self) -> bool:
+        """Whether the attached PCM takes the noise path (`picard_sampler.pcm_sample`)."""
+        return bool(getattr(self.pcm, "sees_noise", False))
 
     @torch.no_grad()
     def predict_action(
@@ -189,7 +203,8 @@ class DiffusionPolicy(nn.Module):
             raise ValueError(f"noise: expected shape {shape}, got {tuple(noise.shape)}")
         pcm = self.pcm_denoiser if self.pcm is not None else None
         naction, stats = sampler(
-            self.denoiser, noise.to(self.device), cond, init=init, denoiser_pcm=pcm
+            self.denoiser, noise.to(self.device), cond, init=init, denoiser_pcm=pcm,
+            pcm_sees_noise=self.pcm_sees_noise,
         )
         start = self.n_obs_steps - 1
         action = self.normalizer.unnormalize("action", naction)

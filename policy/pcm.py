@@ -9,6 +9,11 @@ base network's x0 plus a shift from a zero-initialised head, and returns it as a
     delta     = head([x, clip(x0)], t, c)             small ConditionalUnet1D, last layer zero
     eps_phi   = eps_trunk - sqrt(abar_t / (1 - abar_t)) * delta    (i.e. x0_phi = x0 + delta)
 
+`sees_noise=True` (DESIGN.md §4 (c), for stochastic DDPM) also gives the head the slot's
+`picard_sampler.noise_path` (what the pre-drawn noise z[1..j] contributes to slot j): a cold
+slot cannot otherwise know the noise its fixed point depends on. The sampler passes it
+(`pcm_sample(..., pcm_sees_noise=True)`).
+
 A plain epsilon copy barely learns: near t = 0 a small x0 change needs a ~40x larger epsilon
 change, so the head moves x0 directly. At initialisation phi equals the base exactly.
 `finetune` picks the trunk: "none" (the base itself, frozen: only the head is stored),
@@ -90,6 +95,7 @@ class PicardConsistencyModel(nn.Module):
         head_n_groups: int = 8,
         head_step_embed_dim: int = 64,
         clip_range: float = 1.0,
+        sees_noise: bool = False,
     ):
         super().__init__()
         if finetune not in FINETUNE_MODES:
@@ -105,8 +111,10 @@ class PicardConsistencyModel(nn.Module):
             "head_n_groups": head_n_groups,
             "head_step_embed_dim": head_step_embed_dim,
             "clip_range": clip_range,
+            "sees_noise": bool(sees_noise),
         }
         self.finetune = finetune
+        self.sees_noise = bool(sees_noise)
         self.clip_range = float(clip_range)
         self.register_buffer(
             "alphas_cumprod", torch.as_tensor(alphas_cumprod).float().clone(), persistent=False
@@ -115,7 +123,7 @@ class PicardConsistencyModel(nn.Module):
         self.lora = LoRA(base, lora_rank, lora_alpha) if finetune == "lora" else None
         da = base.input_dim
         self.head = ConditionalUnet1D(
-            input_dim=2 * da,
+            input_dim=(3 if self.sees_noise else 2) * da,
             output_dim=da,
             global_cond_dim=base.global_cond_dim,
             down_dims=head_down_dims,
@@ -139,13 +147,33 @@ class PicardConsistencyModel(nn.Module):
             return base(x, t, cond)
 
     def forward(
-        self, base: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor
+        self,
+        base: nn.Module,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        cond: torch.Tensor,
+        noise_path: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x (N, H, Da), training timesteps t (N,), cond (N, Dc) -> eps_phi (N, H, Da)."""
+        """x (N, H, Da), training timesteps t (N,), cond (N, Dc) [, the slots' noise path
+        (N, H, Da), required iff sees_noise] -> eps_phi (N, H, Da)."""
+        if self.sees_noise != (noise_path is not None):
+            raise ValueError(
+                "this PCM sees the noise path: call it with noise_path (pcm_sample(..., "
+                "pcm_sees_noise=True))" if self.sees_noise else
+                "this PCM does not take a noise_path (it was trained with sees_noise=false)"
+            )
         abar = self.alphas_cumprod[t].view(-1, *([1] * (x.dim() - 1)))
         eps = self.trunk_eps(base, x, t, cond)
         x0 = (x - (1.0 - abar).sqrt() * eps) / abar.sqrt()
-        features = torch.cat([x, x0.clamp(-self.clip_range, self.clip_range)], dim=-1)
+        parts = [x, x0.clamp(-self.clip_range, self.clip_range)]
+        if noise_path is not None:
+            if noise_path.shape != x.shape:
+                raise ValueError(
+                    f"noise_path must have the shape of x {tuple(x.shape)}; "
+                    f"got {tuple(noise_path.shape)}"
+                )
+            parts.append(noise_path)
+        features = torch.cat(parts, dim=-1)
         delta = self.head(features, t, cond)
         return eps - (abar / (1.0 - abar)).sqrt() * delta
 

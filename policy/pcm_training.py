@@ -15,13 +15,16 @@ trajectory X^0 (every slot x_T):
 - "consistency" (b): the blended x0 prediction at every slot should be X*[T], the chunk;
   mean squared error with a straight-through clip.
 
+(c) of DESIGN.md §4 is not a third loss but a PCM that also sees each slot's noise path
+(`pcm.model.sees_noise`, for stochastic DDPM); both losses then hand it the path.
+
 The next round's input X^{k+1} is the blended round's output (on-policy, detached) or the base's
-recorded iterate (`iterates="base"`). Rounds are computed by `picard_sample` itself.
+recorded iterate (`iterates="base"`). Rounds are computed by `pcm_sample` itself.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,8 +33,14 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from picard_sampler import Schedule, picard_sample, sequential_sample, switch_weight
-from picard_sampler.samplers import Denoiser
+from picard_sampler import (
+    Schedule,
+    noise_path,
+    pcm_sample,
+    picard_sample,
+    sequential_sample,
+    switch_weight,
+)
 from policy.data import SequenceDataset
 from policy.diffusion_policy import DiffusionPolicy
 
@@ -149,11 +158,14 @@ class PCMObjective:
             if not ok:
                 raise ValueError(f"pcm.{key} must be {allowed}; got {getattr(self, key)!r}")
 
-    def blended(self, policy: DiffusionPolicy, lam: float) -> Denoiser:
-        """The denoiser of a round with PCM weight `lam`: lam * eps_pcm + (1 - lam) * eps_base."""
+    def blended(self, policy: DiffusionPolicy, lam: float) -> Callable[..., torch.Tensor]:
+        """The denoiser of a round with PCM weight `lam`: lam * eps_pcm + (1 - lam) * eps_base
+        (a noise-aware PCM's also takes the slots' noise path)."""
 
-        def denoiser(x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-            out = policy.pcm_denoiser(x, t, cond)
+        def denoiser(
+            x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, *path: torch.Tensor
+        ) -> torch.Tensor:
+            out = policy.pcm_denoiser(x, t, cond, *path)
             if lam < 1.0:
                 with torch.no_grad():
                     base = policy.denoiser(x, t, cond)
@@ -175,24 +187,29 @@ class PCMObjective:
             more = k + 1 < self.switch_rounds
             own_next = more and self.iterates == "on_policy"
             if self.objective == "landing":
-                new = self._round(denoiser, noise, cond, x)
+                new = self._round(policy, denoiser, noise, cond, x)
                 losses.append(self.landing_loss(new, target))
             else:
-                losses.append(self.consistency_loss(denoiser, x, cond, target[-1]))
-                new = self._round(denoiser, noise, cond, x, grad=False) if own_next else None
+                path = noise_path(self.schedule, noise) if policy.pcm_sees_noise else None
+                losses.append(self.consistency_loss(denoiser, x, cond, target[-1], path))
+                new = None
+                if own_next:
+                    new = self._round(policy, denoiser, noise, cond, x, grad=False)
             if more:
                 x = new.detach() if own_next else self._base_iterate(batch, k + 1, x)
         return torch.stack(losses).mean()
 
     def _round(
-        self, denoiser: Denoiser, noise: torch.Tensor, cond: torch.Tensor, x: torch.Tensor,
-        grad: bool = True,
+        self, policy: DiffusionPolicy, denoiser: Callable[..., torch.Tensor],
+        noise: torch.Tensor, cond: torch.Tensor, x: torch.Tensor, grad: bool = True,
     ) -> torch.Tensor:
-        """The trajectory after one full-window Picard round from `x` (differentiable)."""
+        """The trajectory after one full-window round from `x` with the blended `denoiser`
+        (differentiable): `pcm_sample`'s first round, in which every slot uses its PCM."""
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-            _, stats = picard_sample(
-                denoiser, self.schedule, noise, cond, window=None, tol=0.0,
-                update=self.update, max_rounds=1, init=x,
+            _, stats = pcm_sample(
+                policy.denoiser, denoiser, self.schedule, noise, cond, window=None, tol=0.0,
+                switch_rounds=1, update=self.update, max_rounds=1, init=x,
+                pcm_sees_noise=policy.pcm_sees_noise,
             )
         return stats["trajectory"]
 
@@ -216,14 +233,17 @@ class PCMObjective:
         return pseudo_huber(d2, self.huber_c).mean()
 
     def consistency_loss(
-        self, denoiser: Denoiser, x: torch.Tensor, cond: torch.Tensor, chunk: torch.Tensor
+        self, denoiser: Callable[..., torch.Tensor], x: torch.Tensor, cond: torch.Tensor,
+        chunk: torch.Tensor, path: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """MSE between the (straight-through clipped) x0 of every slot of `x` and the chunk."""
+        """MSE between the (straight-through clipped) x0 of every slot of `x` and the chunk
+        (`path`: the noise path, for a noise-aware PCM)."""
         T, B = self.schedule.num_inference_steps, x.shape[1]
         idx = torch.arange(T, device=x.device).repeat_interleave(B)  # slot of each row
         rows = x[:T].reshape(T * B, *x.shape[2:])
         t = self.schedule.timesteps.to(x.device)[idx]
-        eps = denoiser(rows, t, cond.repeat(T, *([1] * (cond.dim() - 1))))
+        extra = () if path is None else (path[:T].reshape(T * B, *x.shape[2:]),)
+        eps = denoiser(rows, t, cond.repeat(T, *([1] * (cond.dim() - 1))), *extra)
         x0 = self.schedule.predict_x0(eps, rows, idx)
         x0 = x0 + (self.schedule.clip(x0) - x0).detach()  # straight-through clip
         return (x0.view(T, B, *x.shape[2:]) - chunk[None]).pow(2).mean()

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,20 @@ def test_each_sampler_evaluates_end_to_end_and_writes_every_result(
 def test_pcm_sampler_names_the_missing_checkpoint_key(eval_cfg, tmp_path: Path) -> None:
     with pytest.raises(eval_policy.ConfigError, match="under the checkpoint key 'pcm'"):
         eval_policy.run(eval_cfg("sampler=pcm"), tmp_path)
+
+
+def test_pcm_trained_for_another_schedule_is_a_warning() -> None:
+    from picard_sampler import DDIMSchedule, DDPMSchedule, Sampler
+
+    checkpoint = {"pcm": {}, "config": {"pcm": {"schedule": {
+        "_target_": "picard_sampler.DDIMSchedule", "num_inference_steps": 16}}}}
+    same = Sampler(DDIMSchedule(num_inference_steps=16), method="pcm")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        eval_policy.check_pcm_weights(same, checkpoint, "pcm.ckpt")
+    other = Sampler(DDPMSchedule(num_inference_steps=100), method="pcm")
+    with pytest.warns(UserWarning, match="trained for DDIMSchedule with 16 steps, but the sampler"):
+        eval_policy.check_pcm_weights(other, checkpoint, "pcm.ckpt")
 
 
 @pytest.mark.parametrize("warm_start", ["none", "reuse", "shift", True])

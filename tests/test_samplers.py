@@ -11,6 +11,7 @@ from picard_sampler import (
     DDIMSchedule,
     DDPMSchedule,
     Sampler,
+    noise_path,
     pcm_sample,
     picard_sample,
     sequential_sample,
@@ -302,3 +303,45 @@ def test_sampler_object_dispatches():
     assert loose["rounds"] < stats["rounds"]
     with pytest.raises(ValueError, match="needs a PCM denoiser"):
         Sampler(schedule, method="pcm")(net, noise, cond)
+
+
+def test_noise_path_is_the_trajectory_of_a_model_that_predicts_x0_zero():
+    """With x0 = 0 predicted everywhere and x_T = 0, a DDPM step keeps only its x_t term and its
+    noise: the sequential trajectory IS the noise path. DDIM adds no noise: the path is 0."""
+    schedule = DDPMSchedule(num_inference_steps=20)
+    abar = schedule.alphas_cumprod.float()
+
+    def x0_zero(x, t, cond):
+        return x / (1 - abar[t]).sqrt().view(-1, 1, 1)
+
+    noise = make_noise(20, 3)
+    noise[0] = 0
+    _, stats = sequential_sample(x0_zero, schedule, noise)
+    torch.testing.assert_close(noise_path(schedule, noise), stats["trajectory"])
+    assert noise_path(schedule, noise)[10].abs().max() > 0.1  # (X[T] is x0 alone: path 0)
+    assert noise_path(DDIMSchedule(num_inference_steps=20), noise).abs().max() == 0
+
+
+@pytest.mark.parametrize("update", ["scan", "drift"])
+def test_noise_aware_pcm_gets_each_slots_noise_path_and_stays_exact(update):
+    """pcm_sees_noise: the PCM is called with the noise path row of exactly the slot and sample
+    it evaluates (cond carries the sample index, t the slot), and switching keeps the answer."""
+    schedule = DDPMSchedule(num_inference_steps=12)
+    base, noise, B = SmallNet(seed=0), make_noise(12, 3), 3
+    cond = torch.arange(B, dtype=torch.float32)[:, None].repeat(1, 3)
+    path = noise_path(schedule, noise)
+    slot_of = {int(t): j for j, t in enumerate(schedule.timesteps)}
+    calls: list[int] = []
+
+    def pcm(x, t, c, slot_path):
+        for row in range(x.shape[0]):
+            j, s = slot_of[int(t[row])], int(c[row, 0])
+            assert torch.equal(slot_path[row], path[j, s]), (j, s)
+        calls.append(x.shape[0])
+        return SmallNet(seed=5)(x, t, c) + 0.1 * slot_path
+
+    reference, _ = sequential_sample(base, schedule, noise, cond)
+    x, stats = pcm_sample(base, pcm, schedule, noise, cond, window=4, tol=1e-6, update=update,
+                          switch_rounds=2, pcm_sees_noise=True)
+    assert calls and stats["converged"]
+    assert (x - reference).abs().max() <= 1e-5
