@@ -170,7 +170,7 @@ def test_multirun_over_two_samplers_writes_one_summary(tiny_checkpoint: Path, tm
     [
         (("checkpoint={tmp}/missing.ckpt",), "config error: checkpoint not found: {tmp}/missing"),
         (("sampler=nope",), "config error: unknown sampler 'nope'; available samplers: ddim, "
-                            "pcm, picard, picard_ddim, sequential"),
+                            "pcm, pcm_ddpm, picard, picard_ddim, sequential"),
         (("checkpoint={ckpt}", "env=pusht_image"),
          "config error: env pusht_image does not fit the policy in {ckpt}: the env observes"),
     ],
