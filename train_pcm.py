@@ -58,7 +58,7 @@ from policy.checkpoint import (
 from policy.data import SequenceDataset
 from policy.diffusion_policy import DiffusionPolicy
 from policy.ema import EMA
-from policy.pcm import build_pcm
+from policy.pcm import build_pcm, complete_config
 from policy.pcm_training import PCMObjective, TrajectoryDataset, collect_trajectories
 
 LossFn = Callable[[DiffusionPolicy, Mapping[str, Any]], torch.Tensor]
@@ -311,7 +311,8 @@ def init_pcm_from(pcm: torch.nn.Module, path: str) -> None:
         raise ConfigError(f"pcm.init: {e}") from e
     if init is None:
         raise ConfigError(f"pcm.init {path} holds no PCM")
-    differ = sorted(k for k in pcm.config if init["config"].get(k) != pcm.config[k])
+    stored = complete_config(init["config"])
+    differ = sorted(k for k in pcm.config if stored.get(k) != pcm.config[k])
     if not differ:
         pcm.load_state_dict(init["ema"])
     elif set(differ) <= set(TRUNK_SETTINGS):

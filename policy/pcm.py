@@ -23,6 +23,7 @@ change, so the head moves x0 directly. At initialisation phi equals the base exa
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -180,6 +181,17 @@ class PicardConsistencyModel(nn.Module):
     def num_stored_parameters(self) -> int:
         """Parameters a checkpoint stores for this PCM (the frozen base is not among them)."""
         return sum(p.numel() for p in self.parameters())
+
+
+def complete_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A stored PCM config with the settings it predates (e.g. `sees_noise` in checkpoints from
+    before it existed) filled in with their defaults, so configs of any age compare equal."""
+    defaults = {
+        name: param.default
+        for name, param in inspect.signature(PicardConsistencyModel.__init__).parameters.items()
+        if param.default is not inspect.Parameter.empty
+    }
+    return {**defaults, **config}
 
 
 def build_pcm(policy: nn.Module, **config: Any) -> PicardConsistencyModel:

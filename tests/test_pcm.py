@@ -395,6 +395,11 @@ def test_pcm_init_reuses_a_trained_head_for_another_trunk(
     for key, value in policy.pcm.head.state_dict().items():
         torch.testing.assert_close(value, trained[f"head.{key}"], rtol=0, atol=0, msg=key)
     assert all(b.abs().sum() == 0 for b in policy.pcm.lora.B.values())  # a fresh, zero LoRA
+    older = load_checkpoint(head_ckpt)  # a PCM saved before `sees_noise` existed
+    del older["pcm"]["config"]["sees_noise"]
+    torch.save(older, tmp_path / "older.ckpt")
+    train_pcm.build_policy(make_cfg(*pcm_overrides(base_checkpoint, tmp_path),
+                                    f"pcm.init={tmp_path}/older.ckpt", "pcm.model.finetune=lora"))
     with pytest.raises(train_pcm.ConfigError, match="pcm.init: checkpoint not found"):
         train_pcm.build_policy(make_cfg(*pcm_overrides(base_checkpoint, tmp_path),
                                         f"pcm.init={tmp_path}/missing.ckpt"))
