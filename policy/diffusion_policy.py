@@ -161,8 +161,6 @@ class DiffusionPolicy(nn.Module):
         noise-aware PCM (`pcm_sees_noise`) also takes the slots' noise path (N, H, Da)."""
         if self.pcm is None:
             raise ValueError("this policy has no PCM attached (attach_pcm, or a PCM checkpoint)")
-        if noise_path is None:
-            return self.pcm(self.model, x, t, cond)
         return self.pcm(self.model, x, t, cond, noise_path)
 
     @property

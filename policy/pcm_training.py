@@ -180,6 +180,9 @@ class PCMObjective:
         target = batch["fixed_point"].transpose(0, 1)
         cond = batch["cond"]
         x = noise[:1].expand_as(noise).clone()  # X^0: the cold start, every slot x_T
+        path = None  # the consistency loss calls the PCM itself; pcm_sample makes its own path
+        if policy.pcm_sees_noise and self.objective == "consistency":
+            path = noise_path(self.schedule, noise)
         losses = []
         for k in range(self.switch_rounds):
             lam = float(switch_weight(torch.tensor(k), self.switch_rounds))
@@ -190,7 +193,6 @@ class PCMObjective:
                 new = self._round(policy, denoiser, noise, cond, x)
                 losses.append(self.landing_loss(new, target))
             else:
-                path = noise_path(self.schedule, noise) if policy.pcm_sees_noise else None
                 losses.append(self.consistency_loss(denoiser, x, cond, target[-1], path))
                 new = None
                 if own_next:
