@@ -199,6 +199,19 @@ def test_noise_aware_pcm_lands_closer_than_a_naive_one_on_stochastic_ddpm() -> N
         policy.pcm_denoiser(noise[0], torch.zeros(64, dtype=torch.long), test["cond"])
 
 
+@pytest.mark.parametrize("objective", ["consistency", "landing"])
+def test_both_objectives_hand_a_noise_aware_pcm_its_path(objective: str) -> None:
+    """With sees_noise every PCM call of either loss gets the noise path (a call without it is
+    an error), over K_s=2 on-policy rounds, and the gradient reaches the head."""
+    policy = gaussian_policy()
+    schedule = DDPMSchedule(num_train_timesteps=100, num_inference_steps=6)
+    policy.attach_pcm(build_pcm(policy, head_down_dims=[8, 16], head_n_groups=4,
+                                head_step_embed_dim=8, sees_noise=True))
+    batch = gaussian_chunks(policy, schedule, 4, seed=4)
+    PCMObjective(schedule, objective=objective, switch_rounds=2)(policy, batch).backward()
+    assert policy.pcm.head.final[-1].weight.grad.abs().sum() > 0
+
+
 def test_landing_loss_is_zero_when_the_round_lands_on_the_fixed_point() -> None:
     """Objective (a) from the fixed point itself with the base model: Picard's update keeps X*."""
     policy = gaussian_policy()
