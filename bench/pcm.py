@@ -35,13 +35,15 @@ from picard_sampler import (
     DDIMSchedule,
     DDPMSchedule,
     Schedule,
+    exact_errors,
     pcm_sample,
+    percentile,
     picard_sample,
     sequential_sample,
 )
 from picard_sampler.runinfo import run_info
 from policy.checkpoint import load_checkpoint, load_policy
-from policy.data import SequenceDataset
+from policy.data import windows_from_config
 
 BUDGETS = (1, 2, 3, 5, 8, 12)
 THRESHOLDS = (1e-2, 5e-2)
@@ -58,12 +60,9 @@ def held_out_chunks(checkpoint: str, n_chunks: int, seed: int) -> tuple[Any, dic
     policy = load_policy(checkpoint)
     cfg = load_checkpoint(checkpoint)["config"]
     data = cfg["data"]
-    windows = SequenceDataset(
-        data["path"], obs_keys=data["obs_keys"], action_key=data["action_key"],
-        horizon=policy.horizon, n_obs_steps=policy.n_obs_steps,
-        n_action_steps=policy.n_action_steps, val_ratio=data["val_ratio"], seed=cfg["seed"],
-        split="train",
-    ).get_validation_dataset()
+    windows = windows_from_config(
+        data, policy.horizon, policy.n_obs_steps, policy.n_action_steps, cfg["seed"], "val"
+    )
     ta = policy.n_action_steps
     # Window i - Ta is the same episode's previous chunk iff its actions [Ta:] are i's [:H-Ta].
     same = [
@@ -88,17 +87,6 @@ def base_of(policy: Any, other: Any, label: str) -> None:
     mine, theirs = policy.model.state_dict(), other.model.state_dict()
     if any(not torch.equal(mine[k], theirs[k]) for k in mine):
         raise ValueError(f"PCM {label} was trained on another base policy than --checkpoint")
-
-
-def chunk_errors(x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """exact_err of each chunk: max |x - reference| over (H, Da)."""
-    return (x - reference).abs().flatten(1).amax(1)
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile."""
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
 def rounds_to_err(mean_err: list[float], threshold: float) -> tuple[int | None, float | None]:
@@ -141,7 +129,7 @@ def budget_curve(sampler, schedule, noise, cond, reference, max_rounds, init=Non
     per_round: list[torch.Tensor] = []
     run_sampler(
         sampler, schedule, noise, cond, tol=0.0, max_rounds=max_rounds, init=init,
-        callback=lambda info: per_round.append(chunk_errors(info["x"], reference)),
+        callback=lambda info: per_round.append(exact_errors(info["x"], reference)),
     )
     while len(per_round) < max_rounds:  # every chunk converged exactly: the error stays
         per_round.append(per_round[-1])
@@ -157,16 +145,16 @@ def stopping_row(sampler, schedule, noise, cond, reference, tol) -> dict:
     """Rounds and exact_err under the stopping rule at `tol`."""
     start = time.perf_counter()
     x, stats = run_sampler(sampler, schedule, noise, cond, tol=tol)
-    errs = chunk_errors(x, reference).tolist()
-    rounds = [float(r) for r in stats["rounds_per_sample"]]
+    errs = exact_errors(x, reference).tolist()
+    rounds = [float(r) for r in stats.rounds_per_sample]
     return {
         "tol": tol,
         "rounds": statistics.mean(rounds),
         "rounds_p95": percentile(rounds, 95),
-        "nfe": stats["nfe"],
+        "nfe": stats.nfe,
         "exact_err": max(errs),
         "exact_err_mean": statistics.mean(errs),
-        "converged": stats["converged"],
+        "converged": stats.converged,
         "wall_s": time.perf_counter() - start,
     }
 

@@ -1,10 +1,10 @@
 """Real-time control benchmark: which sampler keeps up with which control rate, and at what score.
 
-For every sampler and control rate, eval_policy runs the shipped policy in real-time mode (one
-env, envs.realtime on the simulated clock: inference latency is measured on this machine and
-decides the tick at which each chunk takes over; a late chunk leaves the robot holding its last
-action) and records mean_score, success_rate, deadline_miss_rate, anytime_rate, held_step_rate,
-rounds, latency percentiles and exact_err. The summary gives, per sampler, the highest tested
+For every sampler and control rate, app.evaluation (eval_policy.py's job) runs the shipped
+policy in real-time mode (one env, envs.realtime on the simulated clock: inference latency is
+measured on this machine and decides the tick at which each chunk takes over; a late chunk
+leaves the robot holding its last action) and records mean_score, success_rate,
+deadline_miss_rate, anytime_rate, held_step_rate, rounds, latency percentiles and exact_err. The summary gives, per sampler, the highest tested
 rate it sustains with deadline_miss_rate < 1%.
 
     python bench/realtime.py --out bench/results/realtime.json [--quick] [--episodes 10]
@@ -20,18 +20,21 @@ from typing import Any
 
 from hydra import compose, initialize_config_dir
 
-import eval_policy
+from app.config import CONF_DIR
+from app.evaluation import run_eval
 
 PCM_CHECKPOINT = "checkpoints/pusht_lowdim/pcm.ckpt"  # the shipped PCM of the shipped policy
 SAMPLERS: dict[str, list[str]] = {
-    "sequential DDPM-100": ["sampler=sequential"],
-    "sequential DDIM-16": ["sampler=ddim"],
-    "picard DDPM-100 w16": ["sampler=picard"],
-    "picard DDPM-100 w16 shift": ["sampler=picard", "warm_start=shift"],
-    "picard DDIM-16": ["sampler=picard_ddim"],
-    "picard DDIM-16 shift": ["sampler=picard_ddim", "warm_start=shift"],
-    "pcm DDIM-16": ["sampler=pcm", f"checkpoint={PCM_CHECKPOINT}"],
-    "pcm DDIM-16 shift": ["sampler=pcm", f"checkpoint={PCM_CHECKPOINT}", "warm_start=shift"],
+    "sequential DDPM-100": ["sampler=sequential_ddpm100"],
+    "sequential DDIM-16": ["sampler=sequential_ddim16"],
+    "picard DDPM-100 w16": ["sampler=picard_ddpm100"],
+    "picard DDPM-100 w16 shift": ["sampler=picard_ddpm100", "warm_start=shift"],
+    "picard DDIM-16": ["sampler=picard_ddim16"],
+    "picard DDIM-16 shift": ["sampler=picard_ddim16", "warm_start=shift"],
+    "pcm DDIM-16": ["sampler=pcm_ddim16", f"checkpoint={PCM_CHECKPOINT}"],
+    "pcm DDIM-16 shift": [
+        "sampler=pcm_ddim16", f"checkpoint={PCM_CHECKPOINT}", "warm_start=shift"
+    ],
 }
 ROW_METRICS = (
     "mean_score", "success_rate", "deadline_miss_rate", "anytime_rate", "held_step_rate",
@@ -42,10 +45,10 @@ MISS_THRESHOLD = 0.01
 
 
 def run_cell(overrides: list[str], out_dir: Path) -> dict[str, Any]:
-    """One eval_policy run with `overrides`; its results record."""
-    with initialize_config_dir(config_dir=str(eval_policy.CONF_DIR), version_base="1.3"):
+    """One eval run (app.evaluation.run_eval) with `overrides`; its results record."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("eval", overrides=overrides)
-    return eval_policy.run(cfg, out_dir, overrides)
+    return run_eval(cfg, out_dir, overrides)
 
 
 def sustained_rates(rows: list[dict[str, Any]], exact: bool = False) -> dict[str, float | None]:

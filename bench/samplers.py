@@ -25,7 +25,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from picard_sampler import DDIMSchedule, DDPMSchedule, Schedule, picard_sample, sequential_sample
+from picard_sampler import (
+    DDIMSchedule,
+    DDPMSchedule,
+    Schedule,
+    exact_errors,
+    percentile,
+    picard_sample,
+    sequential_sample,
+)
 from picard_sampler.runinfo import run_info
 
 H, DA = 16, 2
@@ -43,19 +51,14 @@ def build_denoiser(checkpoint: str | None, seed: int = 0):
     """
     if checkpoint is not None:
         from policy.checkpoint import load_checkpoint, load_policy
-        from policy.data import SequenceDataset
+        from policy.data import windows_from_config
 
         policy = load_policy(checkpoint)
         saved = load_checkpoint(checkpoint)
         data_cfg = saved["config"]["data"]
-        windows = SequenceDataset(
-            data_cfg["path"],
-            obs_keys=data_cfg["obs_keys"],
-            horizon=policy.horizon,
-            n_obs_steps=policy.n_obs_steps,
-            n_action_steps=policy.n_action_steps,
-            val_ratio=0.0,
-            split="train",
+        windows = windows_from_config(  # every episode: no validation split here
+            {**data_cfg, "val_ratio": 0.0, "max_train_episodes": None}, policy.horizon,
+            policy.n_obs_steps, policy.n_action_steps, seed=42,
         )
         rng = np.random.default_rng(seed)
         picks = rng.choice(len(windows) - 1, size=256, replace=False)
@@ -107,11 +110,6 @@ def chunk_inputs(schedule: Schedule, batch: int, conds, index: int):
     return conds[0][rows], noise, conds[1][rows]
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
-
-
 @torch.no_grad()
 def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
@@ -148,9 +146,9 @@ def run(args: argparse.Namespace) -> dict:
                 "tol": None,
                 "batch": batch,
                 "warm": False,
-                "rounds": float(stats["rounds"]),
-                "rounds_p95": float(stats["rounds"]),
-                "nfe": stats["nfe"],
+                "rounds": float(stats.rounds),
+                "rounds_p95": float(stats.rounds),
+                "nfe": stats.nfe,
                 "ms_per_chunk": 1e3 * statistics.median(times[1:] or times),
                 "exact_err": 0.0,
                 "exact_err_mean": 0.0,
@@ -191,10 +189,10 @@ def run(args: argparse.Namespace) -> dict:
                 init=warm_init if warm else None,
             )
             times.append(time.perf_counter() - start)
-            rounds.append(stats["rounds"])
-            nfe.append(stats["nfe"])
-            errs.append((x - reference).abs().max().item())
-            mean_errs.append((x - reference).abs().mean().item())
+            rounds.append(stats.rounds)
+            nfe.append(stats.nfe)
+            errs.append(exact_errors(x, reference).max().item())
+            mean_errs.append(exact_errors(x, reference).mean().item())
         rows.append(
             {
                 "sampler": "picard",
@@ -301,7 +299,7 @@ def anytime_curves(
 def summary_table(result: dict) -> str:
     """Markdown: one row per Picard setting with rounds, ms per chunk and speed-up over the
     sequential sampler of the same schedule and batch, cold / warm, for each batch size."""
-    from eval_policy import markdown_table
+    from app.report import markdown_table
 
     picard = {_row_key(r): r for r in result["rows"] if r["sampler"] == "picard"}
     sequential = {(r["schedule"], r["batch"]): r["ms_per_chunk"]

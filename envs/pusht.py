@@ -1,6 +1,6 @@
 """PushT: push a T-shaped block onto a fixed goal pose with a round agent (DP/IBC dynamics).
 
-Reproduces Diffusion Policy's ``PushTEnv`` on pymunk 7, quirks included (DESIGN.md §6), because
+Reproduces Diffusion Policy's ``PushTEnv`` on pymunk 7, quirks included (docs/design.md §6), because
 every published PushT number was measured with them:
 
 - contacts are frictionless: DP sets ``friction = 1`` on the bodies, which pymunk ignores;

@@ -1,4 +1,4 @@
-"""Scripted PushT expert with privileged state (DESIGN.md §6): plan a push in a model, do it.
+"""Scripted PushT expert with privileged state (docs/design.md §6): plan a push in a model, do it.
 
 Each plan pre-scores every contact point on the T's outline (7.5 px apart) x a few push depths
 by simulating the push alone in a freshly built pymunk model: the agent starts at rest at the

@@ -20,23 +20,25 @@ Two clocks, one schedule:
   of the wall clock (``sleep``), and a chunk is ready at the first tick at which its thread has
   finished.
 
-Diffusion-agnostic: `chunk_fn(obs, budget_s) -> (chunks (B, H, Da), record)` is any chunking
+Diffusion-agnostic: `chunk_fn(obs, budget_s) -> (chunks (B, H, Da), info)` is any chunking
 policy; `budget_s` is the time it may take (an anytime sampler stops there, others ignore it).
-`record` may hold `converged` (bool or per-row list) to count anytime deliveries.
+`info` is kept as it is in each `ChunkRequest.chunk`; its `converged` (an attribute or a mapping
+key: a bool or per-row list) counts anytime deliveries, its `latency_ms` replaces the
+controller's own measurement. The schedule is docs/design.md §8.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from envs.rollout import scalars
+from envs.rollout import record_dict
 
 ChunkFn = Callable[[Any, float | None], tuple[np.ndarray, dict[str, Any]]]
 CLOCKS = ("simulated", "wall")
@@ -47,25 +49,73 @@ def max_lead_steps(horizon: int, n_obs_steps: int, n_action_steps: int) -> int:
     return horizon - n_obs_steps + 1 - n_action_steps
 
 
+def _info_field(info: Any, name: str, default: Any) -> Any:
+    """`name` of a chunk_fn's info: a mapping key or an attribute."""
+    if isinstance(info, Mapping):
+        return info.get(name, default)
+    return getattr(info, name, default)
+
+
+@dataclass
+class ChunkRequest:
+    """One chunk request as the robot saw it: asked at `request_tick`, ready at `ready_tick`
+    (None: never delivered), `late` (after its due tick), `anytime` (on time but unconverged),
+    `startup` (an episode's awaited first chunk, outside the deadline), chunk_fn's `latency_ms`
+    and `converged`, and its info as `chunk`."""
+
+    request_tick: int
+    latency_ms: float = 0.0
+    converged: bool = True
+    chunk: Any = None
+    ready_tick: int | None = None
+    late: bool = False
+    anytime: bool = False
+    delivered: bool = True
+    startup: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat JSON-able fields: the chunk info's scalars, then the request's own."""
+        own = {k: getattr(self, k) for k in (
+            "latency_ms", "request_tick", "converged", "ready_tick", "late", "anytime",
+            "delivered", "startup")}
+        return {**record_dict(self.chunk), **own}
+
+
+@dataclass
+class ControlStep:
+    """One controller call (Ta ticks): `held_steps` ticks held the last action, whether a
+    request was skipped (the worker still busy), and the request delivered in it, if any."""
+
+    ticks: int
+    held_steps: int = 0
+    skipped_request: bool = False
+    delivered: ChunkRequest | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat JSON-able fields (the delivered request's first)."""
+        delivered = self.delivered.to_dict() if self.delivered is not None else {}
+        return {**delivered, "ticks": self.ticks, "held_steps": self.held_steps,
+                "skipped_request": self.skipped_request}
+
+
 @dataclass
 class _Request:
-    """One chunk request: when it was made, and (once known) when it was ready and what it said."""
+    """A request in flight: its record, the future (wall clock) and the chunks once ready."""
 
-    tick: int
+    record: ChunkRequest
     future: Future | None = None
     chunks: np.ndarray | None = None
-    record: dict[str, Any] = field(default_factory=dict)
-    ready_tick: int | None = None
+
+    @property
+    def tick(self) -> int:
+        return self.record.request_tick
 
 
 class RealtimeController:
     """Runs one robot's control loop on a clock; see the module docstring for the schedule.
 
-    Per request it records `request_tick`, `latency_ms` (chunk_fn's own `latency_ms` when it
-    reports one, else the controller's measurement), `ready_tick`, `late` (ready after its due
-    tick), `anytime` (on time but unconverged) plus chunk_fn's scalars; per call `held_steps`
-    (ticks the robot held its last action) and `ticks`. Call `close()` (or use it as a context
-    manager) to stop the worker thread.
+    `requests` holds one ChunkRequest per request; each call returns a ControlStep as its
+    record. Call `close()` (or use it as a context manager) to stop the worker thread.
     """
 
     def __init__(
@@ -106,7 +156,7 @@ class RealtimeController:
         self.clock_mode = clock_mode
         self.clock = clock
         self.sleep = sleep
-        self.requests: list[dict[str, Any]] = []
+        self.requests: list[ChunkRequest] = []
         self._executor: ThreadPoolExecutor | None = None
         self._start_episode()
 
@@ -128,14 +178,16 @@ class RealtimeController:
                 chunks, record, latency_s = pending.future.result()
                 self._finish(pending, chunks, record, latency_s)
             if self.tick > pending.tick + self.lead_steps:
-                pending.record.update(late=True, anytime=False, delivered=False, ready_tick=None)
-                self.requests.append(pending.record)
+                record = pending.record
+                record.late, record.anytime, record.delivered = True, False, False
+                record.ready_tick = None
+                self.requests.append(record)
         self._start_episode()
 
     # ------------------------------------------------------------------------------ chunks
-    def _run_chunk(self, obs: Any, budget_s: float | None) -> tuple[np.ndarray, dict, float]:
+    def _run_chunk(self, obs: Any, budget_s: float | None) -> tuple[np.ndarray, Any, float]:
         start = self.clock()
-        chunks, record = self.chunk_fn(obs, budget_s)
+        chunks, info = self.chunk_fn(obs, budget_s)
         latency_s = self.clock() - start
         chunks = np.asarray(chunks)
         expected = (self.horizon,)
@@ -144,54 +196,47 @@ class RealtimeController:
                 f"chunk_fn must return chunks of shape (B, {self.horizon}, Da); "
                 f"got {chunks.shape}"
             )
-        return chunks, dict(record), latency_s
+        return chunks, info, latency_s
 
     def _submit(self, obs: Any) -> _Request:
-        request = _Request(tick=self.tick)
+        request = _Request(ChunkRequest(request_tick=self.tick))
         if self.clock_mode == "wall":
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chunk")
             request.future = self._executor.submit(self._run_chunk, obs, self.budget_s)
         else:
             self._finish(request, *self._run_chunk(obs, self.budget_s))
-            latency_s = request.record["latency_ms"] / 1e3
+            latency_s = request.record.latency_ms / 1e3
             ticks = max(1, math.ceil(latency_s * self.control_hz - 1e-9))
-            request.ready_tick = request.tick + ticks
+            request.record.ready_tick = request.tick + ticks
         return request
 
-    def _finish(
-        self, request: _Request, chunks: np.ndarray, record: dict, latency_s: float
-    ) -> None:
+    def _finish(self, request: _Request, chunks: np.ndarray, info: Any, latency_s: float) -> None:
         request.chunks = chunks
-        request.record = {
-            **scalars(record),
-            "latency_ms": float(record.get("latency_ms", latency_s * 1e3)),
-            "request_tick": request.tick,
-            "converged": _all_converged(record),
-        }
+        record = request.record
+        record.chunk = info
+        record.latency_ms = float(_info_field(info, "latency_ms", latency_s * 1e3))
+        record.converged = _all_converged(_info_field(info, "converged", True))
 
     def _ready_at(self, request: _Request, tick: int) -> bool:
         """Whether `request`'s chunk can drive tick `tick` (never the tick it was asked at)."""
         if tick <= request.tick:
             return False
-        if request.ready_tick is not None:
-            return request.ready_tick <= tick
+        if request.record.ready_tick is not None:
+            return request.record.ready_tick <= tick
         if request.future is not None and request.future.done():
             self._finish(request, *request.future.result())
-            request.ready_tick = tick
+            request.record.ready_tick = tick
             return True
         return False
 
-    def _deliver(self, request: _Request) -> dict[str, Any]:
-        late = request.ready_tick > request.tick + self.lead_steps
-        request.record.update(
-            ready_tick=request.ready_tick,
-            late=bool(late),
-            anytime=bool(not late and not request.record["converged"]),
-        )
-        self.requests.append(request.record)
+    def _deliver(self, request: _Request) -> ChunkRequest:
+        record = request.record
+        record.late = bool(record.ready_tick > request.tick + self.lead_steps)
+        record.anytime = bool(not record.late and not record.converged)
+        self.requests.append(record)
         self._current = request
-        return request.record
+        return record
 
     # ------------------------------------------------------------------------------- ticks
     def _wait_for_tick(self, tick: int) -> None:
@@ -201,26 +246,25 @@ class RealtimeController:
         if delay > 0:
             self.sleep(delay)
 
-    def __call__(self, obs: Any) -> tuple[np.ndarray, dict[str, Any]]:
+    def __call__(self, obs: Any) -> tuple[np.ndarray, ControlStep]:
         """Actions (B, Ta, Da) for the next Ta ticks from the observation at the current tick."""
-        record: dict[str, Any] = {"ticks": self.n_action_steps}
+        record = ControlStep(ticks=self.n_action_steps)
         if self._current is None:  # episode start: await the first chunk, then start the clock
-            first = _Request(tick=self.tick)
+            first = _Request(ChunkRequest(request_tick=self.tick, startup=True))
             self._finish(first, *self._run_chunk(obs, None))
-            first.ready_tick = self.tick
-            first.record["startup"] = True
-            record.update(self._deliver(first))
+            first.record.ready_tick = self.tick
+            record.delivered = self._deliver(first)
             self._t0 = self.clock() - self.tick / self.control_hz
         elif self._pending is None:  # the worker is free: ask for the next chunk now
             self._pending = self._submit(obs)
         else:
-            record["skipped_request"] = True  # still computing an older request
+            record.skipped_request = True  # still computing an older request
 
         actions, held = [], 0
         for tick in range(self.tick, self.tick + self.n_action_steps):
             self._wait_for_tick(tick)
             if self._pending is not None and self._ready_at(self._pending, tick):
-                record.update(self._deliver(self._pending))
+                record.delivered = self._deliver(self._pending)
                 self._pending = None
             index = tick - self._current.tick + self.n_obs_steps - 1
             if index < self.horizon:
@@ -229,7 +273,7 @@ class RealtimeController:
                 held += 1
             actions.append(self._last_action)
         self.tick += self.n_action_steps
-        record["held_steps"] = held
+        record.held_steps = held
         return np.stack(actions, axis=1), record
 
     # ----------------------------------------------------------------------------- cleanup
@@ -246,28 +290,28 @@ class RealtimeController:
         self.close()
 
 
-def _all_converged(record: dict[str, Any]) -> bool:
-    """chunk_fn's `converged` (a bool or per-row list) as one bool; True when not reported."""
-    value = record.get("converged", True)
+def _all_converged(value: Any) -> bool:
+    """chunk_fn's `converged` (a bool or per-row list) as one bool."""
     if isinstance(value, list | tuple | np.ndarray):
         return bool(np.all(value))
     return bool(value)
 
 
-def timed_requests(requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def timed_requests(requests: list[ChunkRequest]) -> list[ChunkRequest]:
     """The requests made under a deadline: all but each episode's awaited first chunk."""
-    return [r for r in requests if not r.get("startup")]
+    return [r for r in requests if not r.startup]
 
 
-def summarize_realtime(calls: list[dict[str, Any]], requests: list[dict[str, Any]]) -> dict:
-    """deadline_miss_rate (late or never delivered), anytime_rate (on time but unconverged), both
-    over timed requests; held_step_rate (held ticks / ticks), skipped_requests."""
+def summarize_realtime(steps: list[ControlStep], requests: list[ChunkRequest]) -> dict:
+    """The real-time metrics of docs/design.md §5: deadline_miss_rate (late or never delivered)
+    and anytime_rate (on time but unconverged) over timed requests; held_step_rate (held ticks /
+    ticks) over the controller's steps; skipped_requests."""
     timed = timed_requests(requests)
-    ticks = sum(c.get("ticks", 0) for c in calls)
+    ticks = sum(s.ticks for s in steps)
     return {
-        "deadline_miss_rate": float(np.mean([r["late"] for r in timed])) if timed else None,
-        "anytime_rate": float(np.mean([r["anytime"] for r in timed])) if timed else None,
-        "held_step_rate": sum(c.get("held_steps", 0) for c in calls) / ticks if ticks else None,
-        "skipped_requests": sum(bool(c.get("skipped_request")) for c in calls),
+        "deadline_miss_rate": float(np.mean([r.late for r in timed])) if timed else None,
+        "anytime_rate": float(np.mean([r.anytime for r in timed])) if timed else None,
+        "held_step_rate": sum(s.held_steps for s in steps) / ticks if ticks else None,
+        "skipped_requests": sum(s.skipped_request for s in steps),
         "n_timed_requests": len(timed),
     }

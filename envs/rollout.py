@@ -111,21 +111,31 @@ class MultiStepWrapper(gym.Wrapper):
 
 
 @dataclass
+class PolicyCall:
+    """One policy call of a rollout: its wall time and the record the policy returned."""
+
+    wall_s: float
+    record: Any
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat JSON-able fields: the record's scalars, then wall_s."""
+        return {**record_dict(self.record), "wall_s": self.wall_s}
+
+
+@dataclass
 class RolloutResult:
-    """Per-episode records (ordered by episode), aggregate metrics, per-call policy stats."""
+    """Per-episode records (ordered by episode), episode metrics, one PolicyCall per call."""
 
     episodes: list[dict[str, Any]]
     metrics: dict[str, float]
-    policy_calls: list[dict[str, Any]] = field(default_factory=list)
+    policy_calls: list[PolicyCall] = field(default_factory=list)
     frames: list[np.ndarray] = field(default_factory=list)
     interrupted: bool = False  # Ctrl-C: `episodes` holds the episodes that finished before it
-    requests: list[dict[str, Any]] = field(default_factory=list)  # real-time chunk requests
-    realtime: dict[str, Any] | None = None  # real-time settings, when the rollout used them
 
 
 def summarize(episodes: Sequence[dict[str, Any]]) -> dict[str, float]:
-    """mean_score (mean of per-episode max reward), success_rate, n_episodes, mean_steps (None
-    when no episode finished)."""
+    """The episode metrics of docs/design.md §5: mean_score (mean of per-episode max reward),
+    success_rate, mean_steps and n_episodes (None when no episode finished)."""
     if not episodes:
         return {"mean_score": None, "success_rate": None, "mean_steps": None, "n_episodes": 0}
     return {
@@ -167,6 +177,16 @@ def scalars(stats: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in stats.items() if isinstance(v, bool | int | float | np.number)}
 
 
+def record_dict(record: Any) -> dict[str, Any]:
+    """A policy's record as flat JSON-able scalars: a mapping, or an object with `to_dict()`
+    (a typed record); anything else gives {}."""
+    if record is None:
+        return {}
+    if hasattr(record, "to_dict"):
+        record = record.to_dict()
+    return scalars(dict(record)) if isinstance(record, dict) else {}
+
+
 def _notify(on_reset: ResetHook | None, env_index: int, seed: int | None) -> None:
     """Tell the policy (if it asked) that env `env_index` started episode `seed` or went idle."""
     if on_reset is not None:
@@ -189,9 +209,10 @@ def rollout(
 ) -> RolloutResult:
     """Run `n_episodes` episodes (seeds seed_start + i) on min(n_envs, n_episodes) envs.
 
-    `policy_fn(obs (B, To, ...) or {key: (B, To, ...)}) -> (actions (B, Ta, Da), stats)` is
-    called once per chunk for the whole batch. Each record holds seed, episode, max_reward,
-    success, n_steps, terminated, truncated and final_coverage when the env reports `coverage`.
+    `policy_fn(obs (B, To, ...) or {key: (B, To, ...)}) -> (actions (B, Ta, Da), record)` is
+    called once per chunk for the whole batch; each call's record is kept in a PolicyCall.
+    Each episode record holds seed, episode, max_reward, success, n_steps, terminated,
+    truncated and final_coverage when the env reports `coverage`.
     `record_frames` keeps the rendered frames of episode 0 (make_env must create envs with
     render_mode="rgb_array"). `on_reset(env_index, seed)` is called whenever an env starts an
     episode, before the policy sees its first observation, and `on_reset(env_index, None)` when
@@ -210,7 +231,7 @@ def rollout(
          "n_steps": 0}
         for i in range(n_episodes)
     ]
-    calls: list[dict[str, Any]] = []
+    calls: list[PolicyCall] = []
     frames: list[np.ndarray] = []
     next_episode = n_envs
     interrupted = False
@@ -226,8 +247,8 @@ def rollout(
             frames += info["frames"][0]
         while any(e is not None for e in slot_episode):
             start = time.perf_counter()
-            actions, stats = policy_fn(obs)
-            calls.append({"wall_s": time.perf_counter() - start, **scalars(stats)})
+            actions, record = policy_fn(obs)
+            calls.append(PolicyCall(time.perf_counter() - start, record))
             obs, reward, terminated, truncated, info = envs.step(np.asarray(actions))
             new_seeds: dict[int, int] = {}
             idle: list[int] = []

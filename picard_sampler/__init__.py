@@ -4,26 +4,42 @@ Knows nothing about robots or configs: a denoiser callable, a schedule and pre-d
 a sample and its statistics out.
 """
 
+from picard_sampler.metrics import exact_errors, percentile
 from picard_sampler.samplers import (
     SAMPLER_METHODS,
     UPDATES,
     Sampler,
+    SampleStats,
     noise_path,
     pcm_sample,
     picard_sample,
     sequential_sample,
     switch_weight,
 )
-from picard_sampler.schedules import DDIMSchedule, DDPMSchedule, Schedule, make_betas
+from picard_sampler.schedules import (
+    SCHEDULES,
+    TRAINING_SETTINGS,
+    DDIMSchedule,
+    DDPMSchedule,
+    Schedule,
+    make_betas,
+    schedule_like,
+)
 
 __all__ = [
     "DDIMSchedule",
     "DDPMSchedule",
     "SAMPLER_METHODS",
+    "SCHEDULES",
+    "TRAINING_SETTINGS",
     "UPDATES",
+    "SampleStats",
     "Sampler",
     "Schedule",
+    "exact_errors",
     "make_betas",
+    "percentile",
+    "schedule_like",
     "noise_path",
     "pcm_sample",
     "picard_sample",

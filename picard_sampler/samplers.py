@@ -2,20 +2,21 @@
 
 Every sampler is a deterministic function of ``(denoiser, schedule, noise, cond)``: all noise is
 drawn up front, ``noise`` of shape ``(T+1, B, H, D)`` with ``noise[0] = x_T`` and ``noise[i+1]``
-the noise of step ``i`` (DESIGN.md §4). So sequential, Picard and PCM can be compared sample for
-sample, and Picard's fixed point IS the sequential sample.
+the noise of step ``i`` (docs/design.md §4.1). So sequential, Picard and PCM can be compared
+sample for sample, and Picard's fixed point IS the sequential sample.
 
 ``denoiser(x[N, H, D], t[N] long, cond[N, ...] | None) -> model_out[N, H, D]`` where ``t`` holds
 training timesteps (the values diffusers passes). Samplers return ``(x, stats)``: ``x`` the
-``(B, H, D)`` sample (``X[T]``) and ``stats`` a dict with ``rounds``, ``nfe``, ``converged``,
-``wall_s`` and the final ``trajectory`` ``(T+1, B, H, D)`` (reusable as a warm start ``init``).
+``(B, H, D)`` sample (``X[T]``) and ``stats`` a ``SampleStats`` record (rounds, NFE, convergence
+per sample, wall time and the final ``trajectory`` ``(T+1, B, H, D)``, reusable as a warm start
+``init``). The maths is in docs/design.md §4.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -26,6 +27,49 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 Callback = Callable[[dict[str, Any]], None]
 Update = Literal["scan", "drift"]
 UPDATES = ("scan", "drift")
+
+
+@dataclass
+class SampleStats:
+    """What one sampler call did, for a batch of B samples (the one record every layer uses).
+
+    ``rounds``: sequential batched denoiser calls (T for the sequential sampler); ``nfe_total``:
+    denoiser evaluations summed over samples and slots; ``rounds_per_sample`` /
+    ``converged_per_sample``: per sample (an anytime stop leaves some unconverged);
+    ``wall_s``: wall time of the call; ``trajectory``: the final ``(T+1, B, H, D)`` iterate.
+    """
+
+    rounds: int
+    nfe_total: int
+    rounds_per_sample: list[int]
+    converged_per_sample: list[bool]
+    wall_s: float
+    trajectory: torch.Tensor
+
+    @property
+    def batch(self) -> int:
+        """Number of samples B."""
+        return len(self.converged_per_sample)
+
+    @property
+    def nfe(self) -> float:
+        """Denoiser evaluations per sample."""
+        return self.nfe_total / self.batch if self.batch else 0.0
+
+    @property
+    def n_converged(self) -> int:
+        """Samples that passed the stopping rule (all of them for the sequential sampler)."""
+        return sum(self.converged_per_sample)
+
+    @property
+    def converged(self) -> bool:
+        """Whether every sample converged: the result is then the sequential sample."""
+        return all(self.converged_per_sample)
+
+    @property
+    def sample(self) -> torch.Tensor:
+        """The returned sample ``X[T]``, shape ``(B, H, D)``."""
+        return self.trajectory[-1]
 
 
 def _check_noise(schedule: Schedule, noise: torch.Tensor) -> None:
@@ -70,7 +114,7 @@ def sequential_sample(
     noise: torch.Tensor,
     cond: Any = None,
     callback: Callback | None = None,
-) -> tuple[torch.Tensor, dict[str, Any]]:
+) -> tuple[torch.Tensor, SampleStats]:
     """Plain reverse diffusion: T denoiser calls one after another (DDPM / DDIM step loop)."""
     _check_noise(schedule, noise)
     start = time.perf_counter()
@@ -86,16 +130,10 @@ def sequential_sample(
         trajectory[i + 1] = schedule.step_mean(out, x, idx) + noise_std[i] * noise[i + 1]
         if callback is not None:
             callback({"round": i + 1, "x": trajectory[i + 1], "trajectory": trajectory})
-    stats = {
-        "rounds": T,
-        "nfe": float(T),
-        "nfe_total": T * B,
-        "converged": True,
-        "rounds_per_sample": [T] * B,
-        "converged_per_sample": [True] * B,
-        "wall_s": time.perf_counter() - start,
-        "trajectory": trajectory,
-    }
+    stats = SampleStats(
+        rounds=T, nfe_total=T * B, rounds_per_sample=[T] * B, converged_per_sample=[True] * B,
+        wall_s=time.perf_counter() - start, trajectory=trajectory,
+    )
     return trajectory[T], stats
 
 
@@ -147,7 +185,7 @@ def _picard_iterate(
     init: torch.Tensor | None,
     callback: Callback | None,
     clock: Callable[[], float],
-) -> tuple[torch.Tensor, dict[str, Any]]:
+) -> tuple[torch.Tensor, SampleStats]:
     """The round machinery shared by ``picard_sample`` and ``pcm_sample``."""
     _check_noise(schedule, noise)
     p = _validate_picard_args(schedule, window, tol, update, max_rounds)
@@ -263,17 +301,10 @@ def _picard_iterate(
                 }
             )
 
-    converged = begin >= T
-    stats = {
-        "rounds": rounds,
-        "nfe": nfe_total / B,
-        "nfe_total": nfe_total,
-        "converged": bool(converged.all()),
-        "rounds_per_sample": rounds_per_sample.tolist(),
-        "converged_per_sample": converged.tolist(),
-        "wall_s": clock() - start,
-        "trajectory": X,
-    }
+    stats = SampleStats(
+        rounds=rounds, nfe_total=nfe_total, rounds_per_sample=rounds_per_sample.tolist(),
+        converged_per_sample=(begin >= T).tolist(), wall_s=clock() - start, trajectory=X,
+    )
     return X[T], stats
 
 
@@ -290,12 +321,12 @@ def picard_sample(
     init: torch.Tensor | None = None,
     callback: Callback | None = None,
     clock: Callable[[], float] = time.perf_counter,
-) -> tuple[torch.Tensor, dict[str, Any]]:
+) -> tuple[torch.Tensor, SampleStats]:
     """Picard iteration (ParaDiGMS, Shih et al. 2023) over a sliding window of denoising steps.
 
     ``window`` slots per sample (None = all T) go into one batched denoiser call per round,
     for all not-yet-converged samples together. ``update="drift"`` is ParaDiGMS's cumulative
-    drift update, ``"scan"`` the linear-exact update (DESIGN.md §4); both converge to the
+    drift update, ``"scan"`` the linear-exact update (docs/design.md §4.3); both converge to the
     sequential sample. ``max_rounds`` / ``budget_s`` (seconds) stop early and return the anytime
     estimate ``X[T]`` with ``converged=False``; ``init`` ``(T+1, B, H, D)`` warm-starts the
     trajectory (its slot 0 is replaced by ``noise[0]``).
@@ -325,7 +356,7 @@ def noise_path(schedule: Schedule, noise: torch.Tensor) -> torch.Tensor:
     ``N[i+1] = a_i N[i] + s_i z[i+1]`` (``a_i`` the step's x_t coefficient, ``s_i`` its noise
     scale), shape ``(T+1, B, ...)`` like ``noise``. Zero for DDIM. A noise-aware PCM sees
     ``N[j]`` at slot j: with stochastic DDPM the fixed point of slot j depends on z[1..j], which
-    a cold-started slot (still x_T) cannot know otherwise (DESIGN.md §4 (c))."""
+    a cold-started slot (still x_T) cannot know otherwise (docs/design.md §4.7, objective (c))."""
     _check_noise(schedule, noise)
     a, s = schedule.table("scan_coef", noise), schedule.table("noise_std", noise)
     trail = [1] * (noise.dim() - 2)
@@ -358,7 +389,7 @@ def pcm_sample(
     callback: Callback | None = None,
     clock: Callable[[], float] = time.perf_counter,
     pcm_sees_noise: bool = False,
-) -> tuple[torch.Tensor, dict[str, Any]]:
+) -> tuple[torch.Tensor, SampleStats]:
     """Picard Consistency Model sampling (So et al. 2025) with model switching.
 
     The k-th evaluation of a slot (k = 0, 1, ...) uses ``lam * pcm + (1 - lam) * base`` with
@@ -410,9 +441,11 @@ SAMPLER_METHODS = ("sequential", "picard", "pcm")
 class Sampler:
     """A schedule plus a sampling method and its knobs: what a config chooses.
 
-    ``sampler(denoiser, noise, cond, init=None, denoiser_pcm=None, pcm_sees_noise=False)
-    -> (x, stats)``. Policies draw noise of ``sampler.noise_shape(B, H, D)`` and call this; they
-    own no sampling loop (``pcm_sees_noise``: see ``pcm_sample``).
+    ``sampler(denoiser, noise, cond, init=None, denoiser_pcm=None, pcm_sees_noise=False,
+    budget_s=None, clock=None, callback=None) -> (x, SampleStats)``. Policies draw noise of
+    ``sampler.noise_shape(B, H, D)`` and call this; they own no sampling loop. What a run needs
+    at call time (a time budget, the clock it is measured on, an observer) is a call argument,
+    never a field: the same Sampler serves every caller (``pcm_sees_noise``: see ``pcm_sample``).
     """
 
     schedule: Schedule
@@ -423,7 +456,6 @@ class Sampler:
     switch_rounds: int = 1
     max_rounds: int | None = None
     budget_s: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.method not in SAMPLER_METHODS:
@@ -440,6 +472,31 @@ class Sampler:
         """Number of inference steps T."""
         return self.schedule.num_inference_steps
 
+    @property
+    def label(self) -> str:
+        """A short label for tables, e.g. 'picard DDPM-100 (window 16, tol 0.1, scan)'."""
+        label = f"{self.method} {self.schedule.name.upper()}-{self.num_steps}"
+        if self.method == "sequential":
+            return label
+        knobs = [f"window {self.window or self.num_steps}", f"tol {self.tol:g}", self.update]
+        if self.method == "pcm":
+            knobs.append(f"switch_rounds {self.switch_rounds}")
+        if self.max_rounds is not None:
+            knobs.append(f"max_rounds {self.max_rounds}")
+        if self.budget_s is not None:
+            knobs.append(f"budget {self.budget_s * 1e3:g} ms")
+        return f"{label} ({', '.join(knobs)})"
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """Method, knobs and the complete schedule (class and constructor arguments)."""
+        return {
+            "method": self.method,
+            "schedule": {"class": type(self.schedule).__name__, **self.schedule.config},
+            **{k: getattr(self, k) for k in ("window", "tol", "update", "switch_rounds",
+                                             "max_rounds", "budget_s")},
+        }
+
     def noise_shape(self, batch: int, *event_shape: int) -> tuple[int, ...]:
         """Shape ``(T+1, B, *event_shape)`` of the up-front noise this sampler consumes."""
         return (self.num_steps + 1, batch, *event_shape)
@@ -452,34 +509,39 @@ class Sampler:
         init: torch.Tensor | None = None,
         denoiser_pcm: Callable[..., torch.Tensor] | None = None,
         pcm_sees_noise: bool = False,
+        *,
+        budget_s: float | None = None,
+        clock: Callable[[], float] | None = None,
+        callback: Callback | None = None,
         **overrides: Any,
-    ) -> tuple[torch.Tensor, dict[str, Any]]:
-        """Sample with this configuration; ``overrides`` replace knobs for one call."""
+    ) -> tuple[torch.Tensor, SampleStats]:
+        """Sample with this configuration. ``budget_s`` (seconds, measured on ``clock``) caps
+        this call's time on top of the sampler's own ``budget_s`` (the smaller wins);
+        ``overrides`` replace knobs (window, tol, update, max_rounds, switch_rounds) for one
+        call. The sequential sampler ignores budgets: it always returns the exact sample."""
+        if self.method == "sequential":
+            return sequential_sample(denoiser, self.schedule, noise, cond, callback=callback)
+        unknown = sorted(set(overrides) - {"window", "tol", "update", "max_rounds",
+                                          "switch_rounds"})
+        if unknown:
+            raise TypeError(f"unknown sampler overrides {unknown}")
+        budgets = [b for b in (self.budget_s, budget_s) if b is not None]
         knobs = {
             "window": self.window,
             "tol": self.tol,
             "update": self.update,
             "max_rounds": self.max_rounds,
-            "budget_s": self.budget_s,
-            **self.extra,
-            **overrides,
+            **{k: v for k, v in overrides.items() if k != "switch_rounds"},
+            "budget_s": min(budgets) if budgets else None,
+            "callback": callback,
+            "clock": clock or time.perf_counter,
         }
-        if self.method == "sequential":
-            return sequential_sample(
-                denoiser, self.schedule, noise, cond, callback=knobs.get("callback")
-            )
         if self.method == "picard":
             return picard_sample(denoiser, self.schedule, noise, cond, init=init, **knobs)
         if denoiser_pcm is None:
             raise ValueError("sampler method 'pcm' needs a PCM denoiser (denoiser_pcm=...)")
         return pcm_sample(
-            denoiser,
-            denoiser_pcm,
-            self.schedule,
-            noise,
-            cond,
-            switch_rounds=knobs.pop("switch_rounds", self.switch_rounds),
-            init=init,
-            pcm_sees_noise=pcm_sees_noise,
-            **knobs,
+            denoiser, denoiser_pcm, self.schedule, noise, cond,
+            switch_rounds=overrides.get("switch_rounds", self.switch_rounds), init=init,
+            pcm_sees_noise=pcm_sees_noise, **knobs,
         )

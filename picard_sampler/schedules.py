@@ -1,6 +1,6 @@
 """DDPM and DDIM schedules: the per-step coefficients every sampler shares.
 
-Notation (DESIGN.md §4): ``T`` inference steps, slots ``X[0..T]``, ``X[0] = x_T``. Step ``i``
+Notation (docs/design.md §4.1): ``T`` inference steps, slots ``X[0..T]``, ``X[0] = x_T``. Step ``i``
 maps slot ``i`` to slot ``i + 1`` at training timestep ``timesteps[i]``:
 
     X[i+1] = step_mean(model_out, X[i], i) + noise_std[i] * z[i+1]
@@ -45,12 +45,19 @@ def make_betas(
     raise ValueError(f"beta_schedule must be one of {list(_BETA_SCHEDULES)}; got {beta_schedule!r}")
 
 
+TRAINING_SETTINGS = (
+    "num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "clip_sample",
+    "clip_sample_range", "prediction_type",
+)
+"""Schedule arguments a trained model fixes; a sampler may choose only the inference steps."""
+
+
 class Schedule:
     """Shared state of a discrete diffusion schedule: betas, timesteps, noise and error scales.
 
     Subclasses define ``step_mean`` (the deterministic part of one reverse step), the injected
     noise scale ``noise_std`` and ``scan_coef`` (the coefficient of ``X[i]`` in the step when the
-    model's x0 prediction is held fixed; see DESIGN.md §4, linear-exact Picard).
+    model's x0 prediction is held fixed; see docs/design.md §4.3, linear-exact Picard).
     """
 
     name: str = "schedule"
@@ -85,6 +92,8 @@ class Schedule:
         self.num_train_timesteps = num_train_timesteps
         self.num_inference_steps = num_inference_steps
         self.beta_schedule = beta_schedule
+        self.beta_start = float(beta_start)
+        self.beta_end = float(beta_end)
         self.clip_sample = bool(clip_sample)
         self.clip_sample_range = float(clip_sample_range)
         self.prediction_type = prediction_type
@@ -114,8 +123,9 @@ class Schedule:
         self.alpha_prod_t = ac_t.double()
         self.alpha_prod_t_prev = ac_prev.double()
         # DDPM posterior variance of the (t -> prev_t) step ("fixed_small"), used as the error
-        # scale s'_i by every sampler (DESIGN.md §4). The last step's variance is 0; its error scale
-        # is clamped to the smallest positive one so the tolerance test stays meaningful there.
+        # scale s'_i by every sampler (docs/design.md §4.4). The last step's variance is 0; its
+        # error scale is clamped to the smallest positive one so the tolerance test stays
+        # meaningful there.
         current_beta = 1.0 - ac_t / ac_prev
         self.posterior_variance = ((1.0 - ac_prev) / (1.0 - ac_t) * current_beta).double()
         positive = self.posterior_variance[self.posterior_variance > 0]
@@ -191,14 +201,14 @@ class Schedule:
 
     @property
     def config(self) -> dict:
-        """Constructor arguments, so a schedule can be rebuilt or logged."""
-        return {
-            "num_train_timesteps": self.num_train_timesteps,
-            "num_inference_steps": self.num_inference_steps,
-            "beta_schedule": self.beta_schedule,
-            "clip_sample": self.clip_sample,
-            "prediction_type": self.prediction_type,
-        }
+        """Every constructor argument: ``type(s)(**s.config)`` rebuilds an equal schedule (it
+        keys caches and is logged with every result, so nothing may be left out)."""
+        return {"num_inference_steps": self.num_inference_steps, **self.training_settings}
+
+    @property
+    def training_settings(self) -> dict:
+        """The settings fixed by training (TRAINING_SETTINGS): everything but the step count."""
+        return {key: getattr(self, key) for key in TRAINING_SETTINGS}
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config.items())
@@ -266,3 +276,26 @@ class DDIMSchedule(Schedule):
             self._coef("sqrt_ac_prev", idx, x) * self.clip(x0)
             + self._coef("sqrt_1m_ac_prev", idx, x) * eps
         )
+
+
+SCHEDULES: dict[str, type[Schedule]] = {"ddpm": DDPMSchedule, "ddim": DDIMSchedule}
+"""Schedule classes by name (``Schedule.name``)."""
+
+
+def schedule_like(
+    trained: Schedule, kind: str | type[Schedule] | None = None,
+    num_inference_steps: int | None = None,
+) -> Schedule:
+    """A schedule of class ``kind`` ("ddpm", "ddim", a class; None: ``trained``'s) with
+    ``num_inference_steps`` (None: ``trained``'s) and every training setting of ``trained``:
+    how a sampler gets a schedule its model was trained for."""
+    if kind is None:
+        cls = type(trained)
+    elif isinstance(kind, str):
+        if kind not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {list(SCHEDULES)}; got {kind!r}")
+        cls = SCHEDULES[kind]
+    else:
+        cls = kind
+    steps = trained.num_inference_steps if num_inference_steps is None else num_inference_steps
+    return cls(num_inference_steps=steps, **trained.training_settings)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from picard_sampler import Sampler, Schedule
+from picard_sampler import TRAINING_SETTINGS, Sampler, SampleStats, Schedule, schedule_like
 from policy.normalizer import LinearNormalizer
 
 Obs = torch.Tensor | np.ndarray | Mapping[str, torch.Tensor | np.ndarray]
@@ -176,7 +176,9 @@ class DiffusionPolicy(nn.Module):
         noise: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         init: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        budget_s: float | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> tuple[torch.Tensor, SampleStats]:
         """Sample an action chunk for the last To observations; return the Ta steps to execute.
 
         How the steps line up (To=2, H=16, Ta=8; `o` observed, `a` predicted, `x` executed)::
@@ -187,10 +189,11 @@ class DiffusionPolicy(nn.Module):
             executed:     x  x  x  x  x  x  x  x                         [To-1 : To-1+Ta]
 
         obs: (B, To, Do) or {key: (B, To, ...)}; noise: (T+1, B, H, Da) pre-drawn (drawn from
-        `generator` if None); init: warm-start trajectory for Picard samplers. A `pcm` sampler
-        gets the attached PCM (`attach_pcm`; load_policy attaches a checkpoint's). Returns actions
-        (B, Ta, Da) in raw units and the sampler's stats plus "naction" (B, H, Da), the whole
-        normalized chunk ("trajectory", when the sampler returns it, is its final trajectory).
+        `generator` if None); init: warm-start trajectory for Picard samplers; budget_s / clock:
+        this call's time budget and the clock it is measured on (anytime samplers). A `pcm`
+        sampler gets the attached PCM (`attach_pcm`; load_policy attaches a checkpoint's).
+        Returns actions (B, Ta, Da) in raw units and the sampler's SampleStats, whose `sample`
+        is the whole normalized chunk (B, H, Da).
         """
         cond = self.encode_obs(self.check_obs(obs))
         B = cond.shape[0]
@@ -202,16 +205,87 @@ class DiffusionPolicy(nn.Module):
         pcm = self.pcm_denoiser if self.pcm is not None else None
         naction, stats = sampler(
             self.denoiser, noise.to(self.device), cond, init=init, denoiser_pcm=pcm,
-            pcm_sees_noise=self.pcm_sees_noise,
+            pcm_sees_noise=self.pcm_sees_noise, budget_s=budget_s, clock=clock,
         )
         start = self.n_obs_steps - 1
         action = self.normalizer.unnormalize("action", naction)
-        return action[:, start : start + self.n_action_steps], {**stats, "naction": naction}
+        return action[:, start : start + self.n_action_steps], stats
+
+    # ---------------------------------------------------------------------- samplers
+    @property
+    def inference_schedule(self) -> Schedule:
+        """The schedule this policy samples with by default: its training schedule's class and
+        inference steps (DP's DDPM-100 for the policies trained here)."""
+        return self.train_schedule
+
+    def make_sampler(
+        self, method: str = "picard", schedule: str | type[Schedule] | None = None,
+        num_inference_steps: int | None = None, **knobs: Any,
+    ) -> Sampler:
+        """A Sampler on this policy's own schedule: `schedule` ("ddpm", "ddim"; None: the
+        policy's inference schedule) with `num_inference_steps` (None: the policy's) and every
+        training setting (betas, clipping, ...) taken from the policy, so they cannot disagree;
+        `knobs` are the Sampler's (window, tol, update, switch_rounds, max_rounds, budget_s).
+        `policy.predict_action(obs, policy.make_sampler("picard"))` is the exact speed-up."""
+        steps = num_inference_steps
+        return Sampler(schedule_like(self.inference_schedule, schedule, steps), method, **knobs)
+
+    def sampler_from_config(self, config: Mapping[str, Any], key: str = "sampler") -> Sampler:
+        """A Sampler from a conf/sampler-style mapping (`method`, knobs and `schedule` with its
+        `_target_` class and `num_inference_steps`) on this policy's training settings; setting
+        one of them is refused (`schedule_from_config`). Errors are ValueErrors naming `key`."""
+        config = {k: v for k, v in config.items() if k != "_target_"}
+        schedule = schedule_from_config(self.train_schedule, config.pop("schedule", {}),
+                                        f"{key}.schedule")
+        try:
+            return Sampler(schedule, **config)
+        except TypeError as e:
+            allowed = ["method", "window", "tol", "update", "switch_rounds", "max_rounds",
+                       "budget_s", "schedule"]
+            raise ValueError(f"{key}: {e}; allowed keys: {allowed}") from e
+        except ValueError as e:
+            raise ValueError(f"{key}: {e}") from e
 
     @property
     def device(self) -> torch.device:
         """Device of the policy's parameters."""
         return next(self.parameters()).device
+
+
+def schedule_from_config(
+    trained: Schedule, config: Mapping[str, Any], key: str = "schedule"
+) -> Schedule:
+    """The schedule of `config` (`_target_`: a schedule class path, default `trained`'s class;
+    `num_inference_steps`) with every training setting of `trained`. The one place that refuses
+    a config setting what training fixed (eval's sampler and PCM training's schedule alike):
+    ValueError naming `key`."""
+    config = dict(config)
+    target = config.pop("_target_", None)
+    clash = sorted(set(config) & set(TRAINING_SETTINGS))
+    if clash:
+        raise ValueError(
+            f"{key}.{clash[0]} cannot be set: it comes from the policy's train_schedule "
+            f"({trained.training_settings[clash[0]]!r})"
+        )
+    unknown = sorted(set(config) - {"num_inference_steps"})
+    if unknown:
+        raise ValueError(f"{key}.{unknown[0]} is not a schedule setting; a sampler schedule "
+                         "sets only _target_ and num_inference_steps")
+    if target is None:
+        cls: type[Schedule] = type(trained)
+    else:
+        import hydra
+
+        try:
+            cls = hydra.utils.get_class(str(target))
+        except Exception as e:  # hydra raises ImportError or ValueError subclasses
+            raise ValueError(f"{key}._target_ {target!r} is not importable: {e}") from e
+        if not (isinstance(cls, type) and issubclass(cls, Schedule)):
+            raise ValueError(f"{key}._target_ {target!r} is not a picard_sampler Schedule")
+    try:
+        return schedule_like(trained, cls, config.get("num_inference_steps"))
+    except ValueError as e:
+        raise ValueError(f"{key}: {e}") from e
 
 
 def _check(ok: bool, key: str, value: Any, allowed: str) -> None:

@@ -1,7 +1,7 @@
 """Picard Consistency Model (So et al. 2025): a denoiser phi tuned so Picard's first rounds land
 near the fixed point; `picard_sampler.pcm_sample` switches back to the base model afterwards.
 
-Parametrisation (DESIGN.md §4, what made training work in the prototypes): phi predicts the
+Parametrisation (docs/design.md §4.7, what made training work in the prototypes): phi predicts the
 base network's x0 plus a shift from a zero-initialised head, and returns it as an epsilon::
 
     eps_trunk = trunk(x, t, c)                        the frozen base, a LoRA of it, or a copy
@@ -9,7 +9,7 @@ base network's x0 plus a shift from a zero-initialised head, and returns it as a
     delta     = head([x, clip(x0)], t, c)             small ConditionalUnet1D, last layer zero
     eps_phi   = eps_trunk - sqrt(abar_t / (1 - abar_t)) * delta    (i.e. x0_phi = x0 + delta)
 
-`sees_noise=True` (DESIGN.md §4 (c), for stochastic DDPM) also gives the head the slot's
+`sees_noise=True` (docs/design.md §4.7 (c), for stochastic DDPM) also gives the head the slot's
 `picard_sampler.noise_path` (what the pre-drawn noise z[1..j] contributes to slot j): a cold
 slot cannot otherwise know the noise its fixed point depends on. The sampler passes it
 (`pcm_sample(..., pcm_sees_noise=True)`).

@@ -1,9 +1,10 @@
-"""PCM training data and objectives: base-model trajectories and the losses of DESIGN.md §4.
+"""PCM training data and objectives: base-model trajectories and the losses of docs/design.md §4.7.
 
 Data (`collect_trajectories`): for observation windows of the demonstrations and pre-drawn
 noise z, the base policy's fixed point X* (= its sequential trajectory, Picard's unique fixed
 point) and optionally its first Picard iterates X^1..X^R (full window, no stopping). Iterates
-that blew up (the drift update's, DESIGN.md §4) are flagged in `iterate_ok` and never trained on.
+that blew up (the drift update's, docs/design.md §4.3) are flagged in `iterate_ok` and never
+trained on.
 
 Objectives (`PCMObjective`), for the rounds k < K_s in which `pcm_sample` uses the PCM
 (lam_k = clip(1 - k/K_s, 0, 1) blends PCM and base epsilons), starting from the cold
@@ -15,7 +16,7 @@ trajectory X^0 (every slot x_T):
 - "consistency" (b): the blended x0 prediction at every slot should be X*[T], the chunk;
   mean squared error with a straight-through clip.
 
-(c) of DESIGN.md §4 is not a third loss but a PCM that also sees each slot's noise path
+(c) of docs/design.md §4.7 is not a third loss but a PCM that also sees each slot's noise path
 (`pcm.model.sees_noise`, for stochastic DDPM); both losses then hand it the path.
 
 The next round's input X^{k+1} is the blended round's output (on-policy, detached) or the base's
@@ -83,7 +84,7 @@ def collect_trajectories(
         noise = torch.randn(T + 1, len(rows), H, Da, generator=generator).to(policy.device)
         _, stats = sequential_sample(policy.denoiser, schedule, noise, cond)
         batch = {"cond": cond, "noise": noise.transpose(0, 1),
-                 "fixed_point": stats["trajectory"].transpose(0, 1)}
+                 "fixed_point": stats.trajectory.transpose(0, 1)}
         if iterate_rounds:
             rounds: list[torch.Tensor] = []
             picard_sample(
@@ -213,7 +214,7 @@ class PCMObjective:
                 switch_rounds=1, update=self.update, max_rounds=1, init=x,
                 pcm_sees_noise=policy.pcm_sees_noise,
             )
-        return stats["trajectory"]
+        return stats.trajectory
 
     def _base_iterate(
         self, batch: Mapping[str, Any], k: int, fallback: torch.Tensor

@@ -6,6 +6,7 @@ from policy.data.sequence import (
     SequenceDataset,
     sequence_row_indices,
     split_episodes,
+    windows_from_config,
 )
 
 __all__ = [
@@ -14,4 +15,5 @@ __all__ = [
     "SequenceDataset",
     "sequence_row_indices",
     "split_episodes",
+    "windows_from_config",
 ]

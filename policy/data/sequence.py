@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -260,3 +260,18 @@ class SequenceDataset(Dataset):
             "obs": torch.from_numpy(self._obs[rows[: self.n_obs_steps]]),
             "action": torch.from_numpy(self._action[rows]),
         }
+
+
+def windows_from_config(
+    data: Mapping[str, Any], horizon: int, n_obs_steps: int, n_action_steps: int, seed: int,
+    split: Split = "train",
+) -> SequenceDataset:
+    """The `split` windows of a training config's `data` block (path, obs_keys, action_key,
+    val_ratio, max_train_episodes): the one way training, PCM data collection and the
+    benchmarks build a SequenceDataset, so they all see the same episodes and windows."""
+    return SequenceDataset(
+        str(data["path"]), obs_keys=list(data["obs_keys"]),
+        action_key=data.get("action_key", "action"), horizon=horizon, n_obs_steps=n_obs_steps,
+        n_action_steps=n_action_steps, val_ratio=data.get("val_ratio", 0.02), seed=seed,
+        split=split, max_train_episodes=data.get("max_train_episodes"),
+    )

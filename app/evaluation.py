@@ -1,0 +1,389 @@
+"""Evaluation runs: a policy under a sampler, rolled out in its env, summarized and reported.
+
+`run_eval(cfg, out_dir)` is eval_policy.py's whole job, top to bottom: check the config, load
+the checkpoint's EMA policy and its env (or a checked `env=...`), build the sampler on the
+policy's own training settings, roll out `n_episodes` seeded episodes with every env's chunk in
+ONE sampler call (`policy.chunking.ChunkPolicy`; in real time one env on the control clock of
+`envs.realtime`), summarize the metrics of docs/design.md §5, write results.json, histograms,
+an optional video and an offline wandb run, and print a table. `evaluate` + `summarize` are
+what training's periodic rollouts call too.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from app.config import (
+    DEVICE_ALLOWED,
+    ConfigError,
+    configure_torch,
+    device_ok,
+    is_int,
+    is_number,
+    raise_first_failure,
+)
+from app.report import (
+    format_report,
+    log_to_wandb,
+    plot_histograms,
+    save_video,
+    write_results,
+)
+from envs.realtime import (
+    CLOCKS,
+    ChunkRequest,
+    RealtimeController,
+    max_lead_steps,
+    summarize_realtime,
+    timed_requests,
+)
+from envs.rollout import VECTOR_KINDS, RolloutResult, rollout
+from picard_sampler import Sampler
+from picard_sampler.runinfo import run_info
+from policy.checkpoint import PCM_KEY, load_checkpoint, load_policy
+from policy.chunking import (
+    WARM_STARTS,
+    ChunkPolicy,
+    ChunkRecord,
+    resolve_warm_start,
+    summarize_chunks,
+)
+from policy.diffusion_policy import DiffusionPolicy
+
+
+# ----------------------------------------------------------------------------- config, setup
+def check_eval_config(cfg: DictConfig) -> None:
+    """Reject values an eval run cannot use, naming the key and what is allowed."""
+    rt = cfg.realtime
+    raise_first_failure(cfg, [
+        ("n_episodes", is_int(cfg.n_episodes, 1), "an int >= 1"),
+        ("n_envs", is_int(cfg.n_envs, 1), "an int >= 1"),
+        ("seed_start", is_int(cfg.seed_start, 0), "an int >= 0"),
+        ("noise_seed", is_int(cfg.noise_seed, 0), "an int >= 0"),
+        ("max_steps", cfg.max_steps is None or is_int(cfg.max_steps, 1), "null or an int >= 1"),
+        ("warmup_chunks", is_int(cfg.warmup_chunks, 0), "an int >= 0"),
+        ("exact_err", isinstance(cfg.exact_err, bool), "true or false"),
+        ("exact_err_every", is_int(cfg.exact_err_every, 1), "an int >= 1"),
+        ("deadline_ms", cfg.deadline_ms is None or is_number(cfg.deadline_ms, 0, strict=True),
+         "null or a number > 0"),
+        ("vector", cfg.vector in VECTOR_KINDS, f"one of {list(VECTOR_KINDS)}"),
+        ("device", device_ok(cfg.device), DEVICE_ALLOWED),
+        ("threads", cfg.threads is None or is_int(cfg.threads, 1), "null or an int >= 1"),
+        ("warm_start", isinstance(cfg.warm_start, bool) or cfg.warm_start in WARM_STARTS,
+         f"one of {list(WARM_STARTS)}"),
+        ("realtime.enabled", isinstance(rt.enabled, bool), "true or false"),
+        ("realtime.control_hz", is_number(rt.control_hz, 0, strict=True), "a number > 0"),
+        ("realtime.clock", rt.clock in CLOCKS, f"one of {list(CLOCKS)}"),
+        ("realtime.budget_margin_ms", is_number(rt.budget_margin_ms, 0), "a number >= 0"),
+        ("deadline_ms", not (rt.enabled and cfg.deadline_ms is not None),
+         "null with realtime.enabled=true (the deadline is realtime.lead_steps ticks at "
+         "realtime.control_hz)"),
+    ])
+
+
+@dataclass
+class Realtime:
+    """Real-time rollout settings (envs.realtime): the control rate, which clock, the lead."""
+
+    control_hz: float = 10.0
+    clock: str = "simulated"
+    lead_steps: int | None = None
+    budget_margin_ms: float = 5.0
+
+
+def realtime_settings(cfg: DictConfig, policy: DiffusionPolicy) -> Realtime | None:
+    """The `realtime` block as Realtime settings (None when disabled); lead_steps is checked
+    against what the policy's horizon allows."""
+    if not cfg.realtime.enabled:
+        return None
+    most = max_lead_steps(policy.horizon, policy.n_obs_steps, policy.n_action_steps)
+    lead = cfg.realtime.lead_steps
+    if most < 1 or (lead is not None and not (is_int(lead) and 1 <= lead <= most)):
+        raise ConfigError(
+            f"realtime.lead_steps must be null or in [1, horizon - n_obs_steps + 1 - "
+            f"n_action_steps = {most}] for this policy; got {lead!r}"
+        )
+    return Realtime(float(cfg.realtime.control_hz), cfg.realtime.clock, lead,
+                    float(cfg.realtime.budget_margin_ms))
+
+
+# ------------------------------------------------------------------------ checkpoint, env
+def load_checkpoint_and_policy(
+    path: str | Path, device: torch.device
+) -> tuple[dict[str, Any], DiffusionPolicy]:
+    """The checkpoint dict and its EMA policy on `device`; a missing or foreign file is a
+    ConfigError naming the path."""
+    if not Path(path).is_file():
+        raise ConfigError(
+            f"checkpoint not found: {path} (pass checkpoint=PATH to a train_pcm.py checkpoint, "
+            "e.g. runs/dp_pusht_lowdim/best.ckpt)"
+        )
+    try:
+        return load_checkpoint(path), load_policy(path, map_location=device)
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(str(e)) from e
+
+
+def plain(config: Mapping[str, Any] | DictConfig) -> dict[str, Any]:
+    """A DictConfig or mapping as a plain, resolved dict."""
+    if OmegaConf.is_config(config):
+        return OmegaConf.to_container(config, resolve=True)
+    return dict(config)
+
+
+def resolve_env(env_cfg: DictConfig | None, checkpoint_config: Mapping[str, Any]) -> dict:
+    """The env config to evaluate in: the explicit `env=...` choice, else the checkpoint's own."""
+    if env_cfg is None:
+        return dict(checkpoint_config["env"])
+    return plain(env_cfg)
+
+
+def make_env_factory(env: Mapping[str, Any], max_steps: int, render: bool) -> Callable[[], gym.Env]:
+    """A picklable thunk making one env of `env` (gymnasium id + kwargs) that ends at
+    `max_steps`, rendering RGB frames if `render`."""
+    kwargs = dict(env.get("kwargs") or {}, max_episode_steps=max_steps)
+    if render:
+        kwargs["render_mode"] = "rgb_array"
+    return functools.partial(gym.make, env["id"], **kwargs)
+
+
+def check_env_fits_policy(
+    make_env: Callable[[], gym.Env], policy: DiffusionPolicy, env_name: str, checkpoint: str
+) -> None:
+    """Reject an env whose observation or action shapes are not the ones the policy takes."""
+    env = make_env()
+    obs_space, action_space = env.observation_space, env.action_space
+    env.close()
+    wanted = {key: tuple(shape) for key, shape in policy.obs_encoder.obs_shapes.items()}
+    if isinstance(obs_space, gym.spaces.Dict):
+        got: Any = {key: tuple(space.shape) for key, space in obs_space.spaces.items()}
+        fits = all(got.get(key) == shape for key, shape in wanted.items())
+    else:
+        got = tuple(obs_space.shape)
+        fits = len(wanted) == 1 and next(iter(wanted.values())) == got
+    if not fits:
+        raise ConfigError(
+            f"env {env_name} does not fit the policy in {checkpoint}: the env observes {got}, "
+            f"the policy takes {wanted}"
+        )
+    if tuple(action_space.shape) != (policy.action_dim,):
+        raise ConfigError(
+            f"env {env_name} does not fit the policy in {checkpoint}: the env takes actions of "
+            f"shape {tuple(action_space.shape)}, the policy outputs ({policy.action_dim},)"
+        )
+
+
+# ---------------------------------------------------------------------------------- sampler
+def build_sampler(sampler_cfg: Mapping[str, Any] | DictConfig, policy: DiffusionPolicy,
+                  key: str = "sampler") -> Sampler:
+    """The Sampler of a conf/sampler config on `policy`'s training settings
+    (`DiffusionPolicy.sampler_from_config`); a bad value is a ConfigError naming its key."""
+    try:
+        return policy.sampler_from_config(plain(sampler_cfg), key)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+
+
+def check_pcm_weights(sampler: Sampler, checkpoint: Mapping[str, Any], path: str) -> None:
+    """PCM sampling needs a PCM in the checkpoint: say which key is missing, up front; warn when
+    the PCM was trained for another schedule (still exact by switching, but no faster)."""
+    if sampler.method != "pcm":
+        return
+    if PCM_KEY not in checkpoint:
+        raise ConfigError(
+            f"sampler=pcm needs PCM weights under the checkpoint key '{PCM_KEY}', "
+            f"which {path} does not have: train a PCM for this policy or pick another sampler"
+        )
+    trained = (checkpoint.get("config") or {}).get("pcm", {}).get("schedule") or {}
+    name = str(trained.get("_target_", "")).rsplit(".", 1)[-1]
+    steps = trained.get("num_inference_steps")
+    if name and (name, steps) != (type(sampler.schedule).__name__, sampler.num_steps):
+        warnings.warn(
+            f"the PCM in {path} was trained for {name} with {steps} steps, but the sampler runs "
+            f"{type(sampler.schedule).__name__} with {sampler.num_steps}: the chunks stay exact "
+            "(model switching), but expect no gain over Picard (sampler=pcm_ddim16 is DDIM-16, "
+            "sampler=pcm_ddpm100 DDPM-100)",
+            stacklevel=2,
+        )
+
+
+# ------------------------------------------------------------------------------- rollouts
+@dataclass
+class EvalResult:
+    """A rollout and, in real time, the robot's view of it: one ChunkRequest per chunk request
+    and the real-time settings used."""
+
+    rollout: RolloutResult
+    requests: list[ChunkRequest] = field(default_factory=list)
+    realtime: dict[str, Any] | None = None
+
+    @property
+    def chunk_records(self) -> list[ChunkRecord]:
+        """The sampler calls to report: every call offline; in real time, the timed requests'
+        calls (each episode's awaited first chunk left out)."""
+        if self.realtime is not None:
+            return [r.chunk for r in timed_requests(self.requests)]
+        return [call.record for call in self.rollout.policy_calls]
+
+
+def evaluate(
+    policy: DiffusionPolicy,
+    sampler: Sampler,
+    env: Mapping[str, Any],
+    n_episodes: int,
+    n_envs: int,
+    seed_start: int,
+    noise_seed: int,
+    max_steps: int | None = None,
+    vector: str = "sync",
+    warm_start: str | bool = "none",
+    exact_err_every: int = 0,
+    video: bool = False,
+    progress: bool = True,
+    realtime: Realtime | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+    sleep: Callable[[float], None] = time.sleep,
+) -> EvalResult:
+    """Roll `policy` out with `sampler` in `env` (an env config: id, kwargs, max_steps) for the
+    episodes with env seeds seed_start .. seed_start + n_episodes - 1.
+
+    Each rollout call's record is a ChunkRecord (exact_err on every `exact_err_every`-th
+    sampler call; 0: never). `video` keeps the frames of episode 0. With `realtime`, one env
+    runs on the control clock of envs.realtime.RealtimeController (`clock`, `sleep`).
+    """
+    env = plain(env)
+    max_steps = env["max_steps"] if max_steps is None else max_steps
+    try:
+        chunk_policy = ChunkPolicy(policy, sampler, noise_seed, resolve_warm_start(warm_start),
+                                   exact_err_every, full_horizon=realtime is not None,
+                                   clock=clock)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    policy_fn, on_reset, controller = chunk_policy, chunk_policy.on_reset, None
+    if realtime is not None:
+        if n_envs != 1:
+            raise ConfigError(f"realtime runs one env (one robot, one control clock); got "
+                              f"n_envs={n_envs}")
+        controller = RealtimeController(
+            chunk_policy, realtime.control_hz, policy.n_obs_steps, policy.n_action_steps,
+            policy.horizon, realtime.lead_steps, realtime.budget_margin_ms / 1e3,
+            realtime.clock, clock=clock, sleep=sleep,
+        )
+
+        def on_reset(env_index: int, seed: int | None) -> None:
+            controller.on_reset(env_index, seed)
+            chunk_policy.on_reset(env_index, seed)
+
+        policy_fn = controller
+    try:
+        result = rollout(
+            policy_fn, make_env_factory(env, max_steps, render=video), n_episodes=n_episodes,
+            n_envs=n_envs, seed_start=seed_start, max_steps=max_steps,
+            n_obs_steps=policy.n_obs_steps, n_action_steps=policy.n_action_steps, vector=vector,
+            record_frames=video, progress=progress, on_reset=on_reset,
+        )
+    finally:
+        if controller is not None:
+            controller.close()
+    if controller is None:
+        return EvalResult(result)
+    settings = {"control_hz": controller.control_hz, "clock": controller.clock_mode,
+                "lead_steps": controller.lead_steps, "deadline_ms": controller.deadline_s * 1e3,
+                "budget_ms": controller.budget_s * 1e3}
+    return EvalResult(result, controller.requests, settings)
+
+
+def summarize(
+    result: EvalResult, warmup_chunks: int = 0, deadline_ms: float | None = None
+) -> dict[str, Any]:
+    """Every metric of docs/design.md §5: the episodes' (envs.rollout), the sampler calls'
+    (policy.chunking.summarize_chunks; offline deadline_miss_rate against `deadline_ms`) and,
+    in real time, the robot's (envs.realtime.summarize_realtime); unmeasured ones are None."""
+    metrics = {
+        **result.rollout.metrics,
+        **summarize_chunks(result.chunk_records, warmup_chunks, deadline_ms),
+        "anytime_rate": None,
+        "held_step_rate": None,
+    }
+    if result.realtime is not None:
+        steps = [call.record for call in result.rollout.policy_calls]
+        metrics.update(summarize_realtime(steps, result.requests))
+    return metrics
+
+
+# -------------------------------------------------------------------------------------- run
+def run_eval(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Evaluate per `cfg` and write every output to `out_dir`; returns the results record."""
+    check_eval_config(cfg)
+    device = configure_torch(cfg.device, cfg.threads)
+    checkpoint, policy = load_checkpoint_and_policy(cfg.checkpoint, device)
+    env = resolve_env(cfg.env, checkpoint["config"])
+    max_steps = env["max_steps"] if cfg.max_steps is None else cfg.max_steps
+    check_env_fits_policy(
+        make_env_factory(env, max_steps, render=False), policy, env["name"], cfg.checkpoint
+    )
+    sampler = build_sampler(cfg.sampler, policy)
+    check_pcm_weights(sampler, checkpoint, cfg.checkpoint)
+    print(f"evaluating {cfg.checkpoint} (step {checkpoint['step']}) with {sampler.label}: "
+          f"{cfg.n_episodes} episodes of {env['name']} on {device} -> {out_dir}")
+
+    realtime = realtime_settings(cfg, policy)
+    n_envs, exact_err_every = cfg.n_envs, cfg.exact_err_every if cfg.exact_err else 0
+    if realtime is not None:
+        n_envs = 1
+        if realtime.clock == "wall" and exact_err_every:
+            exact_err_every = 0
+            print("realtime.clock=wall: exact_err is not measured (it would run on the clock)")
+        print(f"real-time rollout: one env at {realtime.control_hz:g} Hz ({realtime.clock} clock)")
+
+    result = evaluate(
+        policy, sampler, env, n_episodes=cfg.n_episodes, n_envs=n_envs,
+        seed_start=cfg.seed_start, noise_seed=cfg.noise_seed, max_steps=max_steps,
+        vector=cfg.vector, warm_start=cfg.warm_start, exact_err_every=exact_err_every,
+        video=cfg.video, progress=cfg.progress, realtime=realtime,
+    )
+    metrics = summarize(result, cfg.warmup_chunks, cfg.deadline_ms)
+    rollout_result = result.rollout
+    config = {**OmegaConf.to_container(cfg, resolve=True), "env": env, "max_steps": max_steps}
+    results = {
+        "metrics": metrics,
+        "sampler": {"label": sampler.label, **sampler.config},
+        "n_episodes": len(rollout_result.episodes),
+        "interrupted": rollout_result.interrupted,
+        "realtime": result.realtime,
+        "seeds": [e["seed"] for e in rollout_result.episodes],
+        "noise_seed": cfg.noise_seed,
+        "checkpoint": {"path": str(cfg.checkpoint), "step": checkpoint["step"]},
+        "overrides": list(overrides),
+        "config": config,  # as run: env and max_steps filled in
+        "run_info": run_info(device),
+        "episodes": rollout_result.episodes,
+        "chunks": [call.to_dict() for call in rollout_result.policy_calls],
+        "requests": [request.to_dict() for request in result.requests],
+    }
+    deadline_ms = result.realtime["deadline_ms"] if result.realtime else cfg.deadline_ms
+    records = result.chunk_records
+    images = plot_histograms(
+        out_dir, [r.rounds for r in records], [r.latency_ms for r in records[cfg.warmup_chunks:]],
+        metrics, deadline_ms, sampler.label,
+    )
+    if rollout_result.frames:
+        results["video"] = str(save_video(rollout_result.frames, out_dir))
+    write_results(out_dir / "results.json", results)
+    if cfg.logger.wandb:
+        log_to_wandb(cfg.logger, out_dir, results, images)
+    print(format_report(results))
+    print(f"results: {out_dir / 'results.json'}")
+    if rollout_result.interrupted:
+        raise KeyboardInterrupt(f"interrupted; results so far in {out_dir / 'results.json'}")
+    return results
