@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -19,8 +18,6 @@ from policy.data import ReplayBuffer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO_ROOT / "conf"
-if str(REPO_ROOT) not in sys.path:  # the entry scripts (train_pcm.py) live at the top level
-    sys.path.insert(0, str(REPO_ROOT))
 
 
 def make_tiny_demos(path: Path, n_episodes: int = 8, n_steps: int = 30, seed: int = 0) -> Path:
@@ -87,7 +84,7 @@ def make_cfg(tiny_demos: Path, tmp_path: Path) -> Callable[..., DictConfig]:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tiny_demos: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A debug=tiny policy trained for 10 steps on the tiny store, made once per session."""
-    import train_pcm
+    import app.training as training
 
     run_dir = tmp_path_factory.mktemp("tiny_policy")
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -96,7 +93,7 @@ def tiny_checkpoint(tiny_demos: Path, tmp_path_factory: pytest.TempPathFactory) 
             "val.every=0", "threads=1",
         ])
     threads = torch.get_num_threads()
-    train_pcm.run(cfg)
+    training.run_training(cfg)
     torch.set_num_threads(threads)
     return run_dir / "latest.ckpt"
 
@@ -120,13 +117,13 @@ def eval_cfg(tiny_checkpoint: Path) -> Callable[..., DictConfig]:
 
 @pytest.fixture
 def sigterm_at_train_step() -> Callable[[int], contextlib.AbstractContextManager[None]]:
-    """`with sigterm_at_train_step(n): ...`: inside, train_pcm.train_step sends SIGTERM to this
+    """`with sigterm_at_train_step(n): ...`: inside, training.train_step sends SIGTERM to this
     process on its n-th call, what a run killed mid-training sees."""
-    import train_pcm
+    import app.training as training
 
     @contextlib.contextmanager
     def at(n: int) -> Iterator[None]:
-        real_step, calls = train_pcm.train_step, 0
+        real_step, calls = training.train_step, 0
 
         def step_then_sigterm(*args, **kwargs):
             nonlocal calls
@@ -136,7 +133,7 @@ def sigterm_at_train_step() -> Callable[[int], contextlib.AbstractContextManager
             return real_step(*args, **kwargs)
 
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(train_pcm, "train_step", step_then_sigterm)
+            patch.setattr(training, "train_step", step_then_sigterm)
             yield
 
     return at

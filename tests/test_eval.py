@@ -1,4 +1,4 @@
-"""eval_policy.py: every sampler end to end, results.json, determinism, sweeps, one-line errors."""
+"""eval_policy.py and app.evaluation: every sampler end to end, results, sweeps, errors."""
 
 from __future__ import annotations
 
@@ -10,12 +10,14 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-import eval_policy
-from envs.rollout import RolloutResult
+from app import evaluation, report
+from envs.rollout import PolicyCall, RolloutResult
+from policy.chunking import ChunkRecord
 
-REPO_ROOT, CONF_DIR = Path(eval_policy.__file__).parent, eval_policy.CONF_DIR
+REPO_ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
 HEADLESS = {"WANDB_MODE": "offline", "SDL_VIDEODRIVER": "dummy", "SDL_AUDIODRIVER": "dummy"}
 EPISODE_KEYS = {"seed", "max_reward", "success", "n_steps", "final_coverage"}
@@ -39,15 +41,16 @@ def run_script(*args: str, cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess
 # ------------------------------------------------------------------------- end to end
 @pytest.mark.parametrize(
     ("sampler", "rounds"),
-    [("sequential", 100), ("ddim", 16), ("picard", None), ("picard_ddim", None)],
+    [("sequential_ddpm100", 100), ("sequential_ddim16", 16), ("picard_ddpm100", None),
+     ("picard_ddim16", None), ("picard", None)],  # picard: the old name, an alias
 )
 def test_each_sampler_evaluates_end_to_end_and_writes_every_result(
     eval_cfg, tmp_path: Path, sampler: str, rounds: int | None
 ) -> None:
-    eval_policy.run(eval_cfg(f"sampler={sampler}"), tmp_path)
+    evaluation.run_eval(eval_cfg(f"sampler={sampler}"), tmp_path)
     results = json.loads((tmp_path / "results.json").read_text())
     metrics = results["metrics"]
-    assert set(eval_policy.METRICS) <= set(metrics)
+    assert set(report.METRICS) <= set(metrics)
     assert results["n_episodes"] == 2 and results["seeds"] == [100000, 100001]
     assert results["noise_seed"] == 100000
     assert [e["seed"] for e in results["episodes"]] == results["seeds"]
@@ -59,22 +62,24 @@ def test_each_sampler_evaluates_end_to_end_and_writes_every_result(
     assert metrics["n_chunks"] == 3 and metrics["n_timed_chunks"] == 2
     assert metrics["n_exact_err_chunks"] == 3
     assert 0 <= metrics["mean_score"] <= 1 and metrics["success_rate"] == 0
-    assert metrics["latency_ms_p50"] <= metrics["latency_ms_p95"] <= metrics["latency_ms_p99"]
+    timed = [c["latency_ms"] for c in results["chunks"][1:]]  # warmup_chunks=1
+    assert metrics["latency_ms_p99"] == pytest.approx(np.percentile(timed, 99))  # linear method
+    chunk_rounds = [c["rounds"] for c in results["chunks"]]
+    assert metrics["rounds_mean"] == pytest.approx(np.mean(chunk_rounds))
     assert metrics["deadline_miss_rate"] is None and metrics["converged_rate"] == 1
     if rounds is not None:  # sequential: exact by definition, T rounds
         assert metrics["rounds_mean"] == metrics["nfe"] == rounds
         assert metrics["exact_err_max"] == 0
     else:
-        steps = results["sampler"]["schedule"]["num_inference_steps"]
-        assert 1 <= metrics["rounds_mean"] <= steps and metrics["nfe"] >= metrics["rounds_mean"]
-        assert 0 <= metrics["exact_err_mean"] <= metrics["exact_err_max"] < 0.5
+        assert metrics["exact_err_max"] == max(c["exact_err"] for c in results["chunks"])
+        assert metrics["exact_err_max"] < 0.5  # tol 0.1: close to the sequential chunk
     assert (tmp_path / "latency_hist.png").stat().st_size > 0
     assert (tmp_path / "rounds_hist.png").stat().st_size > 0
 
 
 def test_pcm_sampler_names_the_missing_checkpoint_key(eval_cfg, tmp_path: Path) -> None:
-    with pytest.raises(eval_policy.ConfigError, match="under the checkpoint key 'pcm'"):
-        eval_policy.run(eval_cfg("sampler=pcm"), tmp_path)
+    with pytest.raises(evaluation.ConfigError, match="under the checkpoint key 'pcm'"):
+        evaluation.run_eval(eval_cfg("sampler=pcm"), tmp_path)
 
 
 def test_pcm_trained_for_another_schedule_is_a_warning() -> None:
@@ -85,10 +90,10 @@ def test_pcm_trained_for_another_schedule_is_a_warning() -> None:
     same = Sampler(DDIMSchedule(num_inference_steps=16), method="pcm")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        eval_policy.check_pcm_weights(same, checkpoint, "pcm.ckpt")
+        evaluation.check_pcm_weights(same, checkpoint, "pcm.ckpt")
     other = Sampler(DDPMSchedule(num_inference_steps=100), method="pcm")
     with pytest.warns(UserWarning, match="trained for DDIMSchedule with 16 steps, but the sampler"):
-        eval_policy.check_pcm_weights(other, checkpoint, "pcm.ckpt")
+        evaluation.check_pcm_weights(other, checkpoint, "pcm.ckpt")
 
 
 @pytest.mark.parametrize("warm_start", ["none", "reuse", "shift", True])
@@ -97,7 +102,7 @@ def test_picard_at_zero_tolerance_gives_the_sequential_actions(
 ) -> None:
     """Warm starts change the rounds, never the answer."""
     cfg = eval_cfg("sampler=picard_ddim", "sampler.tol=0", f"warm_start={warm_start}")
-    assert eval_policy.run(cfg, tmp_path)["metrics"]["exact_err_max"] < 1e-5
+    assert evaluation.run_eval(cfg, tmp_path)["metrics"]["exact_err_max"] < 1e-5
 
 
 def test_same_seeds_give_the_same_episodes_and_chunks_whatever_the_batching(
@@ -105,9 +110,9 @@ def test_same_seeds_give_the_same_episodes_and_chunks_whatever_the_batching(
 ) -> None:
     """Noise is drawn per episode, so the number of envs does not change an episode either."""
     overrides = ("sampler=picard", "exact_err=false")
-    first = eval_policy.run(eval_cfg(*overrides), tmp_path / "a")
-    again = eval_policy.run(eval_cfg(*overrides), tmp_path / "b")
-    one_env = eval_policy.run(eval_cfg(*overrides, "n_envs=1"), tmp_path / "c")
+    first = evaluation.run_eval(eval_cfg(*overrides), tmp_path / "a")
+    again = evaluation.run_eval(eval_cfg(*overrides), tmp_path / "b")
+    one_env = evaluation.run_eval(eval_cfg(*overrides, "n_envs=1"), tmp_path / "c")
     assert again["episodes"] == first["episodes"]
     drop_timing = ("wall_s", "latency_ms")
     assert [{k: v for k, v in c.items() if k not in drop_timing} for c in again["chunks"]] == [
@@ -120,7 +125,7 @@ def test_same_seeds_give_the_same_episodes_and_chunks_whatever_the_batching(
 def test_video_and_offline_wandb_run(eval_cfg, tmp_path: Path) -> None:
     cfg = eval_cfg("sampler=ddim", "video=true", "logger.wandb=true", "n_episodes=1",
                    "max_steps=8", "warmup_chunks=0")
-    results = eval_policy.run(cfg, tmp_path)
+    results = evaluation.run_eval(cfg, tmp_path)
     video = Path(results["video"])
     assert video.parent == tmp_path and video.suffix in (".gif", ".mp4")
     assert video.stat().st_size > 0
@@ -129,21 +134,23 @@ def test_video_and_offline_wandb_run(eval_cfg, tmp_path: Path) -> None:
 
 def test_summarize_excludes_warmup_from_latency_and_weights_errors_by_batch() -> None:
     chunks = [
-        {"batch": 2, "rounds": 10, "nfe_total": 40, "n_converged": 2, "latency_ms": 500.0,
-         "exact_err": 0.2, "exact_err_mean": 0.1},
-        {"batch": 2, "rounds": 6, "nfe_total": 24, "n_converged": 1, "latency_ms": 10.0,
-         "exact_err": 0.4, "exact_err_mean": 0.3},
-        {"batch": 1, "rounds": 2, "nfe_total": 4, "n_converged": 1, "latency_ms": 30.0,
-         "exact_err": 0.0, "exact_err_mean": 0.0},
+        ChunkRecord(batch=2, rounds=10, nfe=20, nfe_total=40, n_converged=2, latency_ms=500.0,
+                    exact_err=0.2, exact_err_mean=0.1),
+        ChunkRecord(batch=2, rounds=6, nfe=12, nfe_total=24, n_converged=1, latency_ms=10.0,
+                    exact_err=0.4, exact_err_mean=0.3),
+        ChunkRecord(batch=1, rounds=2, nfe=4, nfe_total=4, n_converged=1, latency_ms=30.0),
     ]
-    result = RolloutResult(episodes=[], metrics={"mean_score": 0.5}, policy_calls=chunks)
-    metrics = eval_policy.summarize(result, warmup_chunks=1, deadline_ms=20.0)
+    calls = [PolicyCall(wall_s=0.0, record=chunk) for chunk in chunks]
+    result = evaluation.EvalResult(
+        RolloutResult(episodes=[], metrics={"mean_score": 0.5}, policy_calls=calls))
+    metrics = evaluation.summarize(result, warmup_chunks=1, deadline_ms=20.0)
     assert metrics["mean_score"] == 0.5 and metrics["rounds_mean"] == 6
     assert metrics["nfe"] == pytest.approx(68 / 5) and metrics["converged_rate"] == 0.8
-    assert metrics["exact_err_max"] == 0.4
-    assert metrics["exact_err_mean"] == pytest.approx((0.2 + 0.6) / 5)
+    assert metrics["exact_err_max"] == 0.4 and metrics["n_exact_err_chunks"] == 2
+    assert metrics["exact_err_mean"] == pytest.approx((0.2 + 0.6) / 4)
+    assert metrics["rounds_p95"] == pytest.approx(9.6)  # linear: 6 + 0.9 * (10 - 6)
     assert metrics["latency_ms_p50"] == 20.0 and metrics["deadline_miss_rate"] == 0.5
-    assert eval_policy.summarize(result)["deadline_miss_rate"] is None
+    assert evaluation.summarize(result)["deadline_miss_rate"] is None
 
 
 # ------------------------------------------------------------------------- the script
@@ -170,7 +177,9 @@ def test_multirun_over_two_samplers_writes_one_summary(tiny_checkpoint: Path, tm
     [
         (("checkpoint={tmp}/missing.ckpt",), "config error: checkpoint not found: {tmp}/missing"),
         (("sampler=nope",), "config error: unknown sampler 'nope'; available samplers: ddim, "
-                            "pcm, pcm_ddpm, picard, picard_ddim, sequential"),
+                            "pcm, pcm_ddim16, pcm_ddpm, pcm_ddpm100, picard, picard_ddim, "
+                            "picard_ddim16, picard_ddpm100, sequential, sequential_ddim16, "
+                            "sequential_ddpm100"),
         (("checkpoint={ckpt}", "env=pusht_image"),
          "config error: env pusht_image does not fit the policy in {ckpt}: the env observes"),
     ],

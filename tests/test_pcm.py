@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-import train_pcm
+import app.training as training
 from picard_sampler import (
     DDIMSchedule,
     DDPMSchedule,
@@ -24,6 +24,13 @@ from policy.normalizer import LinearNormalizer
 from policy.pcm import build_pcm
 from policy.pcm_training import PCMObjective, TrajectoryDataset, collect_trajectories
 from policy.unet import ConditionalUnet1D
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def training_stage_policy(cfg):
+    """The policy the stage of `cfg` trains (app.training.STAGES)."""
+    return training.STAGES[cfg.stage](cfg).build_policy()
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -66,7 +73,7 @@ def gaussian_chunks(policy: DiffusionPolicy, schedule, n: int, seed: int) -> dic
     noise = torch.randn(schedule.num_inference_steps + 1, n, H, DA, generator=g)
     _, stats = sequential_sample(policy.denoiser, schedule, noise, cond)
     return {"cond": cond, "noise": noise.transpose(0, 1),
-            "fixed_point": stats["trajectory"].transpose(0, 1)}
+            "fixed_point": stats.trajectory.transpose(0, 1)}
 
 
 def anytime_errors(policy, schedule, chunks, rounds, switch_rounds=None) -> list[float]:
@@ -140,7 +147,8 @@ def train_pcm_briefly(policy, schedule, objective: str, chunks: int = 512, epoch
 def test_trained_pcm_beats_picard_on_a_deterministic_ddim_problem(objective: str) -> None:
     """A few seconds of training: under a budget of 1-2 rounds the PCM's chunk is far closer to
     the sequential one than plain Picard's (it reaches error 0.3 in fewer rounds), and switching
-    still converges to the sequential sample. (Later rounds need not be better: DESIGN.md §4.)"""
+    still converges to the sequential sample. (Later rounds need not be better: docs/design.md
+    §4.7.)"""
     torch.manual_seed(0)
     policy = gaussian_policy()
     schedule = DDIMSchedule(num_train_timesteps=100, num_inference_steps=8)
@@ -162,13 +170,13 @@ def test_trained_pcm_beats_picard_on_a_deterministic_ddim_problem(objective: str
     with torch.no_grad():
         x, stats = pcm_sample(policy.denoiser, policy.pcm_denoiser, schedule, noise,
                               test["cond"], tol=1e-4, switch_rounds=1)
-    assert stats["converged"]
+    assert stats.converged
     torch.testing.assert_close(x, test["fixed_point"][:, -1], atol=1e-4, rtol=0)
 
 
 def test_noise_aware_pcm_lands_closer_than_a_naive_one_on_stochastic_ddpm() -> None:
-    """DESIGN.md §4 (c): with DDPM a cold slot's fixed point depends on the noise z[1..j] it has
-    not seen; a PCM that sees the noise path lands its rounds closer to the sequential
+    """docs/design.md §4.7 (c): with DDPM a cold slot's fixed point depends on the noise z[1..j]
+    it has not seen; a PCM that sees the noise path lands its rounds closer to the sequential
     sample than the same PCM without it (round 1 a little, rounds 2-3 about 2x), and switching
     still gives the exact sample."""
     schedule = DDPMSchedule(num_train_timesteps=100, num_inference_steps=8)
@@ -193,7 +201,7 @@ def test_noise_aware_pcm_lands_closer_than_a_naive_one_on_stochastic_ddpm() -> N
     with torch.no_grad():
         x, stats = pcm_sample(policy.denoiser, policy.pcm_denoiser, schedule, noise,
                               test["cond"], tol=1e-4, switch_rounds=1, pcm_sees_noise=True)
-    assert stats["converged"]
+    assert stats.converged
     torch.testing.assert_close(x, test["fixed_point"][:, -1], atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="this PCM sees the noise path"):
         policy.pcm_denoiser(noise[0], torch.zeros(64, dtype=torch.long), test["cond"])
@@ -232,7 +240,7 @@ def test_collected_trajectories_hold_the_sequential_sample_and_flag_blown_up_ite
 
     cfg = make_cfg()
     torch.manual_seed(0)
-    policy = train_pcm.build_policy(cfg)
+    policy = training_stage_policy(cfg)
     windows = SequenceDataset(cfg.data.path, obs_keys=list(cfg.data.obs_keys), horizon=16)
     policy.normalizer.fit(windows.all_obs_and_actions())
     schedule = DDIMSchedule(num_inference_steps=6)
@@ -257,14 +265,14 @@ def base_checkpoint(tiny_demos: Path, tmp_path_factory: pytest.TempPathFactory) 
     from hydra import compose, initialize_config_dir
 
     run_dir = tmp_path_factory.mktemp("pcm_base")
-    conf_dir = Path(train_pcm.__file__).resolve().parent / "conf"
+    conf_dir = REPO_ROOT / "conf"
     with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
         cfg = compose("train", overrides=[
             "debug=tiny", f"data.path={tiny_demos}", f"run_dir={run_dir}",
             "train.max_steps=10", "val.every=0",
         ])
     threads = torch.get_num_threads()
-    train_pcm.run(cfg)
+    training.run_training(cfg)
     torch.set_num_threads(threads)
     return run_dir / "latest.ckpt"
 
@@ -278,7 +286,7 @@ def pcm_overrides(base: Path, tmp_path: Path, *extra: str) -> tuple[str, ...]:
 def test_stage_pcm_checkpoint_holds_base_and_pcm_and_samples_exactly(
     make_cfg, base_checkpoint: Path, tmp_path: Path
 ) -> None:
-    summary = train_pcm.run(make_cfg(*pcm_overrides(base_checkpoint, tmp_path),
+    summary = training.run_training(make_cfg(*pcm_overrides(base_checkpoint, tmp_path),
                                      "pcm.switch_rounds=2", "pcm.objective=landing",
                                      "pcm.iterates=base"))
     assert summary["step"] == 10 and "val/loss" in summary
@@ -299,7 +307,7 @@ def test_stage_pcm_checkpoint_holds_base_and_pcm_and_samples_exactly(
     actual, stats = policy.predict_action(
         obs, Sampler(schedule, method="pcm", tol=1e-3, switch_rounds=2), noise=noise
     )
-    assert stats["converged"]
+    assert stats.converged
     torch.testing.assert_close(actual, expected, atol=1e-3 * 512, rtol=0)
 
     exported = export_pcm(path, tmp_path / "ship" / "pcm.ckpt", base_checkpoint)
@@ -314,9 +322,9 @@ def test_stage_pcm_checkpoint_holds_base_and_pcm_and_samples_exactly(
 def test_stage_pcm_trains_a_noise_aware_ddpm_pcm_that_samples_exactly(
     make_cfg, base_checkpoint: Path, tmp_path: Path
 ) -> None:
-    """pcm=ddpm100 (DESIGN.md §4 (c)): the stored PCM sees the noise path, predict_action hands
-    it the path, and switching still returns the sequential DDPM sample, also after export."""
-    train_pcm.run(make_cfg(*pcm_overrides(base_checkpoint, tmp_path), "pcm=ddpm100",
+    """pcm=ddpm100 (docs/design.md §4.7 (c)): the stored PCM sees the noise path, predict_action
+    hands it the path, and switching still returns the sequential DDPM sample, also after export."""
+    training.run_training(make_cfg(*pcm_overrides(base_checkpoint, tmp_path), "pcm=ddpm100",
                            "pcm.schedule.num_inference_steps=6", "pcm.objective=landing",
                            "train.max_steps=4"))
     path = tmp_path / "run" / "latest.ckpt"
@@ -330,7 +338,7 @@ def test_stage_pcm_trains_a_noise_aware_ddpm_pcm_that_samples_exactly(
     actual, stats = policy.predict_action(
         obs, Sampler(schedule, method="pcm", tol=1e-3), noise=noise
     )
-    assert stats["converged"]
+    assert stats.converged
     torch.testing.assert_close(actual, expected, atol=1e-3 * 512, rtol=0)
     shipped = load_policy(export_pcm(path, tmp_path / "ship" / "pcm.ckpt", base_checkpoint))
     assert shipped.pcm_sees_noise
@@ -339,7 +347,7 @@ def test_stage_pcm_trains_a_noise_aware_ddpm_pcm_that_samples_exactly(
 def test_exported_pcm_refuses_a_missing_or_different_base(
     make_cfg, base_checkpoint: Path, tmp_path: Path
 ) -> None:
-    train_pcm.run(make_cfg(*pcm_overrides(base_checkpoint, tmp_path), "train.max_steps=2"))
+    training.run_training(make_cfg(*pcm_overrides(base_checkpoint, tmp_path), "train.max_steps=2"))
     base_copy = tmp_path / "base.ckpt"
     base_copy.write_bytes(base_checkpoint.read_bytes())
     exported = export_pcm(tmp_path / "run" / "latest.ckpt", tmp_path / "pcm.ckpt", base_copy)
@@ -373,11 +381,11 @@ def test_stage_pcm_resumes_exactly_and_checks_its_cache(
     """SIGTERM at step 4 of 8 -> latest.ckpt -> resume=true equals an uninterrupted run."""
     overrides = pcm_overrides(base_checkpoint, tmp_path, "train.max_steps=8", "val.every=4",
                               "pcm.switch_rounds=2", "checkpoint.every=100")
-    straight = train_pcm.run(make_cfg(*overrides, run_dir=tmp_path / "straight"))
+    straight = training.run_training(make_cfg(*overrides, run_dir=tmp_path / "straight"))
     with sigterm_at_train_step(4):
-        first = train_pcm.run(make_cfg(*overrides, run_dir=tmp_path / "split"))
+        first = training.run_training(make_cfg(*overrides, run_dir=tmp_path / "split"))
     assert first["stopped_early"] and first["step"] == 4
-    resumed = train_pcm.run(make_cfg(*overrides, "resume=true", run_dir=tmp_path / "split"))
+    resumed = training.run_training(make_cfg(*overrides, "resume=true", run_dir=tmp_path / "split"))
     assert resumed["step"] == straight["step"] == 8
     a = load_checkpoint(tmp_path / "straight" / "latest.ckpt")
     b = load_checkpoint(tmp_path / "split" / "latest.ckpt")
@@ -386,10 +394,11 @@ def test_stage_pcm_resumes_exactly_and_checks_its_cache(
             torch.testing.assert_close(b["pcm"][part][key], value, rtol=0, atol=0, msg=key)
     assert resumed["val/loss"] == straight["val/loss"]
 
-    with pytest.raises(train_pcm.ConfigError, match=r"holds another collection .*n_chunks"):
-        train_pcm.run(make_cfg(*overrides, "pcm.data.n_chunks=7", run_dir=tmp_path / "other"))
-    with pytest.raises(train_pcm.ConfigError, match="pcm.base_checkpoint must be an existing"):
-        train_pcm.run(make_cfg("stage=pcm", f"pcm.base_checkpoint={tmp_path}/nothing.ckpt"))
+    with pytest.raises(training.ConfigError, match=r"holds another collection .*n_chunks"):
+        training.run_training(
+            make_cfg(*overrides, "pcm.data.n_chunks=7", run_dir=tmp_path / "other"))
+    with pytest.raises(training.ConfigError, match="pcm.base_checkpoint must be an existing"):
+        training.run_training(make_cfg("stage=pcm", f"pcm.base_checkpoint={tmp_path}/nothing.ckpt"))
 
 
 def test_pcm_init_reuses_a_trained_head_for_another_trunk(
@@ -397,25 +406,25 @@ def test_pcm_init_reuses_a_trained_head_for_another_trunk(
 ) -> None:
     """pcm.init from a head-only PCM starts a LoRA fine-tune from its head; other settings that
     differ are refused by name."""
-    train_pcm.run(make_cfg(*pcm_overrides(base_checkpoint, tmp_path), "train.max_steps=2",
+    training.run_training(make_cfg(*pcm_overrides(base_checkpoint, tmp_path), "train.max_steps=2",
                            run_dir=tmp_path / "head"))
     head_ckpt = tmp_path / "head" / "latest.ckpt"
     trained = load_checkpoint(head_ckpt)["pcm"]["ema"]
     assert trained["head.final.1.weight"].abs().sum() > 0  # the zero-initialised layer moved
     cfg = make_cfg(*pcm_overrides(base_checkpoint, tmp_path), f"pcm.init={head_ckpt}",
                    "pcm.model.finetune=lora", run_dir=tmp_path / "lora")
-    policy = train_pcm.build_policy(cfg)
+    policy = training_stage_policy(cfg)
     for key, value in policy.pcm.head.state_dict().items():
         torch.testing.assert_close(value, trained[f"head.{key}"], rtol=0, atol=0, msg=key)
     assert all(b.abs().sum() == 0 for b in policy.pcm.lora.B.values())  # a fresh, zero LoRA
     older = load_checkpoint(head_ckpt)  # a PCM saved before `sees_noise` existed
     del older["pcm"]["config"]["sees_noise"]
     torch.save(older, tmp_path / "older.ckpt")
-    train_pcm.build_policy(make_cfg(*pcm_overrides(base_checkpoint, tmp_path),
+    training_stage_policy(make_cfg(*pcm_overrides(base_checkpoint, tmp_path),
                                     f"pcm.init={tmp_path}/older.ckpt", "pcm.model.finetune=lora"))
-    with pytest.raises(train_pcm.ConfigError, match="pcm.init: checkpoint not found"):
-        train_pcm.build_policy(make_cfg(*pcm_overrides(base_checkpoint, tmp_path),
+    with pytest.raises(training.ConfigError, match="pcm.init: checkpoint not found"):
+        training_stage_policy(make_cfg(*pcm_overrides(base_checkpoint, tmp_path),
                                         f"pcm.init={tmp_path}/missing.ckpt"))
-    with pytest.raises(train_pcm.ConfigError, match=r"\['head_kernel_size'\] differ"):
-        train_pcm.build_policy(make_cfg(*pcm_overrides(base_checkpoint, tmp_path),
+    with pytest.raises(training.ConfigError, match=r"\['head_kernel_size'\] differ"):
+        training_stage_policy(make_cfg(*pcm_overrides(base_checkpoint, tmp_path),
                                         f"pcm.init={head_ckpt}", "pcm.model.head_kernel_size=3"))

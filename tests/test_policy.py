@@ -38,10 +38,8 @@ def tiny_policy(seed: int = 0, obs_dim: int = Do, **kwargs) -> DiffusionPolicy:
     model = functools.partial(
         ConditionalUnet1D, down_dims=(16, 32), n_groups=4, diffusion_step_embed_dim=16
     )
-    return DiffusionPolicy(
-        model, LowDimObsEncoder(obs_dim), normalizer, action_dim=Da,
-        train_schedule=DDPMSchedule(), **kwargs,
-    )
+    kwargs.setdefault("train_schedule", DDPMSchedule())
+    return DiffusionPolicy(model, LowDimObsEncoder(obs_dim), normalizer, action_dim=Da, **kwargs)
 
 
 def pusht_obs(batch: int, seed: int = 0) -> torch.Tensor:
@@ -184,9 +182,9 @@ def test_predict_action_returns_the_executed_slice_of_the_chunk() -> None:
         pusht_obs(3).numpy(), sampler, generator=torch.Generator().manual_seed(0)
     )
     assert actions.shape == (3, Ta, Da)
-    assert stats["naction"].shape == (3, H, Da)
-    assert stats["trajectory"].shape == (11, 3, H, Da)
-    full = policy.normalizer.unnormalize("action", stats["naction"])
+    assert stats.sample.shape == (3, H, Da)
+    assert stats.trajectory.shape == (11, 3, H, Da)
+    full = policy.normalizer.unnormalize("action", stats.sample)
     torch.testing.assert_close(actions, full[:, To - 1 : To - 1 + Ta])
 
 
@@ -199,8 +197,59 @@ def test_picard_and_sequential_sampling_give_the_same_actions_for_the_same_noise
     obs = pusht_obs(2)
     a_seq, _ = policy.predict_action(obs, sequential, noise=noise)
     a_pic, stats = policy.predict_action(obs, picard, noise=noise)
-    assert stats["converged"]
+    assert stats.converged
     torch.testing.assert_close(a_pic, a_seq, atol=1e-3, rtol=0)
+
+
+def test_make_sampler_uses_the_policys_own_training_settings() -> None:
+    """make_sampler builds its schedule from the policy's train schedule, whatever the class
+    and steps; the one-line speed-up equals sequential sampling on the same noise."""
+    trained = DDPMSchedule(num_train_timesteps=50, beta_schedule="linear", beta_start=2e-4,
+                           beta_end=0.03, clip_sample=False, num_inference_steps=50)
+    policy = tiny_policy(train_schedule=trained).eval()
+    assert policy.make_sampler("sequential").schedule.config == trained.config
+    picard = policy.make_sampler("picard", "ddim", 10, tol=0.0)
+    assert type(picard.schedule) is DDIMSchedule and picard.num_steps == 10
+    assert picard.schedule.training_settings == trained.training_settings
+    assert (picard.method, picard.tol) == ("picard", 0.0)
+    noise = torch.randn(picard.noise_shape(2, H, Da))
+    a_seq, _ = policy.predict_action(pusht_obs(2), policy.make_sampler("sequential", "ddim", 10),
+                                     noise=noise)
+    a_pic, stats = policy.predict_action(pusht_obs(2), picard, noise=noise)
+    assert stats.converged
+    torch.testing.assert_close(a_pic, a_seq, atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("config", "match"),
+    [
+        ({"method": "picard", "schedule": {"num_inference_steps": 8, "beta_end": 0.1}},
+         r"sampler.schedule.beta_end cannot be set: it comes from the policy's train_schedule"),
+        ({"method": "picard", "schedule": {"num_inference_steps": 8, "eta": 1}},
+         r"sampler.schedule.eta is not a schedule setting"),
+        ({"method": "picard", "windw": 4, "schedule": {"num_inference_steps": 8}},
+         r"sampler: .*windw"),
+        ({"method": "fast", "schedule": {"num_inference_steps": 8}},
+         r"sampler: sampler method must be one of"),
+        ({"method": "picard", "schedule": {"_target_": "nowhere.Schedule"}},
+         r"sampler.schedule._target_ 'nowhere.Schedule' is not importable"),
+    ],
+    ids=["training-setting", "unknown-schedule-key", "unknown-knob", "method", "target"],
+)
+def test_sampler_config_errors_name_the_key(config: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        tiny_policy().sampler_from_config(config)
+
+
+def test_sampler_config_takes_class_and_steps_from_the_config() -> None:
+    policy = tiny_policy()
+    sampler = policy.sampler_from_config({
+        "_target_": "picard_sampler.Sampler", "method": "picard", "window": 4,
+        "schedule": {"_target_": "picard_sampler.DDIMSchedule", "num_inference_steps": 8},
+    })
+    assert type(sampler.schedule) is DDIMSchedule and sampler.num_steps == 8
+    assert sampler.window == 4
+    assert sampler.schedule.training_settings == policy.train_schedule.training_settings
 
 
 def test_same_generator_seed_gives_the_same_actions() -> None:

@@ -17,11 +17,12 @@ import numpy as np
 import pytest
 import torch
 
-import eval_policy
+from app import evaluation
+from app.config import CONF_DIR
 from envs.realtime import RealtimeController, max_lead_steps, summarize_realtime
 from envs.rollout import rollout
 from picard_sampler import DDIMSchedule, Sampler
-from policy.checkpoint import load_checkpoint, load_policy
+from policy.checkpoint import load_policy
 
 H, TO, TA = 12, 2, 4  # lead = H - To + 1 - Ta = 7 ticks
 
@@ -84,9 +85,9 @@ def test_on_time_chunks_execute_each_action_at_its_own_tick() -> None:
     )
     executed, records = run_ticks(controller, 6)
     assert executed == list(range(6 * TA))  # no hold, nothing stale: action for tick t at t
-    timed = [r for r in controller.requests if not r.get("startup")]
+    timed = [r for r in controller.requests if not r.startup]
     assert len(timed) == 5
-    assert all(r["ready_tick"] == r["request_tick"] + 3 for r in timed)  # 0.25 s = 3 ticks
+    assert all(r.ready_tick == r.request_tick + 3 for r in timed)  # 0.25 s = 3 ticks
     assert controller.budget_s == pytest.approx(0.7 - 0.005)
     metrics = summarize_realtime(records, controller.requests)
     assert metrics["deadline_miss_rate"] == 0 and metrics["held_step_rate"] == 0
@@ -101,10 +102,10 @@ def test_late_chunk_holds_the_last_action_and_counts_the_miss() -> None:
     # the chunk asked at 4 arrives (covers 3..14); 15 held; 16: asked again, nothing until 26.
     expected = [*range(11), 10, 10, 10, 14, 14, 14, 14, 14, 14]
     assert executed == expected
-    assert [r["held_steps"] for r in records] == [0, 0, 1, 3, 4]
-    assert [bool(r.get("skipped_request")) for r in records] == [False, False, True, True, False]
+    assert [r.held_steps for r in records] == [0, 0, 1, 3, 4]
+    assert [r.skipped_request for r in records] == [False, False, True, True, False]
     late = controller.requests[1]
-    assert (late["request_tick"], late["ready_tick"], late["late"]) == (4, 14, True)
+    assert (late.request_tick, late.ready_tick, late.late) == (4, 14, True)
     metrics = summarize_realtime(records, controller.requests)
     assert metrics["deadline_miss_rate"] == 1.0 and metrics["anytime_rate"] == 0.0
     assert metrics["held_step_rate"] == 8 / 20 and metrics["skipped_requests"] == 2
@@ -118,7 +119,7 @@ def test_unconverged_chunks_on_time_count_as_anytime_deliveries() -> None:
     _, records = run_ticks(controller, 4)
     metrics = summarize_realtime(records, controller.requests)
     assert metrics["anytime_rate"] == 1.0 and metrics["deadline_miss_rate"] == 0.0
-    assert {r["budget_s"] for r in controller.requests[1:]} == {controller.budget_s}
+    assert {r.chunk["budget_s"] for r in controller.requests[1:]} == {controller.budget_s}
 
 
 def worker_threads() -> list[threading.Thread]:
@@ -138,17 +139,14 @@ def test_wall_clock_runs_inference_in_a_thread_and_leaves_none_behind(
         assert time.perf_counter() - start >= 7 * TA / 50 - 0.03  # the loop kept the clock
         assert worker_threads()
     assert not worker_threads()
-    assert {r["late"] for r in controller.requests[1:]} == {late}
+    assert {r.late for r in controller.requests[1:]} == {late}
 
 
 # ---------------------------------------------------------------------- eval_policy real time
 @pytest.fixture
 def tiny_policy(tiny_checkpoint: Path) -> Any:
-    """The tiny PushT policy, its training schedule attached for build_sampler."""
-    policy = load_policy(tiny_checkpoint)
-    policy.train_schedule_config = load_checkpoint(tiny_checkpoint)["config"]["policy"][
-        "train_schedule"]
-    return policy
+    """The tiny PushT policy."""
+    return load_policy(tiny_checkpoint)
 
 
 def slow_denoiser(policy: Any, clock: FakeClock, seconds_per_call: float) -> None:
@@ -159,15 +157,15 @@ def slow_denoiser(policy: Any, clock: FakeClock, seconds_per_call: float) -> Non
 def evaluate_realtime(policy: Any, sampler_name: str, clock: FakeClock, **knobs: Any):
     from hydra import compose, initialize_config_dir
 
-    with initialize_config_dir(config_dir=str(eval_policy.CONF_DIR), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("eval", overrides=[f"sampler={sampler_name}"])
-    sampler = eval_policy.build_sampler(cfg.sampler, policy.train_schedule_config)
+    sampler = evaluation.build_sampler(cfg.sampler, policy)
     for key, value in knobs.items():
         setattr(sampler, key, value)
     env = {"id": "envs:PushT-v0", "kwargs": {"obs_type": "keypoints"}, "max_steps": 40}
-    return eval_policy.evaluate(
+    return evaluation.evaluate(
         policy, sampler, env, n_episodes=1, n_envs=1, seed_start=100000, noise_seed=0,
-        exact_err_every=0, progress=False, realtime=eval_policy.Realtime(control_hz=10),
+        exact_err_every=0, progress=False, realtime=evaluation.Realtime(control_hz=10),
         clock=clock, sleep=clock.sleep,
     )
 
@@ -179,17 +177,17 @@ def test_slow_denoiser_makes_sequential_miss_and_picard_deliver_anytime(tiny_pol
     delivers an unconverged chunk in time; sequential DDIM-16 (320 ms) is on time and exact."""
     clock = FakeClock()
     slow_denoiser(tiny_policy, clock, 0.02)
-    sequential = eval_policy.summarize(evaluate_realtime(tiny_policy, "sequential", clock))
+    sequential = evaluation.summarize(evaluate_realtime(tiny_policy, "sequential", clock))
     assert sequential["deadline_miss_rate"] == 1.0 and sequential["held_step_rate"] > 0
     assert sequential["latency_ms_p50"] == pytest.approx(2000)
 
     picard = evaluate_realtime(tiny_policy, "picard", clock, tol=0.0)
-    metrics = eval_policy.summarize(picard)
+    metrics = evaluation.summarize(picard)
     assert metrics["deadline_miss_rate"] == 0.0 and metrics["held_step_rate"] == 0.0
     assert metrics["anytime_rate"] == 1.0
-    assert {r["rounds"] for r in picard.requests[1:]} == {34}  # 34 x 20 ms <= 695 ms < 35 x 20
+    assert {r.chunk.rounds for r in picard.requests[1:]} == {34}  # 34 x 20 ms <= 695 ms < 35 x 20
 
-    ddim = eval_policy.summarize(evaluate_realtime(tiny_policy, "ddim", clock))
+    ddim = evaluation.summarize(evaluate_realtime(tiny_policy, "ddim", clock))
     assert ddim["deadline_miss_rate"] == 0.0 and ddim["anytime_rate"] == 0.0
 
 
@@ -201,7 +199,7 @@ def test_realtime_rollouts_are_deterministic_with_a_deterministic_clock(tiny_pol
         hook = tiny_policy.model.register_forward_hook(lambda *_, c=clock: c.advance(0.02))
         result = evaluate_realtime(tiny_policy, "picard", clock, tol=0.0)
         hook.remove()
-        runs.append((result.episodes, result.requests))
+        runs.append((result.rollout.episodes, result.requests))
     assert runs[0] == runs[1]
 
 
@@ -212,7 +210,7 @@ def test_interrupt_ends_the_rollout_with_the_finished_episodes(
     """Ctrl-C in the middle of the second episode: the first is kept and written, the envs and
     the worker thread are closed, and run() re-raises so the script exits non-zero."""
     seeds: list[int | None] = []
-    call, reset = eval_policy.ChunkPolicy.__call__, eval_policy.ChunkPolicy.on_reset
+    call, reset = evaluation.ChunkPolicy.__call__, evaluation.ChunkPolicy.on_reset
 
     def on_reset(self, env_index, seed):
         seeds.append(seed)
@@ -223,12 +221,12 @@ def test_interrupt_ends_the_rollout_with_the_finished_episodes(
             raise KeyboardInterrupt
         return call(self, obs, budget_s)
 
-    monkeypatch.setattr(eval_policy.ChunkPolicy, "__call__", interrupting)
-    monkeypatch.setattr(eval_policy.ChunkPolicy, "on_reset", on_reset)
+    monkeypatch.setattr(evaluation.ChunkPolicy, "__call__", interrupting)
+    monkeypatch.setattr(evaluation.ChunkPolicy, "on_reset", on_reset)
     cfg = eval_cfg("sampler=ddim", "realtime.enabled=true", "realtime.clock=wall",
                    "realtime.control_hz=200", "seed_start=100000")
     with pytest.raises(KeyboardInterrupt, match="results so far"):
-        eval_policy.run(cfg, tmp_path)
+        evaluation.run_eval(cfg, tmp_path)
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["interrupted"] and results["n_episodes"] == 1
     assert results["metrics"]["mean_score"] is not None
@@ -251,14 +249,14 @@ def test_rollout_returns_finished_episodes_on_keyboard_interrupt() -> None:
 def test_shifted_noise_moves_with_the_actions(tiny_policy) -> None:
     """`shift`: the noise of each action step stays with that step from chunk to chunk."""
     sampler = Sampler(DDIMSchedule(num_inference_steps=4), method="picard")
-    chunk_policy = eval_policy.ChunkPolicy(tiny_policy, sampler, noise_seed=0, warm_start="shift")
+    chunk_policy = evaluation.ChunkPolicy(tiny_policy, sampler, noise_seed=0, warm_start="shift")
     chunk_policy.on_reset(0, seed=7)
     first, second = chunk_policy._noise(0), chunk_policy._noise(0)
     ta = tiny_policy.n_action_steps
     torch.testing.assert_close(second[:, :-ta], first[:, ta:])
     assert not torch.equal(second[:, -ta:], first[:, -ta:])
-    with pytest.raises(eval_policy.ConfigError, match="warm_start must be one of"):
-        eval_policy.resolve_warm_start("sometimes")
+    with pytest.raises(ValueError, match="warm_start must be one of"):
+        evaluation.resolve_warm_start("sometimes")
 
 
 def test_a_chunk_still_missing_when_the_episode_ends_is_a_miss() -> None:
@@ -267,5 +265,5 @@ def test_a_chunk_still_missing_when_the_episode_ends_is_a_miss() -> None:
     _, records = run_ticks(controller, 5)  # asked at tick 4, would arrive at 24; ends at 20
     controller.on_reset(0, None)
     missing = controller.requests[-1]
-    assert (missing["request_tick"], missing["late"], missing["delivered"]) == (4, True, False)
+    assert (missing.request_tick, missing.late, missing.delivered) == (4, True, False)
     assert summarize_realtime(records, controller.requests)["deadline_miss_rate"] == 1.0

@@ -86,7 +86,7 @@ def test_rollout_runs_each_seed_once_with_fewer_envs_than_episodes(vector: str) 
     assert all(shape == (3, 2, 3) for shape in seen_batches)  # one call for the whole batch
     assert result.metrics == summarize(result.episodes)
     assert result.metrics["n_episodes"] == 7
-    assert all(call["rounds"] == 2 and call["wall_s"] >= 0 for call in result.policy_calls)
+    assert all(call.record["rounds"] == 2 and call.wall_s >= 0 for call in result.policy_calls)
 
 
 def test_rollout_records_frames_of_the_first_episode() -> None:

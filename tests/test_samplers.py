@@ -14,6 +14,7 @@ from picard_sampler import (
     noise_path,
     pcm_sample,
     picard_sample,
+    schedule_like,
     sequential_sample,
     switch_weight,
 )
@@ -81,7 +82,7 @@ def test_sequential_matches_diffusers(kind, beta_schedule, prediction_type, step
     cond = torch.randn(B, 3, generator=torch.Generator().manual_seed(5))
     noise = make_noise(steps, B)
     ours, stats = sequential_sample(net, schedule, noise, cond)
-    assert stats["rounds"] == steps and stats["converged"]
+    assert stats.rounds == steps and stats.converged
 
     kwargs = dict(
         num_train_timesteps=100,
@@ -145,8 +146,7 @@ def test_picard_tight_tol_equals_sequential(kind, steps, update, batch, denoiser
         x, stats = picard_sample(
             denoiser, schedule, noise, cond, window=window, tol=1e-6, update=update
         )
-        assert stats["converged"]
-        assert stats["rounds"] <= steps
+        assert stats.converged
         assert (x - reference).abs().max() <= 1e-5, (window, (x - reference).abs().max())
 
 
@@ -161,7 +161,7 @@ def test_picard_loose_tol_error_is_bounded_by_criterion(kind, update):
     x, stats = picard_sample(net, schedule, noise, cond, window=None, tol=0.1, update=update)
     per_slot_bound = 0.1 * float(schedule.error_std.max())  # rms per element of one slot's move
     err = (x - reference).abs().max().item()
-    assert stats["converged"] and stats["rounds"] < 100
+    assert stats.converged and stats.rounds < 100
     assert err <= 10 * per_slot_bound * math.sqrt(H * D), err
 
 
@@ -171,7 +171,7 @@ def test_window_one_takes_exactly_T_rounds():
         _, stats = picard_sample(
             SmallNet(), schedule, make_noise(20, 2), torch.randn(2, 3), window=1, tol=0.1
         )
-        assert stats["rounds"] == 20 and stats["nfe"] == 20
+        assert stats.rounds == 20 and stats.nfe == 20
 
 
 def test_round_budget_returns_finite_unconverged_estimate():
@@ -179,24 +179,28 @@ def test_round_budget_returns_finite_unconverged_estimate():
     x, stats = picard_sample(
         SmallNet(), schedule, make_noise(100, 4), torch.randn(4, 3), tol=1e-6, max_rounds=3
     )
-    assert stats["rounds"] == 3 and not stats["converged"]
+    assert stats.rounds == 3 and not stats.converged
     assert torch.isfinite(x).all() and x.shape == (4, H, D)
 
 
-def test_time_budget_uses_the_clock():
-    """A fake clock where every round costs 1 s: a 3.5 s budget allows exactly 3 rounds."""
-    ticks = iter(range(10_000))
-    clock = lambda: float(next(ticks)) / 2  # noqa: E731  two reads per round -> 1 s per round
-    _, stats = picard_sample(
-        SmallNet(),
-        DDPMSchedule(),
-        make_noise(100, 2),
-        torch.randn(2, 3),
-        tol=1e-6,
-        budget_s=3.5,
-        clock=clock,
-    )
-    assert not stats["converged"] and 1 <= stats["rounds"] <= 3
+def test_time_budget_stops_before_a_round_that_would_overrun():
+    """A fake clock that only the denoiser moves, 1 s per call (one call per round): with a
+    3.5 s budget rounds end at 1, 2, 3 s and a 4th (3 s + its 1 s mean) would overrun, so
+    exactly 3 rounds run; 4.0 s allows exactly 4 (the rule is `elapsed + mean round > budget`)."""
+    for budget_s, expected in ((3.5, 3), (4.0, 4), (0.5, 1)):
+        now = [0.0]
+        net = SmallNet()
+
+        def slow(x, t, cond, net=net, now=now):
+            now[0] += 1.0
+            return net(x, t, cond)
+
+        _, stats = picard_sample(
+            slow, DDPMSchedule(), make_noise(100, 2), torch.randn(2, 3), tol=1e-6,
+            budget_s=budget_s, clock=lambda now=now: now[0],
+        )
+        assert not stats.converged and stats.rounds == expected, (budget_s, stats.rounds)
+        assert stats.wall_s == expected
 
 
 @pytest.mark.parametrize("update", ["scan", "drift"])
@@ -205,9 +209,9 @@ def test_init_with_sequential_trajectory_converges_in_one_round(update):
     net, noise, cond = SmallNet(), make_noise(100, 3), torch.randn(3, 3)
     reference, seq_stats = sequential_sample(net, schedule, noise, cond)
     x, stats = picard_sample(
-        net, schedule, noise, cond, tol=1e-4, update=update, init=seq_stats["trajectory"]
+        net, schedule, noise, cond, tol=1e-4, update=update, init=seq_stats.trajectory
     )
-    assert stats["rounds"] == 1 and stats["converged"]
+    assert stats.rounds == 1 and stats.converged
     assert (x - reference).abs().max() < 1e-5
 
 
@@ -217,11 +221,11 @@ def test_converged_samples_stop_costing_evaluations():
     net, noise, cond = SmallNet(), make_noise(16, 2), torch.randn(2, 3)
     _, seq = sequential_sample(net, schedule, noise, cond)
     init = noise[0].unsqueeze(0).repeat(17, 1, 1, 1)
-    init[:, 0] = seq["trajectory"][:, 0]
+    init[:, 0] = seq.trajectory[:, 0]
     _, stats = picard_sample(net, schedule, noise, cond, tol=1e-4, init=init)
-    assert stats["rounds_per_sample"][0] == 1 and stats["rounds_per_sample"][1] > 1
+    assert stats.rounds_per_sample[0] == 1 and stats.rounds_per_sample[1] > 1
     _, alone = picard_sample(net, schedule, noise[:, 1:], cond[1:], tol=1e-4)
-    assert stats["nfe_total"] == 16 + alone["nfe_total"]
+    assert stats.nfe_total == 16 + alone.nfe_total
 
 
 def test_one_denoiser_call_per_round():
@@ -235,7 +239,7 @@ def test_one_denoiser_call_per_round():
     _, stats = picard_sample(
         counting, DDPMSchedule(), make_noise(100, 8), torch.randn(8, 3), window=16, tol=0.1
     )
-    assert len(calls) == stats["rounds"]
+    assert len(calls) == stats.rounds
     assert calls[0] == 8 * 16
 
 
@@ -287,7 +291,7 @@ def test_pcm_with_untrained_model_still_exact(update, window):
             switch_rounds=switch_rounds,
             update=update,
         )
-        assert stats["converged"]
+        assert stats.converged
         assert (x - reference).abs().max() <= 1e-5
 
 
@@ -300,7 +304,7 @@ def test_sampler_object_dispatches():
     x, stats = sampler(net, noise, cond)
     assert (x - ref).abs().max() < 1e-5
     _, loose = sampler(net, noise, cond, tol=0.1)
-    assert loose["rounds"] < stats["rounds"]
+    assert loose.rounds < stats.rounds
     with pytest.raises(ValueError, match="needs a PCM denoiser"):
         Sampler(schedule, method="pcm")(net, noise, cond)
 
@@ -317,7 +321,7 @@ def test_noise_path_is_the_trajectory_of_a_model_that_predicts_x0_zero():
     noise = make_noise(20, 3)
     noise[0] = 0
     _, stats = sequential_sample(x0_zero, schedule, noise)
-    torch.testing.assert_close(noise_path(schedule, noise), stats["trajectory"])
+    torch.testing.assert_close(noise_path(schedule, noise), stats.trajectory)
     assert noise_path(schedule, noise)[10].abs().max() > 0.1  # (X[T] is x0 alone: path 0)
     assert noise_path(DDIMSchedule(num_inference_steps=20), noise).abs().max() == 0
 
@@ -343,5 +347,38 @@ def test_noise_aware_pcm_gets_each_slots_noise_path_and_stays_exact(update):
     reference, _ = sequential_sample(base, schedule, noise, cond)
     x, stats = pcm_sample(base, pcm, schedule, noise, cond, window=4, tol=1e-6, update=update,
                           switch_rounds=2, pcm_sees_noise=True)
-    assert calls and stats["converged"]
+    assert calls and stats.converged
     assert (x - reference).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("kind", ["ddpm", "ddim"])
+def test_schedule_config_round_trips_every_setting(kind: str) -> None:
+    """Schedule.config holds every constructor argument (it keys the PCM trajectory cache):
+    rebuilding from it gives the same config and the same coefficient tables."""
+    schedule = SCHEDULES[kind](num_train_timesteps=200, num_inference_steps=20,
+                               beta_schedule="linear", beta_start=3e-4, beta_end=0.05,
+                               clip_sample=True, clip_sample_range=2.5, prediction_type="sample")
+    rebuilt = type(schedule)(**schedule.config)
+    assert rebuilt.config == schedule.config
+    assert schedule.config["clip_sample_range"] == 2.5 and schedule.config["beta_end"] == 0.05
+    for name in ("noise_std", "scan_coef", "error_std"):
+        torch.testing.assert_close(getattr(rebuilt, name), getattr(schedule, name))
+    other = schedule_like(schedule, "ddim" if kind == "ddpm" else "ddpm", 5)
+    assert other.training_settings == schedule.training_settings and other.num_inference_steps == 5
+
+
+def test_sampler_budget_argument_and_knob_overrides() -> None:
+    """A call's budget_s tightens the sampler's own; an unknown override is refused."""
+    schedule, net = DDPMSchedule(), SmallNet()
+    noise, cond = make_noise(100, 2), torch.randn(2, 3)
+    now = [0.0]
+
+    def slow(x, t, c):
+        now[0] += 1.0
+        return net(x, t, c)
+
+    sampler = Sampler(schedule, method="picard", tol=1e-6, budget_s=10.0)
+    _, stats = sampler(slow, noise, cond, budget_s=2.5, clock=lambda: now[0])
+    assert stats.rounds == 2
+    with pytest.raises(TypeError, match="unknown sampler overrides"):
+        sampler(net, noise, cond, windw=4)

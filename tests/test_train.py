@@ -1,4 +1,4 @@
-"""train_pcm.py: configs, the loop, checkpoints and exact resumption."""
+"""train_pcm.py and app.training: configs, the loop, checkpoints and exact resumption."""
 
 from __future__ import annotations
 
@@ -12,15 +12,17 @@ import pytest
 import torch
 from hydra.errors import ConfigCompositionException, InstantiationException
 
-import train_pcm
+import app.training as training
 from policy.checkpoint import load_checkpoint
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_tiny_run_trains_validates_evaluates_and_checkpoints(make_cfg, tmp_path: Path) -> None:
     cfg = make_cfg("train.max_steps=10", "eval.every=10", "env.max_steps=8", "eval.n_episodes=1")
-    summary = train_pcm.run(cfg)
+    summary = training.run_training(cfg)
     run_dir = tmp_path / "run"
     assert summary["step"] == 10 and not summary["stopped_early"]
     assert {"train/loss", "val/loss", "eval/mean_score", "eval/success_rate"} <= set(summary)
@@ -37,13 +39,13 @@ def test_interrupted_then_resumed_run_equals_an_uninterrupted_one(
 ) -> None:
     """SIGTERM mid-epoch (step 7 of 12, 5 steps per epoch) -> latest.ckpt -> resume=true."""
     overrides = ("train.max_steps=12", "data.batch_size=32", "checkpoint.every=5", "val.every=4")
-    straight = train_pcm.run(make_cfg(*overrides, run_dir=tmp_path / "straight"))
+    straight = training.run_training(make_cfg(*overrides, run_dir=tmp_path / "straight"))
 
     with sigterm_at_train_step(7):
-        first = train_pcm.run(make_cfg(*overrides, run_dir=tmp_path / "split"))
+        first = training.run_training(make_cfg(*overrides, run_dir=tmp_path / "split"))
     assert first["stopped_early"] and first["step"] == 7
     assert load_checkpoint(tmp_path / "split" / "latest.ckpt")["step"] == 7
-    resumed = train_pcm.run(make_cfg(*overrides, "resume=true", run_dir=tmp_path / "split"))
+    resumed = training.run_training(make_cfg(*overrides, "resume=true", run_dir=tmp_path / "split"))
     assert "changed config keys" not in capsys.readouterr().err
 
     assert resumed["step"] == straight["step"] == 12 and resumed["epoch"] == straight["epoch"]
@@ -62,12 +64,12 @@ def test_interrupted_then_resumed_run_equals_an_uninterrupted_one(
 def test_run_refuses_to_overwrite_or_to_resume_nothing_and_warns_on_changes(
     make_cfg, capsys: pytest.CaptureFixture
 ) -> None:
-    with pytest.raises(train_pcm.ConfigError, match="resume=true but there is no checkpoint"):
-        train_pcm.run(make_cfg("resume=true"))
-    train_pcm.run(make_cfg("train.max_steps=1", "val.every=0"))
-    with pytest.raises(train_pcm.ConfigError, match="latest.ckpt exists: pass resume=true"):
-        train_pcm.run(make_cfg("train.max_steps=1"))
-    train_pcm.run(make_cfg("train.max_steps=2", "val.every=0", "resume=true"))
+    with pytest.raises(training.ConfigError, match="resume=true but there is no checkpoint"):
+        training.run_training(make_cfg("resume=true"))
+    training.run_training(make_cfg("train.max_steps=1", "val.every=0"))
+    with pytest.raises(training.ConfigError, match="latest.ckpt exists: pass resume=true"):
+        training.run_training(make_cfg("train.max_steps=1"))
+    training.run_training(make_cfg("train.max_steps=2", "val.every=0", "resume=true"))
     assert "changed config keys ['train.max_steps']" in capsys.readouterr().err
 
 
@@ -82,8 +84,8 @@ def test_run_refuses_to_overwrite_or_to_resume_nothing_and_warns_on_changes(
     ],
 )
 def test_bad_config_values_are_errors_naming_the_key(make_cfg, override, match) -> None:
-    with pytest.raises((train_pcm.ConfigError, InstantiationException), match=match):
-        train_pcm.run(make_cfg(override))
+    with pytest.raises((training.ConfigError, InstantiationException), match=match):
+        training.run_training(make_cfg(override))
 
 
 def test_unknown_config_key_is_rejected(make_cfg) -> None:
@@ -95,7 +97,7 @@ def test_entry_script_prints_one_line_config_error(tiny_demos: Path, tmp_path: P
     result = subprocess.run(
         [sys.executable, "train_pcm.py", "debug=tiny", f"data.path={tiny_demos}",
          f"run_dir={tmp_path / 'run'}", "data.batch_size=0"],
-        cwd=Path(train_pcm.__file__).parent, capture_output=True, text=True, timeout=120,
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
@@ -105,17 +107,17 @@ def test_entry_script_prints_one_line_config_error(tiny_demos: Path, tmp_path: P
 
 def test_train_loader_order_depends_only_on_seed_and_epoch() -> None:
     dataset = list(range(23))
-    full = [b.tolist() for b in train_pcm.make_train_loader(dataset, 5, seed=1, epoch=3)]
-    again = [b.tolist() for b in train_pcm.make_train_loader(dataset, 5, seed=1, epoch=3)]
-    skipped = [b.tolist() for b in train_pcm.make_train_loader(dataset, 5, 1, 3, skip_batches=2)]
-    other = [b.tolist() for b in train_pcm.make_train_loader(dataset, 5, seed=1, epoch=4)]
+    full = [b.tolist() for b in training.make_train_loader(dataset, 5, seed=1, epoch=3)]
+    again = [b.tolist() for b in training.make_train_loader(dataset, 5, seed=1, epoch=3)]
+    skipped = [b.tolist() for b in training.make_train_loader(dataset, 5, 1, 3, skip_batches=2)]
+    other = [b.tolist() for b in training.make_train_loader(dataset, 5, seed=1, epoch=4)]
     assert full == again and skipped == full[2:] and other != full
     assert sorted(sum(full, [])) == dataset
 
 
 def test_lr_warms_up_linearly_then_decays_to_zero(make_cfg) -> None:
     cfg = make_cfg("optim.warmup_steps=4", "optim.lr=1.0")
-    optimizer, scheduler = train_pcm.build_optimizer(cfg, torch.nn.Linear(1, 1), total_steps=12)
+    optimizer, scheduler = training.build_optimizer(cfg, torch.nn.Linear(1, 1), total_steps=12)
     lrs = []
     for _ in range(12):
         lrs.append(scheduler.get_last_lr()[0])
@@ -128,10 +130,10 @@ def test_lr_warms_up_linearly_then_decays_to_zero(make_cfg) -> None:
 
 def test_wandb_logs_offline_and_keeps_its_run_id_across_resume(make_cfg, tmp_path: Path) -> None:
     cfg = make_cfg("logger.wandb=true", "logger.mode=offline")
-    first = train_pcm.MetricLogger(cfg, tmp_path, wandb_id=None)
+    first = training.MetricLogger(cfg, tmp_path, wandb_id=None)
     first.log({"train/loss": 1.0}, step=1)
     first.close()
-    again = train_pcm.MetricLogger(cfg, tmp_path, wandb_id=first.wandb_id)
+    again = training.MetricLogger(cfg, tmp_path, wandb_id=first.wandb_id)
     again.close()
     assert first.wandb_id and again.wandb_id == first.wandb_id
     assert list((tmp_path / "wandb").glob(f"offline-run-*-{first.wandb_id}"))
@@ -139,7 +141,7 @@ def test_wandb_logs_offline_and_keeps_its_run_id_across_resume(make_cfg, tmp_pat
 
 
 @pytest.mark.parametrize(
-    "experiment", sorted(p.stem for p in (Path(train_pcm.__file__).parent / "conf" / "experiment")
+    "experiment", sorted(p.stem for p in (REPO_ROOT / "conf" / "experiment")
                          .glob("*.yaml")),
 )
 def test_shipped_experiment_recipes_compose_and_find_their_data(
@@ -149,11 +151,12 @@ def test_shipped_experiment_recipes_compose_and_find_their_data(
     load with its env's obs_dim/action_dim (so a recipe cannot rot unnoticed until trained)."""
     from hydra import compose, initialize_config_dir
 
-    root = Path(train_pcm.__file__).resolve().parent
+    root = REPO_ROOT
     monkeypatch.chdir(root)
     with initialize_config_dir(config_dir=str(root / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=[f"experiment={experiment}"])
-    train_pcm.check_config(cfg)
+    training.check_train_config(cfg)
     if cfg.stage == "dp":
-        train_set, val_set = train_pcm.sequence_datasets(cfg)
+        stage = training.DPStage(cfg)
+        train_set, val_set = stage.datasets(stage.build_policy())
         assert len(train_set) > 0 and len(val_set) > 0
