@@ -4,8 +4,9 @@ For every sampler and control rate, app.evaluation (eval_policy.py's job) runs t
 policy in real-time mode (one env, envs.realtime on the simulated clock: inference latency is
 measured on this machine and decides the tick at which each chunk takes over; a late chunk
 leaves the robot holding its last action) and records mean_score, success_rate,
-deadline_miss_rate, anytime_rate, held_step_rate, rounds, latency percentiles and exact_err. The summary gives, per sampler, the highest tested
-rate it sustains with deadline_miss_rate < 1%.
+deadline_miss_rate, anytime_rate, held_step_rate, rounds, latency percentiles and exact_err.
+The summary gives, per sampler, the highest tested rate it sustains with deadline_miss_rate
+< 1%.
 
     python bench/realtime.py --out bench/results/realtime.json [--quick] [--episodes 10]
 """
