@@ -6,8 +6,10 @@
 
 A thin Hydra entry over `app.evaluation.run_eval` (which reads top to bottom: checkpoint, env,
 sampler, rollout, metrics, outputs). Config errors print one line and exit with status 1;
-Ctrl-C keeps the finished episodes in results.json and exits with status 130. After a multirun,
-`app.report.SweepSummary` (registered in conf/eval.yaml) writes one table over the sweep.
+Ctrl-C or SIGTERM keeps the finished episodes in results.json and exits with status 130. After
+a multirun, `app.report.SweepSummary` (registered in conf/eval.yaml) writes one table over the
+sweep, failed jobs included (their failed.json says why); the sweep then exits with status 1 if
+any job failed.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from app.config import ConfigError, check_group_choices, run_entry
@@ -30,7 +33,9 @@ def hydra_main(cfg: DictConfig) -> None:
     """Hydra entry: evaluate into the Hydra run dir."""
     hydra_cfg = HydraConfig.get()
     out_dir = Path(hydra_cfg.runtime.output_dir)
-    run_entry(lambda: run_eval(cfg, out_dir, list(hydra_cfg.overrides.task)))
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN  # a failing job must not stop the sweep
+    run_entry(lambda: run_eval(cfg, out_dir, list(hydra_cfg.overrides.task)),
+              failed_job_dir=out_dir if multirun else None)
 
 
 def main() -> None:

@@ -13,17 +13,30 @@ with status 1; SIGINT/SIGTERM finish the current step, write `latest.ckpt` and s
 
 from __future__ import annotations
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
-from app.config import run_entry
+from app.config import ConfigError, check_group_choices, run_entry
 from app.training import run_training
+
+CHECKED_GROUPS = ("env", "policy", "pcm", "experiment", "debug")
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> None:
     """Hydra entry: train into `run_dir`."""
     run_entry(lambda: run_training(cfg))
+
+
+def main() -> None:
+    """Check overrides and group choices in one line, then hand the command line to Hydra."""
+    try:
+        check_group_choices(sys.argv[1:], CHECKED_GROUPS)
+    except ConfigError as e:
+        sys.exit(f"config error: {e}")
+    hydra_main()
 
 
 if __name__ == "__main__":

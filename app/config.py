@@ -7,8 +7,12 @@ errors) into one line on stderr and exit status 1.
 
 from __future__ import annotations
 
+import errno
+import json
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +22,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import InstantiationException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from policy.checkpoint import atomic_write, clean_stale_temp_files
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 """The repository's Hydra config directory."""
@@ -83,13 +89,20 @@ def configure_torch(device: str, threads: int | None) -> torch.device:
 
 def check_group_choices(argv: Sequence[str], groups: Sequence[str],
                         conf_dir: Path = CONF_DIR) -> None:
-    """Reject an unknown choice of a config group (e.g. `sampler=`, `env=`) in one line (Hydra's
-    own error takes ten)."""
+    """Reject an override Hydra cannot parse, or an unknown choice of a config group (e.g.
+    `sampler=`, `env=`), in one line (Hydra's own errors take ten)."""
     args = [a for a in argv if "=" in a and not a.startswith("-")]
-    try:
-        overrides = OverridesParser.create().parse_overrides(args)
-    except OverrideParseException:
-        return  # Hydra reports syntax errors itself
+    parser = OverridesParser.create()
+    for arg in args:
+        try:
+            parser.parse_overrides([arg])
+        except OverrideParseException as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else "syntax error"
+            raise ConfigError(
+                f"cannot parse the override {arg!r} ({first}); quote values with special "
+                "characters, e.g. data.path='~/demos.zarr.zip'"
+            ) from e
+    overrides = parser.parse_overrides(args)
     for override in overrides:
         group = override.key_or_group
         if group not in groups or override.is_delete():
@@ -114,14 +127,81 @@ def one_line(error: BaseException) -> str:
     return " ".join(str(cause).split())
 
 
-def run_entry(run: Callable[[], Any]) -> Any:
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
+                      errno.EIO}
+"""OSErrors that are the machine's state (full or read-only disk, permissions), not a bug."""
+
+
+def interrupt_on_sigterm() -> None:
+    """Make SIGTERM (what a cluster scheduler or `kill` sends) act as Ctrl-C in the main thread,
+    so every entry stops the same clean way and keeps its finished work."""
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt("terminated (SIGTERM)")
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
+
+
+FAILED_JOB_FILE = "failed.json"
+"""What a multirun job that failed leaves in its folder (read by the sweep summary)."""
+
+
+def error_line(error: BaseException) -> str | None:
+    """The one line an entry prints for an error a user can fix, None for a bug."""
+    if isinstance(error, ConfigError | InstantiationException | OmegaConfBaseException):
+        return f"config error: {one_line(error)}"
+    if isinstance(error, OSError) and error.errno in ENVIRONMENT_ERRNOS:
+        where = f" ({error.filename})" if error.filename else ""
+        return (f"error: {error.strerror}{where}; files written before this point are complete "
+                "(every file is written atomically: the old version or none is left)")
+    return None
+
+
+def run_entry(run: Callable[[], Any], failed_job_dir: Path | None = None) -> Any:
     """Run an entry's job: config errors become `config error: ...` on stderr with exit status
-    1, an interrupt exit status 130 with its message (results so far are already written)."""
+    1; a full or read-only disk `error: ...` with status 1; Ctrl-C or SIGTERM exit status 130
+    with its message (results so far are already written). In a multirun (`failed_job_dir`
+    set) a failing job writes FAILED_JOB_FILE there and returns, so the other jobs still run
+    and the sweep summary lists it as failed."""
     os.environ.setdefault("WANDB_SILENT", "true")
+    interrupt_on_sigterm()
     try:
         return run()
     except KeyboardInterrupt as e:
         print(str(e) or "interrupted", file=sys.stderr)
         sys.exit(130)
-    except (ConfigError, InstantiationException, OmegaConfBaseException) as e:
-        sys.exit(f"config error: {one_line(e)}")
+    except Exception as e:
+        line = error_line(e)
+        if failed_job_dir is not None:
+            line = line or f"{type(e).__name__}: {one_line(e)}"
+            print(f"job failed: {line}", file=sys.stderr)
+            record = json.dumps({"error": line, "overrides": sys.argv[1:]}, indent=2)
+            atomic_write(failed_job_dir / FAILED_JOB_FILE, lambda f: f.write(record.encode()))
+            return None
+        if line is None:
+            raise
+        sys.exit(line)
+
+
+def prepare_output_dir(path: Path, overwrite: bool, results_name: str | None = "results.json"
+                       ) -> None:
+    """Create the output folder, remove temporary files that killed runs left there, refuse a
+    folder holding another run's `results_name` (unless `overwrite`; None: no such check) and
+    check that it is writable, all before any work is done: a ConfigError names the folder and
+    the fix."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"output folder {path} cannot be created: {e.strerror}") from e
+    clean_stale_temp_files(path)
+    if results_name is not None and (path / results_name).exists() and not overwrite:
+        raise ConfigError(
+            f"output folder {path} already holds {results_name} of another run: pick another "
+            "folder (hydra.run.dir=...) or pass overwrite=true to replace it"
+        )
+    probe = path / f".write_probe.{os.getpid()}.tmp"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"output folder {path} is not writable: {e.strerror}") from e

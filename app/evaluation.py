@@ -30,6 +30,7 @@ from app.config import (
     device_ok,
     is_int,
     is_number,
+    prepare_output_dir,
     raise_first_failure,
 )
 from app.report import (
@@ -82,6 +83,10 @@ def check_eval_config(cfg: DictConfig) -> None:
         ("warm_start", isinstance(cfg.warm_start, bool) or cfg.warm_start in WARM_STARTS,
          f"one of {list(WARM_STARTS)}"),
         ("realtime.enabled", isinstance(rt.enabled, bool), "true or false"),
+        ("video", isinstance(cfg.video, bool), "true or false"),
+        ("progress", isinstance(cfg.progress, bool), "true or false"),
+        ("overwrite", isinstance(cfg.overwrite, bool), "true or false"),
+        ("logger.wandb", isinstance(cfg.logger.wandb, bool), "true or false"),
         ("realtime.control_hz", is_number(rt.control_hz, 0, strict=True), "a number > 0"),
         ("realtime.clock", rt.clock in CLOCKS, f"one of {list(CLOCKS)}"),
         ("realtime.budget_margin_ms", is_number(rt.budget_margin_ms, 0), "a number >= 0"),
@@ -325,6 +330,7 @@ def summarize(
 def run_eval(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Evaluate per `cfg` and write every output to `out_dir`; returns the results record."""
     check_eval_config(cfg)
+    prepare_output_dir(out_dir, cfg.overwrite)
     device = configure_torch(cfg.device, cfg.threads)
     checkpoint, policy = load_checkpoint_and_policy(cfg.checkpoint, device)
     env = resolve_env(cfg.env, checkpoint["config"])

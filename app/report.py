@@ -10,6 +10,7 @@ import csv
 import importlib.util
 import io
 import json
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from hydra.experimental.callback import Callback
 from matplotlib.figure import Figure
 from omegaconf import DictConfig
 
+from app.config import FAILED_JOB_FILE
 from policy.checkpoint import atomic_write
 
 METRICS = (
@@ -150,13 +152,21 @@ def write_sweep_summary(sweep_dir: Path) -> str:
     """One table over every job's results.json in `sweep_dir`: summary.md and summary.csv.
 
     The overrides column shows only the overrides that differ between jobs."""
-    paths = sorted(sweep_dir.glob("*/results.json"), key=lambda p: _job_number(p.parent))
-    jobs = [(p.parent.name, json.loads(p.read_text())) for p in paths]
+    jobs = []
+    for job_dir in sorted((p for p in sweep_dir.iterdir() if p.is_dir()), key=_job_number):
+        if (job_dir / "results.json").is_file():
+            jobs.append((job_dir.name, json.loads((job_dir / "results.json").read_text())))
+        elif (job_dir / FAILED_JOB_FILE).is_file():
+            failed = json.loads((job_dir / FAILED_JOB_FILE).read_text())
+            jobs.append((job_dir.name, {"overrides": failed["overrides"], "metrics": {},
+                                        "status": f"FAILED: {failed['error']}"}))
     shared = set.intersection(*(set(r["overrides"]) for _, r in jobs)) if jobs else set()
-    header = ("job", "overrides", "sampler", "n_episodes", *METRICS)
+    header = ("job", "overrides", "status", "sampler", "n_episodes", *METRICS)
     rows = [
-        [name, " ".join(o for o in r["overrides"] if o not in shared), r["sampler"]["label"],
-         r["n_episodes"], *(r["metrics"].get(k) for k in METRICS)]
+        [name, " ".join(o for o in r["overrides"] if o not in shared),
+         r.get("status", "interrupted" if r.get("interrupted") else "ok"),
+         r.get("sampler", {}).get("label"), r.get("n_episodes"),
+         *(r["metrics"].get(k) for k in METRICS)]
         for name, r in jobs
     ]
     text = io.StringIO()
@@ -169,9 +179,19 @@ def write_sweep_summary(sweep_dir: Path) -> str:
     return table
 
 
+def failed_jobs(sweep_dir: Path) -> list[str]:
+    """The job folders of a sweep that hold a FAILED_JOB_FILE."""
+    return sorted(p.parent.name for p in sweep_dir.glob(f"*/{FAILED_JOB_FILE}"))
+
+
 class SweepSummary(Callback):
-    """Hydra callback: at the end of a multirun, print and write the sweep's summary table."""
+    """Hydra callback: at the end of a multirun, print and write the sweep's summary table;
+    exit with status 1 when a job failed (after the table is written)."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         print(f"sweep summary: {sweep_dir / 'summary.md'}\n{write_sweep_summary(sweep_dir)}")
+        failed = failed_jobs(sweep_dir)
+        if failed:
+            sys.exit(f"{len(failed)} job(s) failed: {', '.join(failed)} (see their "
+                     f"{FAILED_JOB_FILE})")

@@ -42,6 +42,8 @@ from app.config import (
     configure_torch,
     device_ok,
     is_int,
+    is_number,
+    prepare_output_dir,
     raise_first_failure,
 )
 from app.evaluation import build_sampler, evaluate, summarize
@@ -50,6 +52,7 @@ from picard_sampler import Schedule
 from policy.checkpoint import (
     PCM_KEY,
     atomic_torch_save,
+    atomic_write,
     load_checkpoint,
     load_policy,
     policy_weights,
@@ -57,7 +60,7 @@ from policy.checkpoint import (
     save_checkpoint,
     weights_fingerprint,
 )
-from policy.data import windows_from_config
+from policy.data import SequenceDataset, windows_from_config
 from policy.diffusion_policy import DiffusionPolicy, schedule_from_config
 from policy.ema import EMA
 from policy.pcm import build_pcm, complete_config
@@ -93,13 +96,9 @@ class DPStage:
                 f"data.obs_keys must be a list of low-dim feature specs; got {cfg.data.obs_keys} "
                 "(image observations need an image dataset, which policy.data does not have yet)"
             )
-        path = Path(cfg.data.path)
-        if not path.exists():
-            raise ConfigError(f"data.path does not exist: {path} (run from the repo root?)")
-        train_set = windows_from_config(
-            plain_data(cfg), cfg.policy.horizon, cfg.policy.n_obs_steps,
-            cfg.policy.n_action_steps, cfg.seed,
-        )
+        train_set = load_windows(plain_data(cfg), cfg.policy.horizon, cfg.policy.n_obs_steps,
+                                 cfg.policy.n_action_steps, cfg.seed)
+        check_enough_windows(train_set, cfg.data.batch_size)
         for key, got in (("obs_dim", train_set.obs_dim), ("action_dim", train_set.action_dim)):
             if cfg.env[key] != got:
                 raise ConfigError(f"env.{key} is {cfg.env[key]} but the data's is {got}")
@@ -196,7 +195,11 @@ class PCMStage:
         }
         cache = Path(d.cache)
         if cache.exists():
-            saved = torch.load(cache, map_location="cpu", weights_only=True)
+            try:
+                saved = torch.load(cache, map_location="cpu", weights_only=True)
+            except Exception as e:  # torch raises several types for torn or foreign files
+                raise ConfigError(f"pcm.data.cache {cache} is unreadable ({type(e).__name__}): "
+                                  "delete it to collect the trajectories again") from e
             changed = changed_keys(saved["meta"], meta)
             if changed:
                 raise ConfigError(
@@ -204,8 +207,9 @@ class PCMStage:
                     "delete it or point pcm.data.cache elsewhere"
                 )
             return _trajectory_dataset(saved["train"]), _trajectory_dataset(saved["val"])
-        windows = windows_from_config(data, policy.horizon, policy.n_obs_steps,
-                                      policy.n_action_steps, cfg.seed)
+        windows = load_windows(data, policy.horizon, policy.n_obs_steps, policy.n_action_steps,
+                               cfg.seed)
+        check_enough_windows(windows, 1)
         splits = {}
         for split, source, n, seed in (
             ("train", windows, d.n_chunks, cfg.seed),
@@ -286,6 +290,22 @@ def check_train_config(cfg: DictConfig) -> None:
         ("threads", cfg.threads is None or is_int(cfg.threads, 1), "null or an int >= 1"),
         ("seed", is_int(cfg.seed, 0), "an int >= 0"),
         ("data.batch_size", is_int(cfg.data.batch_size, 1), "an int >= 1"),
+        ("data.val_ratio", is_number(cfg.data.val_ratio, 0) and cfg.data.val_ratio < 1,
+         "a number in [0, 1)"),
+        ("data.max_train_episodes", cfg.data.max_train_episodes is None
+         or is_int(cfg.data.max_train_episodes, 1), "null or an int >= 1"),
+        ("data.num_workers", is_int(cfg.data.num_workers, 0), "an int >= 0"),
+        ("optim.lr", is_number(cfg.optim.lr, 0, strict=True), "a number > 0"),
+        ("ema.power", is_number(cfg.ema.power, 0, strict=True), "a number > 0"),
+        ("ema.max_decay", is_number(cfg.ema.max_decay, 0) and cfg.ema.max_decay <= 1,
+         "a number in [0, 1]"),
+        ("val.max_batches", is_int(cfg.val.max_batches, 1), "an int >= 1"),
+        ("eval.n_episodes", is_int(cfg.eval.n_episodes, 1), "an int >= 1"),
+        ("eval.n_envs", is_int(cfg.eval.n_envs, 1), "an int >= 1"),
+        ("eval.seed_start", is_int(cfg.eval.seed_start, 0), "an int >= 0"),
+        ("resume", isinstance(cfg.resume, bool), "true or false"),
+        ("progress", isinstance(cfg.progress, bool), "true or false"),
+        ("logger.wandb", isinstance(cfg.logger.wandb, bool), "true or false"),
         ("train.max_steps", t.max_steps is None or is_int(t.max_steps, 1), "null or an int >= 1"),
         ("train.num_epochs", t.num_epochs is None or is_int(t.num_epochs, 1),
          "null or an int >= 1"),
@@ -321,6 +341,37 @@ def plain_data(cfg: DictConfig) -> dict[str, Any]:
     return plain(cfg.data)
 
 
+def load_windows(data: Mapping[str, Any], horizon: int, n_obs_steps: int, n_action_steps: int,
+                 seed: int) -> SequenceDataset:
+    """The training windows of the `data` block; a missing, broken or foreign store, a missing
+    key or bad values (NaN, episode_ends) are one-line ConfigErrors naming data.path."""
+    try:
+        return windows_from_config(data, horizon, n_obs_steps, n_action_steps, seed)
+    except KeyError as e:
+        raise ConfigError(f"data.path {data['path']}: {e.args[0]}") from e
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from e
+    except ValueError as e:
+        message = str(e)
+        raise ConfigError(message if message.startswith("data.path") else
+                          f"data.path {data['path']}: {message}") from e
+
+
+def check_enough_windows(windows: Dataset, batch_size: int) -> None:
+    """Training needs at least one full batch of windows: zero windows would spin forever."""
+    if len(windows) < max(1, batch_size):
+        raise ConfigError(
+            f"data.path {windows_source(windows)} gives {len(windows)} training windows, fewer "
+            f"than one batch (data.batch_size={batch_size}): check data.max_train_episodes, "
+            "data.val_ratio and that episodes are not empty, or lower data.batch_size"
+        )
+
+
+def windows_source(windows: Dataset) -> str:
+    """Where a dataset's windows come from, for messages."""
+    return str(getattr(windows, "source", "the dataset"))
+
+
 def _trajectory_dataset(data: Mapping[str, torch.Tensor]) -> Dataset:
     """A TrajectoryDataset, or an empty dataset when nothing was collected (no val chunks)."""
     return TrajectoryDataset(data) if data else torch.utils.data.TensorDataset(torch.empty(0))
@@ -344,7 +395,10 @@ def make_train_loader(
 def epoch_batches(
     dataset: Dataset, cfg: DictConfig, epoch: int, batch_in_epoch: int
 ) -> Iterator[tuple[int, int, Any]]:
-    """Endless (epoch, index in epoch, batch), starting at batch `batch_in_epoch` of `epoch`."""
+    """Endless (epoch, index in epoch, batch), starting at batch `batch_in_epoch` of `epoch`;
+    an empty dataset is an error (it would loop without yielding)."""
+    if len(dataset) == 0:
+        raise ConfigError("the training set is empty: nothing to train on")
     for e in itertools.count(epoch):
         skip = batch_in_epoch if e == epoch else 0
         loader = make_train_loader(
@@ -457,7 +511,14 @@ def resume_training(
 
     Warns about config keys that changed since the checkpoint (other than `resume`): the run
     goes on, but it is no longer the same as an uninterrupted one."""
-    ckpt = load_checkpoint(path, map_location=device)
+    try:
+        ckpt = load_checkpoint(path, map_location=device)
+    except ValueError as e:
+        intact = intact_checkpoints(path.parent, exclude=path)
+        offer = (f"; intact checkpoints beside it: {', '.join(intact)} (copy one to "
+                 f"{path.name} to resume from it)" if intact
+                 else "; no intact checkpoint beside it")
+        raise ConfigError(f"resume=true: {e}{offer}") from e
     changed = [k for k in changed_keys(ckpt["config"], config) if k != "resume"]
     if changed:
         print(f"warning: resuming {path} with changed config keys {changed}", file=sys.stderr)
@@ -469,12 +530,34 @@ def resume_training(
     return {**ckpt["extra"], "step": ckpt["step"], "epoch": ckpt["epoch"]}
 
 
+def intact_checkpoints(run_dir: Path, exclude: Path) -> list[str]:
+    """'name (step N)' of every readable checkpoint in `run_dir` but `exclude`, newest first."""
+    found = []
+    for candidate in run_dir.glob("*.ckpt"):
+        if candidate == exclude:
+            continue
+        try:
+            found.append((load_checkpoint(candidate)["step"], candidate.name))
+        except (ValueError, FileNotFoundError):
+            continue
+    return [f"{name} (step {step})" for step, name in sorted(found, reverse=True)]
+
+
 # ------------------------------------------------------------------------------ bookkeeping
 class MetricLogger:
-    """Appends metrics to run_dir/metrics.jsonl and, if enabled, to wandb (offline by default)."""
+    """Appends metrics to run_dir/metrics.jsonl and, if enabled, to wandb (offline by default).
 
-    def __init__(self, cfg: DictConfig, run_dir: Path, wandb_id: str | None):
+    Resuming from the checkpoint of step `resume_step` first drops the lines logged after it
+    (the interrupted run went past its last checkpoint), so the file equals an uninterrupted
+    run's."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path, wandb_id: str | None,
+                 resume_step: int | None = None):
         self.path = run_dir / "metrics.jsonl"
+        if resume_step is not None and self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines(keepends=True)
+                    if _logged_step(line) is not None and _logged_step(line) <= resume_step]
+            atomic_write(self.path, lambda f: f.write("".join(kept).encode()))
         self.wandb = None
         self.wandb_id = wandb_id
         if cfg.logger.wandb:
@@ -496,6 +579,14 @@ class MetricLogger:
     def close(self) -> None:
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def _logged_step(line: str) -> int | None:
+    """The step of a metrics.jsonl line (None for a torn or foreign line)."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 class StopOnSignal:
@@ -539,6 +630,7 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
         )
     if cfg.resume and not latest.exists():
         raise ConfigError(f"resume=true but there is no checkpoint at {latest}")
+    prepare_output_dir(run_dir, overwrite=True, results_name=None)
 
     policy = stage.build_policy()
     loss_fn = stage.loss(policy)
@@ -551,21 +643,25 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
     ema = EMA(policy, power=cfg.ema.power, max_decay=cfg.ema.max_decay)
     optimizer, lr_scheduler = build_optimizer(cfg, policy, total_steps)
 
+    # recent_losses / recent_s: the losses (and their seconds) since the last log, saved with
+    # every checkpoint so the first log after a resume averages the same steps
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_score": -math.inf,
-             "wandb_id": None}
+             "wandb_id": None, "recent_losses": [], "recent_s": 0.0}
     if cfg.resume:
         state.update(
             resume_training(latest, policy, ema, optimizer, lr_scheduler, device, resolved)
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    logger = MetricLogger(cfg, run_dir, state["wandb_id"])
+    logger = MetricLogger(cfg, run_dir, state["wandb_id"],
+                          resume_step=state["step"] if cfg.resume else None)
     state["wandb_id"] = logger.wandb_id
 
     def checkpoint(path: Path) -> None:
+        state.update(recent_losses=list(recent), recent_s=recent_s)
         save_checkpoint(
             path, policy=policy, ema=ema, optimizer=optimizer, lr_scheduler=lr_scheduler,
             step=state["step"], epoch=state["epoch"], config=resolved,
-            extra={k: state[k] for k in ("batch_in_epoch", "best_score", "wandb_id")},
+            extra={k: state[k] for k in ("batch_in_epoch", "best_score", "wandb_id",
+                                         "recent_losses", "recent_s")},
         )
 
     n_params = sum(p.numel() for p in stage.trained_module(policy).parameters())
@@ -573,8 +669,8 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
           f"model {n_params / 1e6:.2f}M params, {total_steps} steps on {device} -> {run_dir}")
     val_loss_fn = stage.validation_loss_fn(loss_fn)
     bar = tqdm(total=total_steps, initial=state["step"], disable=not cfg.progress, desc="train")
-    recent: list[float] = []  # losses since the last log, and their training seconds
-    recent_s = 0.0
+    recent: list[float] = [float(x) for x in state["recent_losses"]]  # since the last log
+    recent_s = float(state["recent_s"])  # their training seconds
     last: dict[str, Any] = {}
     saved_at = state["step"] if cfg.resume else None
     batches = epoch_batches(train_set, cfg, state["epoch"], state["batch_in_epoch"])

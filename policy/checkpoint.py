@@ -80,6 +80,32 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
     return path
 
 
+def clean_stale_temp_files(folder: str | Path) -> list[Path]:
+    """Remove the temporary files (`.NAME.PID.tmp`) that `atomic_write` calls of killed
+    processes left in `folder` (those of live processes are kept); returns what was removed."""
+    removed = []
+    for tmp in Path(folder).glob(".*.tmp"):
+        pid = tmp.name.rsplit(".", 2)[-2]
+        if not pid.isdigit() or _process_alive(int(pid)):
+            continue
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether a process with this id exists (this one included)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def atomic_torch_save(payload: Mapping[str, Any], path: str | Path) -> Path:
     """torch.save `payload` to `path` atomically (`atomic_write`)."""
     return atomic_write(path, lambda f: torch.save(dict(payload), f))

@@ -81,9 +81,12 @@ class DiffusionPolicy(nn.Module):
         """Validate raw observations and return them as float tensors {key: (B, To, ...)}.
 
         A single array is taken as the encoder's only key. Raises ValueError naming the key and
-        the expected and actual shapes, or the key holding NaN/inf.
+        what is wrong: None or a non-array, a bool / complex / non-numeric dtype, the expected and
+        actual shapes (an empty batch included), or NaN/inf.
         """
         shapes = self.obs_encoder.obs_shapes
+        if obs is None:
+            raise ValueError("observation is None; expected an array (B, To, ...) or a dict")
         if not isinstance(obs, Mapping):
             if len(shapes) != 1:
                 raise ValueError(f"observation must be a dict with keys {sorted(shapes)}")
@@ -93,13 +96,15 @@ class DiffusionPolicy(nn.Module):
             raise ValueError(f"observation is missing keys {missing} (got {sorted(obs)})")
         out = {}
         for key, step_shape in shapes.items():
-            x = torch.as_tensor(obs[key], device=self.device, dtype=torch.float32)
+            x = _real_tensor(obs[key], key).to(device=self.device, dtype=torch.float32)
             expected = (self.n_obs_steps, *step_shape)
             if x.dim() != len(expected) + 1 or tuple(x.shape[1:]) != expected:
                 raise ValueError(
                     f"observation '{key}': expected shape (B, {', '.join(map(str, expected))}), "
                     f"got {tuple(x.shape)}"
                 )
+            if x.shape[0] == 0:
+                raise ValueError(f"observation '{key}' is an empty batch (B = 0)")
             if not torch.isfinite(x).all():
                 raise ValueError(f"observation '{key}' contains NaN or inf")
             out[key] = x
@@ -250,6 +255,21 @@ class DiffusionPolicy(nn.Module):
     def device(self) -> torch.device:
         """Device of the policy's parameters."""
         return next(self.parameters()).device
+
+
+def _real_tensor(value: Any, key: str) -> torch.Tensor:
+    """`value` as a tensor if it holds real numbers (ints or floats); else a ValueError naming
+    the key and what it got (None, bool, complex, strings, objects)."""
+    if value is None:
+        raise ValueError(f"observation '{key}' is None")
+    try:
+        tensor = torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"observation '{key}' is not a numeric array: {e}") from e
+    if tensor.dtype == torch.bool or tensor.is_complex():
+        raise ValueError(f"observation '{key}' has dtype {tensor.dtype}; expected real numbers "
+                         "(float or int)")
+    return tensor
 
 
 def schedule_from_config(

@@ -11,6 +11,7 @@ python scripts/export_policy.py PCM_RUN/latest.ckpt checkpoints/pusht_lowdim/pcm
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
@@ -34,13 +35,18 @@ def main() -> None:
     )
     args = parser.parse_args()
     dtype = torch.float32 if args.float32 else torch.float16
-    if args.pcm_only is not None:
-        path = export_pcm(args.src, args.dst, base=args.pcm_only, dtype=dtype)
-    else:
-        path = export_policy(args.src, args.dst, dtype=dtype)
-    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {dtype})")
-    if args.pcm_only is None and not args.no_config:
-        print(f"wrote {write_config_yaml(path, path.with_name('config.yaml'))}")
+    try:
+        if args.pcm_only is not None:
+            path = export_pcm(args.src, args.dst, base=args.pcm_only, dtype=dtype)
+        else:
+            path = export_policy(args.src, args.dst, dtype=dtype)
+        print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {dtype})")
+        if args.pcm_only is None and not args.no_config:
+            print(f"wrote {write_config_yaml(path, path.with_name('config.yaml'))}")
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    except OSError as e:
+        sys.exit(f"error: cannot write {e.filename or args.dst}: {e.strerror}")
 
 
 if __name__ == "__main__":

@@ -151,8 +151,35 @@ def _load_features(
                 f"{[spec.text for spec in specs]}); available keys: {available}"
             )
     raw = {key: buffer[key][:] for key in {spec.key for spec in [*obs_specs, action_spec]}}
+    for key, values in raw.items():
+        if not np.issubdtype(values.dtype, np.number) or np.issubdtype(values.dtype,
+                                                                       np.complexfloating):
+            raise ValueError(f"data key {key!r} holds {values.dtype} values; features must be "
+                             "real numbers")
+        if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
+            rows = np.flatnonzero(~np.isfinite(values.reshape(len(values), -1)).all(1))
+            raise ValueError(f"data key {key!r} holds NaN or inf (first at row {rows[0]} of "
+                             f"{len(values)})")
     obs = np.concatenate([spec.extract(raw[spec.key]) for spec in obs_specs], axis=1)
     return obs, action_spec.extract(raw[action_spec.key])
+
+
+def check_episode_ends(episode_ends: np.ndarray, n_rows: int) -> None:
+    """episode_ends must be strictly increasing positive row counts ending at the data's length
+    (anything else makes windows that cross episodes or read past the data)."""
+    ends = np.asarray(episode_ends)
+    if ends.size == 0:
+        raise ValueError("the replay buffer holds no episodes (meta/episode_ends is empty)")
+    if not np.issubdtype(ends.dtype, np.integer):
+        raise ValueError(f"meta/episode_ends must hold integers; got {ends.dtype}")
+    if ends[0] <= 0 or (np.diff(ends) <= 0).any():
+        bad = 0 if ends[0] <= 0 else int(np.flatnonzero(np.diff(ends) <= 0)[0]) + 1
+        raise ValueError(f"meta/episode_ends must be strictly increasing positive row counts; "
+                         f"entry {bad} is {int(ends[bad])} after "
+                         f"{int(ends[bad - 1]) if bad else 0}")
+    if ends[-1] != n_rows:
+        raise ValueError(f"meta/episode_ends ends at row {int(ends[-1])} but the data arrays "
+                         f"hold {n_rows} rows")
 
 
 class SequenceDataset(Dataset):
@@ -193,6 +220,8 @@ class SequenceDataset(Dataset):
             )
         self.obs_keys = list(obs_keys)
         self.action_key = action_key
+        self.source = path_or_buffer if isinstance(path_or_buffer, ReplayBuffer) else Path(
+            path_or_buffer).expanduser()
         self.horizon = horizon
         self.n_obs_steps = n_obs_steps
         self.n_action_steps = n_action_steps
@@ -200,13 +229,22 @@ class SequenceDataset(Dataset):
 
         obs_specs = [FeatureSpec.parse(spec) for spec in self.obs_keys]
         action_spec = FeatureSpec.parse(action_key)
-        if isinstance(path_or_buffer, ReplayBuffer):
-            source = nullcontext(path_or_buffer)
-        else:
-            source = ReplayBuffer.open(path_or_buffer, mode="r")
-        with source as buffer:
-            self._obs, self._action = _load_features(buffer, obs_specs, action_spec)
-            self.episode_ends = buffer.episode_ends
+        try:
+            if isinstance(path_or_buffer, ReplayBuffer):
+                source = nullcontext(path_or_buffer)
+            else:
+                source = ReplayBuffer.open(check_store_path(path_or_buffer), mode="r")
+            with source as buffer:
+                self._obs, self._action = _load_features(buffer, obs_specs, action_spec)
+                self.episode_ends = buffer.episode_ends
+        except (KeyError, ValueError, FileNotFoundError):
+            raise  # already say what is wrong
+        except Exception as e:  # zarr and zipfile raise many types for broken stores
+            raise ValueError(
+                f"replay buffer {path_or_buffer} is unreadable (truncated, or not a zarr store?): "
+                f"{type(e).__name__}: {e}"
+            ) from e
+        check_episode_ends(self.episode_ends, len(self._action))
         for shared in (self._obs, self._action, self.episode_ends):
             shared.flags.writeable = False  # shared with get_validation_dataset() and callers
         train_mask, val_mask = split_episodes(
@@ -268,10 +306,31 @@ def windows_from_config(
 ) -> SequenceDataset:
     """The `split` windows of a training config's `data` block (path, obs_keys, action_key,
     val_ratio, max_train_episodes): the one way training, PCM data collection and the
-    benchmarks build a SequenceDataset, so they all see the same episodes and windows."""
+    benchmarks build a SequenceDataset, so they all see the same episodes and windows. `~` in
+    the path is expanded; a path that is not a zarr replay buffer is a ValueError naming it."""
     return SequenceDataset(
-        str(data["path"]), obs_keys=list(data["obs_keys"]),
+        data["path"], obs_keys=list(data["obs_keys"]),
         action_key=data.get("action_key", "action"), horizon=horizon, n_obs_steps=n_obs_steps,
         n_action_steps=n_action_steps, val_ratio=data.get("val_ratio", 0.02), seed=seed,
         split=split, max_train_episodes=data.get("max_train_episodes"),
     )
+
+
+def check_store_path(path: str | Path) -> Path:
+    """`path` (with `~` expanded) if it can be a zarr replay buffer (a `.zarr.zip` file or a
+    zarr directory); else FileNotFoundError / ValueError naming the path and what it is."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"data.path does not exist: {path} (run from the repo root?)")
+    if path.is_dir():
+        if not ((path / "zarr.json").exists() or (path / ".zgroup").exists()):
+            raise ValueError(f"data.path {path} is a directory but not a zarr store (no zarr.json "
+                             "or .zgroup)")
+        return path
+    if path.suffix in (".hdf5", ".h5"):
+        raise ValueError(f"data.path {path} is an HDF5 file; training reads zarr replay buffers "
+                         "(convert a robomimic hdf5 with policy.data.robomimic_hdf5."
+                         "robomimic_to_replay_buffer; the shipped ones are data/*.zarr.zip)")
+    if path.suffix != ".zip":
+        raise ValueError(f"data.path {path} is neither a zarr directory nor a .zarr.zip file")
+    return path
