@@ -51,7 +51,7 @@ from envs.realtime import (
 from envs.rollout import VECTOR_KINDS, RolloutResult, rollout
 from picard_sampler import Sampler
 from picard_sampler.runinfo import run_info
-from policy.checkpoint import PCM_KEY, load_checkpoint, load_policy
+from policy.checkpoint import PCM_KEY
 from policy.chunking import (
     WARM_STARTS,
     ChunkPolicy,
@@ -60,6 +60,7 @@ from policy.chunking import (
     summarize_chunks,
 )
 from policy.diffusion_policy import DiffusionPolicy
+from policy.loading import load_with_metadata
 
 
 # ----------------------------------------------------------------------------- config, setup
@@ -126,17 +127,20 @@ def realtime_settings(cfg: DictConfig, policy: DiffusionPolicy) -> Realtime | No
 def load_checkpoint_and_policy(
     path: str | Path, device: torch.device
 ) -> tuple[dict[str, Any], DiffusionPolicy]:
-    """The checkpoint dict and its EMA policy on `device`; a missing or foreign file is a
+    """The checkpoint record and its EMA policy on `device`: ours, a Diffusion Policy
+    workspace checkpoint or a LeRobot folder (policy.loading); a missing or unreadable one is a
     ConfigError naming the path."""
-    if not Path(path).is_file():
+    if not Path(path).expanduser().exists():
         raise ConfigError(
             f"checkpoint not found: {path} (pass checkpoint=PATH to a train_pcm.py checkpoint, "
-            "e.g. runs/dp_pusht_lowdim/best.ckpt)"
+            "a Diffusion Policy .ckpt or a LeRobot pretrained-model folder)"
         )
     try:
-        return load_checkpoint(path), load_policy(path, map_location=device)
-    except (ValueError, FileNotFoundError) as e:
-        raise ConfigError(str(e)) from e
+        policy, record = load_with_metadata(path, map_location=device)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        raise ConfigError(str(message)) from e
+    return record, policy
 
 
 def plain(config: Mapping[str, Any] | DictConfig) -> dict[str, Any]:
@@ -147,10 +151,15 @@ def plain(config: Mapping[str, Any] | DictConfig) -> dict[str, Any]:
 
 
 def resolve_env(env_cfg: DictConfig | None, checkpoint_config: Mapping[str, Any]) -> dict:
-    """The env config to evaluate in: the explicit `env=...` choice, else the checkpoint's own."""
-    if env_cfg is None:
-        return dict(checkpoint_config["env"])
-    return plain(env_cfg)
+    """The env config to evaluate in: the explicit `env=...` choice, else the checkpoint's own
+    (an imported policy names none: then `env=` is required)."""
+    if env_cfg is not None:
+        return plain(env_cfg)
+    if not checkpoint_config.get("env"):
+        source = (checkpoint_config.get("imported_from") or {}).get("format", "this")
+        raise ConfigError(f"env must be set (env=<name>, e.g. env=pusht_lowdim): a {source} "
+                          "checkpoint does not name one of our envs")
+    return dict(checkpoint_config["env"])
 
 
 def make_env_factory(env: Mapping[str, Any], max_steps: int, render: bool) -> Callable[[], gym.Env]:
@@ -170,8 +179,10 @@ def check_env_fits_policy(
     obs_space, action_space = env.observation_space, env.action_space
     env.close()
     wanted = {key: tuple(shape) for key, shape in policy.obs_encoder.obs_shapes.items()}
+    aliases = getattr(policy.obs_encoder, "aliases", {})  # e.g. gym-pusht's keys for LeRobot's
     if isinstance(obs_space, gym.spaces.Dict):
-        got: Any = {key: tuple(space.shape) for key, space in obs_space.spaces.items()}
+        got: Any = {aliases.get(key, key): tuple(space.shape)
+                    for key, space in obs_space.spaces.items()}
         fits = all(got.get(key) == shape for key, shape in wanted.items())
     else:
         got = tuple(obs_space.shape)

@@ -27,7 +27,9 @@ class DiffusionPolicy(nn.Module):
 
     `model` is a ConditionalUnet1D, or a factory called as `model(input_dim=Da, global_cond_dim=
     To * F)` so a config does not have to compute Dc (F = `obs_encoder.feature_dim`).
-    `train_schedule` supplies the training timesteps and `add_noise` (epsilon prediction).
+    `train_schedule` supplies the training timesteps and `add_noise` (epsilon prediction);
+    `inference_schedule` (default: `train_schedule`) is what the policy samples with by default
+    (an imported policy keeps its source's, e.g. DDIM-16), with the same training settings.
     """
 
     def __init__(
@@ -40,6 +42,7 @@ class DiffusionPolicy(nn.Module):
         horizon: int = 16,
         n_obs_steps: int = 2,
         n_action_steps: int = 8,
+        inference_schedule: Schedule | None = None,
     ):
         super().__init__()
         _check(horizon >= 1, "horizon", horizon, "an int >= 1")
@@ -70,6 +73,11 @@ class DiffusionPolicy(nn.Module):
         self.obs_encoder = obs_encoder
         self.normalizer = normalizer
         self.train_schedule = train_schedule
+        if inference_schedule is not None:
+            _check(inference_schedule.training_settings == train_schedule.training_settings,
+                   "inference_schedule", inference_schedule,
+                   "a schedule with train_schedule's training settings")
+        self._inference_schedule = inference_schedule
         self.action_dim = action_dim
         self.horizon = horizon
         self.n_obs_steps = n_obs_steps
@@ -88,9 +96,9 @@ class DiffusionPolicy(nn.Module):
         if obs is None:
             raise ValueError("observation is None; expected an array (B, To, ...) or a dict")
         if not isinstance(obs, Mapping):
-            if len(shapes) != 1:
-                raise ValueError(f"observation must be a dict with keys {sorted(shapes)}")
-            obs = {next(iter(shapes)): obs}
+            obs = self._split_stacked(obs, shapes)
+        aliases = getattr(self.obs_encoder, "aliases", {})
+        obs = {aliases.get(key, key): value for key, value in obs.items()}
         missing = sorted(set(shapes) - set(obs))
         if missing:
             raise ValueError(f"observation is missing keys {missing} (got {sorted(obs)})")
@@ -109,6 +117,21 @@ class DiffusionPolicy(nn.Module):
                 raise ValueError(f"observation '{key}' contains NaN or inf")
             out[key] = x
         return out
+
+    def _split_stacked(self, obs: Any, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
+        """A single array as the encoder's keys: the only key, or for several 1-D keys the last
+        axis split in the encoder's order (our stacked layout of a multi-key policy)."""
+        if len(shapes) == 1:
+            return {next(iter(shapes)): obs}
+        if not all(len(shape) == 1 for shape in shapes.values()):
+            raise ValueError(f"observation must be a dict with keys {sorted(shapes)}")
+        x = _real_tensor(obs, "observation")
+        total = sum(shape[0] for shape in shapes.values())
+        if x.shape[-1:] != (total,):
+            raise ValueError(f"a stacked observation must end in {total} features (the keys "
+                             f"{list(shapes)} in order); got shape {tuple(x.shape)}")
+        parts = torch.split(x, [shape[0] for shape in shapes.values()], dim=-1)
+        return dict(zip(shapes, parts, strict=True))
 
     def encode_obs(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Checked raw obs {key: (B, To, ...)} -> global condition (B, To * F)."""
@@ -219,9 +242,10 @@ class DiffusionPolicy(nn.Module):
     # ---------------------------------------------------------------------- samplers
     @property
     def inference_schedule(self) -> Schedule:
-        """The schedule this policy samples with by default: its training schedule's class and
+        """The schedule this policy samples with by default: its `inference_schedule` if set
+        (an imported policy's source schedule), else its training schedule's class and
         inference steps (DP's DDPM-100 for the policies trained here)."""
-        return self.train_schedule
+        return self._inference_schedule or self.train_schedule
 
     def make_sampler(
         self, method: str = "picard", schedule: str | type[Schedule] | None = None,

@@ -31,6 +31,29 @@ class LowDimObsEncoder(nn.Module):
         return obs[self.key]
 
 
+class ConcatObsEncoder(nn.Module):
+    """Several low-dim observation keys concatenated per step, in the given order:
+    {key: (B, To, D_key)} -> (B, To, sum D_key). `aliases` maps other projects' key names to
+    ours (e.g. LeRobot's "observation.state" -> "observation_state"; our keys must be Python
+    identifiers, as the normalizer's buffers are named after them); a single (B, To, sum D)
+    array is split into the keys in order (`DiffusionPolicy.check_obs`)."""
+
+    def __init__(self, obs_dims: Mapping[str, int], aliases: Mapping[str, str] | None = None):
+        super().__init__()
+        if not obs_dims:
+            raise ValueError("obs_encoder.obs_dims must name at least one key")
+        bad = [k for k, d in obs_dims.items() if not k.isidentifier() or int(d) < 1]
+        if bad:
+            raise ValueError(f"obs_encoder.obs_dims: keys must be identifiers with dims >= 1; "
+                             f"bad: {bad}")
+        self.obs_shapes = {key: (int(dim),) for key, dim in obs_dims.items()}
+        self.aliases = dict(aliases or {})
+        self.feature_dim = sum(int(d) for d in obs_dims.values())
+
+    def forward(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return torch.cat([obs[key] for key in self.obs_shapes], dim=-1)
+
+
 # --- ResNet-18 trunk (plain torch; torchvision is unusable with this CPU torch) ------------
 
 

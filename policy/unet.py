@@ -42,15 +42,19 @@ class Conv1dBlock(nn.Sequential):
 
 
 class ConditionalResidualBlock1D(nn.Module):
-    """Two conv blocks with FiLM (per-channel scale and bias from the condition) in between."""
+    """Two conv blocks with FiLM (per-channel scale and bias from the condition) in between;
+    `cond_predict_scale=False` predicts the bias only (scale 1: DP's bias-only conditioning)."""
 
     def __init__(
-        self, in_channels: int, out_channels: int, cond_dim: int, kernel_size: int, n_groups: int
+        self, in_channels: int, out_channels: int, cond_dim: int, kernel_size: int, n_groups: int,
+        cond_predict_scale: bool = True,
     ):
         super().__init__()
         self.conv1 = Conv1dBlock(in_channels, out_channels, kernel_size, n_groups)
         self.conv2 = Conv1dBlock(out_channels, out_channels, kernel_size, n_groups)
-        self.film = nn.Sequential(nn.Mish(), nn.Linear(cond_dim, 2 * out_channels))
+        self.cond_predict_scale = cond_predict_scale
+        film_out = 2 * out_channels if cond_predict_scale else out_channels
+        self.film = nn.Sequential(nn.Mish(), nn.Linear(cond_dim, film_out))
         self.residual = (
             nn.Conv1d(in_channels, out_channels, 1)
             if in_channels != out_channels
@@ -59,6 +63,8 @@ class ConditionalResidualBlock1D(nn.Module):
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """x (B, C_in, H), cond (B, cond_dim) -> (B, C_out, H)."""
+        if not self.cond_predict_scale:
+            return self.conv2(self.conv1(x) + self.film(cond)[:, :, None]) + self.residual(x)
         scale, bias = self.film(cond)[:, :, None].chunk(2, dim=1)
         out = self.conv2(scale * self.conv1(x) + bias)
         return out + self.residual(x)
@@ -70,6 +76,8 @@ class ConditionalUnet1D(nn.Module):
     `down_dims` sets the channels of each level; the horizon is halved between levels, so H
     must be a multiple of `horizon_multiple` = 2 ** (len(down_dims) - 1). `output_dim` (default
     `input_dim`) sets the output channels, for networks that read more channels than they write.
+    `cond_predict_scale=False` is DP's bias-only conditioning; `final_n_groups` (default
+    `n_groups`) the GroupNorm groups of the final block, which DP and LeRobot fix at 8.
     """
 
     def __init__(
@@ -81,6 +89,8 @@ class ConditionalUnet1D(nn.Module):
         n_groups: int = 8,
         diffusion_step_embed_dim: int = 256,
         output_dim: int | None = None,
+        cond_predict_scale: bool = True,
+        final_n_groups: int | None = None,
     ):
         super().__init__()
         down_dims = [int(d) for d in down_dims]
@@ -106,7 +116,8 @@ class ConditionalUnet1D(nn.Module):
         cond_dim = dsed + global_cond_dim
 
         def block(c_in: int, c_out: int) -> ConditionalResidualBlock1D:
-            return ConditionalResidualBlock1D(c_in, c_out, cond_dim, kernel_size, n_groups)
+            return ConditionalResidualBlock1D(c_in, c_out, cond_dim, kernel_size, n_groups,
+                                              cond_predict_scale)
 
         channels = [input_dim, *down_dims]
         levels = list(zip(channels[:-1], channels[1:], strict=True))
@@ -130,8 +141,12 @@ class ConditionalUnet1D(nn.Module):
                     nn.ConvTranspose1d(c_in, c_in, 4, stride=2, padding=1),
                 ])
             )
+        final_groups = n_groups if final_n_groups is None else int(final_n_groups)
+        if down_dims[0] % final_groups:
+            raise ValueError(f"down_dims[0]={down_dims[0]} must be a multiple of "
+                             f"final_n_groups={final_groups}")
         self.final = nn.Sequential(
-            Conv1dBlock(down_dims[0], down_dims[0], kernel_size, n_groups),
+            Conv1dBlock(down_dims[0], down_dims[0], kernel_size, final_groups),
             nn.Conv1d(down_dims[0], self.output_dim, 1),
         )
 

@@ -1,0 +1,469 @@
+"""Other projects' Diffusion Policies as ours: real-stanford/diffusion_policy workspace
+checkpoints and LeRobot diffusion pretrained-model folders (current and old layouts).
+
+Each importer reads the source's settings (horizon, To, Ta, scheduler type and steps, betas,
+clipping, prediction type, UNet sizes and conditioning, normaliser statistics, observation
+order) and returns an `Imported`: the Hydra config of the equivalent `DiffusionPolicy` plus its
+state dict, so a loaded policy is built exactly as one of our checkpoints is (and
+`scripts/import_policy.py` can write it as one). What does not map is refused with one line
+naming the setting. The mapping facts (key names, DP's 8-group final block, bias-only FiLM,
+LeRobot's feature order and normalisation) are in docs/design.md §10.
+
+A DP checkpoint is a pickle (saved with dill) holding an OmegaConf config: it is unpickled with
+an allow-list of the classes such a file holds (OmegaConf containers, tensors, builtins), and
+anything else is refused with the class named, so loading someone's file runs none of its code.
+"""
+
+from __future__ import annotations
+
+import _compat_pickle
+import ast
+import io
+import json
+import operator
+import pickle
+import re
+import types
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMATS = ("picard", "diffusion_policy", "lerobot")
+
+# ---------------------------------------------------------------------------- safe unpickle
+_ALLOWED_GLOBALS = {
+    ("collections", "OrderedDict"), ("collections", "defaultdict"), ("typing", "Any"),
+    ("builtins", "dict"), ("builtins", "list"), ("builtins", "tuple"), ("builtins", "set"),
+    ("builtins", "frozenset"), ("builtins", "int"), ("builtins", "float"), ("builtins", "str"),
+    ("builtins", "bool"), ("builtins", "bytes"), ("builtins", "slice"), ("builtins", "complex"),
+    ("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_parameter"),
+    ("torch._utils", "_rebuild_parameter_with_state"), ("torch", "Size"), ("torch", "device"),
+    ("torch", "dtype"), ("torch.nn.parameter", "Parameter"), ("pathlib", "PosixPath"),
+    ("pathlib", "WindowsPath"), ("pathlib", "Path"),
+    ("omegaconf.dictconfig", "DictConfig"), ("omegaconf.listconfig", "ListConfig"),
+    ("omegaconf.base", "ContainerMetadata"), ("omegaconf.base", "Metadata"),
+}
+_ALLOWED_MODULE_PREFIXES = ("omegaconf.nodes",)  # AnyNode, StringNode, IntegerNode, ...
+_DILL_TYPES = {"dict": dict, "list": list, "tuple": tuple, "set": set, "frozenset": frozenset,
+               "int": int, "float": float, "str": str, "bool": bool, "bytes": bytes,
+               "NoneType": type(None), "object": object}
+
+
+def _dill_load_type(name: str) -> type:
+    """dill's `_load_type` for builtin types only (what a DP checkpoint's config needs)."""
+    if name not in _DILL_TYPES:
+        raise pickle.UnpicklingError(f"refusing to load the type {name!r} from a pickle")
+    return _DILL_TYPES[name]
+
+
+class AllowListUnpickler(pickle.Unpickler):
+    """An Unpickler that resolves only allow-listed globals; anything else (which could run
+    code on load) is refused with the class named."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        # protocol-2 pickles name Python 2 modules (__builtin__.dict): map them first
+        module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+        if (module, name) == ("dill._dill", "_load_type"):
+            return _dill_load_type
+        if (module, name) in _ALLOWED_GLOBALS or module.startswith(_ALLOWED_MODULE_PREFIXES):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(
+            f"refusing to unpickle {module}.{name}: not one of the classes a Diffusion Policy "
+            "checkpoint holds (loading it could run arbitrary code)"
+        )
+
+
+_SAFE_PICKLE = types.SimpleNamespace(
+    __name__="picard_safe_pickle", Unpickler=AllowListUnpickler, load=pickle.load,
+    UnpicklingError=pickle.UnpicklingError,
+)
+
+
+def safe_torch_load(path: str | Path) -> Any:
+    """torch.load of a full pickle (not weights-only) through AllowListUnpickler, on the CPU."""
+    return torch.load(path, map_location="cpu", pickle_module=_SAFE_PICKLE, weights_only=False)
+
+
+_ARITHMETIC = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
+               ast.Div: operator.truediv, ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod,
+               ast.Pow: operator.pow, ast.USub: operator.neg, ast.UAdd: operator.pos}
+
+
+def safe_arithmetic(expression: str) -> int | float:
+    """DP's `${eval:...}` config resolver for what its configs use it for (arithmetic on
+    numbers), without Python's eval."""
+    def value(node: ast.AST) -> int | float:
+        if isinstance(node, ast.Constant) and isinstance(node.value, int | float):
+            return node.value
+        if isinstance(node, ast.BinOp) and type(node.op) in _ARITHMETIC:
+            return _ARITHMETIC[type(node.op)](value(node.left), value(node.right))
+        if isinstance(node, ast.UnaryOp) and type(node.op) in _ARITHMETIC:
+            return _ARITHMETIC[type(node.op)](value(node.operand))
+        raise ValueError(f"refusing to evaluate {expression!r}: only arithmetic on numbers")
+
+    return value(ast.parse(str(expression), mode="eval").body)
+
+
+# ------------------------------------------------------------------------------- the result
+@dataclass
+class Imported:
+    """An imported policy: the Hydra config of the equivalent DiffusionPolicy, its weights,
+    and where it came from (format, path, step, the source's settings)."""
+
+    config: dict[str, Any]
+    weights: dict[str, torch.Tensor]
+    source: dict[str, Any] = field(default_factory=dict)
+
+    def build(self, map_location: str | torch.device = "cpu") -> Any:
+        """The DiffusionPolicy, weights loaded strictly, in eval mode."""
+        import hydra
+
+        policy = hydra.utils.instantiate(self.config, _convert_="all")
+        policy.load_state_dict(self.weights)
+        return policy.to(map_location).eval()
+
+
+# ------------------------------------------------------------------------------- UNet keys
+_UNET_RENAMES = (
+    (r"^diffusion_step_encoder\.", "step_encoder."),
+    (r"^down_modules\.", "down."),
+    (r"^mid_modules\.", "mid."),
+    (r"^up_modules\.", "up."),
+    (r"^final_conv\.0\.block\.", "final.0."),
+    (r"^final_conv\.1\.", "final.1."),
+    (r"\.blocks\.0\.block\.", ".conv1."),  # DP: blocks[0], blocks[1]
+    (r"\.blocks\.1\.block\.", ".conv2."),
+    (r"\.conv([12])\.block\.", r".conv\1."),  # LeRobot: conv1, conv2
+    (r"\.cond_encoder\.1\.", ".film.1."),
+    (r"\.residual_conv\.", ".residual."),
+    (r"^(down|up)\.(\d+)\.2\.conv\.", r"\1.\2.2."),  # DP's Downsample1d / Upsample1d .conv
+)
+
+
+def rename_unet_keys(weights: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """DP's / LeRobot's ConditionalUnet1D state dict (keys under `prefix`) in our names,
+    prefixed `model.` as in a DiffusionPolicy."""
+    renamed = {}
+    for key, value in weights.items():
+        if not key.startswith(prefix):
+            continue
+        name = key[len(prefix):]
+        for pattern, replacement in _UNET_RENAMES:
+            name = re.sub(pattern, replacement, name)
+        renamed[f"model.{name}"] = value.float()
+    return renamed
+
+
+def _unet_config(down_dims: Any, kernel_size: int, n_groups: int, step_embed_dim: int,
+                 predict_scale: bool) -> dict[str, Any]:
+    """Our ConditionalUnet1D config (partial: the policy passes input and condition sizes);
+    DP's and LeRobot's final block always has 8 GroupNorm groups."""
+    return {
+        "_target_": "policy.unet.ConditionalUnet1D", "_partial_": True,
+        "down_dims": [int(d) for d in down_dims], "kernel_size": int(kernel_size),
+        "n_groups": int(n_groups), "diffusion_step_embed_dim": int(step_embed_dim),
+        "cond_predict_scale": bool(predict_scale), "final_n_groups": 8,
+    }
+
+
+def _schedules(kind: str, settings: Mapping[str, Any], steps: int | None) -> dict[str, Any]:
+    """train_schedule (DDPM with the source's training settings) and inference_schedule (the
+    source's scheduler class and inference steps) configs."""
+    steps = int(settings["num_train_timesteps"]) if steps is None else int(steps)
+    train = {"_target_": "picard_sampler.DDPMSchedule", **settings,
+             "num_inference_steps": int(settings["num_train_timesteps"])}
+    target = {"ddpm": "picard_sampler.DDPMSchedule", "ddim": "picard_sampler.DDIMSchedule"}[kind]
+    return {"train_schedule": train,
+            "inference_schedule": {"_target_": target, **settings, "num_inference_steps": steps}}
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _training_settings(source: Mapping[str, Any], what: str) -> dict[str, Any]:
+    """Our schedule's training settings from diffusers-style scheduler arguments, refusing the
+    ones our schedules do not implement."""
+    prediction = source.get("prediction_type", "epsilon")
+    _require(prediction == "epsilon", f"{what}: prediction_type {prediction!r} is not supported "
+                                      "(only 'epsilon')")
+    variance = source.get("variance_type", "fixed_small")
+    _require(variance == "fixed_small", f"{what}: variance_type {variance!r} is not supported "
+                                        "(only 'fixed_small')")
+    spacing = source.get("timestep_spacing", "leading")
+    _require(spacing == "leading", f"{what}: timestep_spacing {spacing!r} is not supported "
+                                   "(only 'leading', diffusers' default)")
+    _require(bool(source.get("set_alpha_to_one", True)), f"{what}: set_alpha_to_one=False is "
+                                                         "not supported")
+    _require(int(source.get("steps_offset", 0)) == 0, f"{what}: steps_offset != 0 is not "
+                                                      "supported")
+    beta_schedule = source.get("beta_schedule", "linear")
+    _require(beta_schedule in ("linear", "squaredcos_cap_v2"),
+             f"{what}: beta_schedule {beta_schedule!r} is not supported")
+    return {
+        "num_train_timesteps": int(source.get("num_train_timesteps", 1000)),
+        "beta_schedule": beta_schedule,
+        "beta_start": float(source.get("beta_start", 1e-4)),
+        "beta_end": float(source.get("beta_end", 0.02)),
+        "clip_sample": bool(source.get("clip_sample", True)),
+        "clip_sample_range": float(source.get("clip_sample_range", 1.0)),
+        "prediction_type": "epsilon",
+    }
+
+
+def _linear_normalizer(key: str, scale: torch.Tensor, offset: torch.Tensor, low: torch.Tensor,
+                       high: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Our LinearNormalizer buffers for `key` (normalized = x * scale + offset)."""
+    return {f"normalizer.{key}_scale": scale.float(), f"normalizer.{key}_offset": offset.float(),
+            f"normalizer.{key}_input_min": low.float(), f"normalizer.{key}_input_max": high.float()}
+
+
+# ------------------------------------------------------------------------ Diffusion Policy
+DP_LOWDIM_POLICY = "DiffusionUnetLowdimPolicy"
+
+
+def import_diffusion_policy(path: str | Path) -> Imported:
+    """A real-stanford/diffusion_policy workspace checkpoint (low-dim UNet policy with global
+    conditioning; EMA weights when the run kept them)."""
+    from omegaconf import OmegaConf
+
+    path = Path(path)
+    try:
+        payload = safe_torch_load(path)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path}: {e}") from e
+    _require(isinstance(payload, dict) and {"cfg", "state_dicts"} <= set(payload),
+             f"{path} is not a Diffusion Policy workspace checkpoint (no cfg / state_dicts)")
+    if not OmegaConf.has_resolver("eval"):
+        OmegaConf.register_new_resolver("eval", safe_arithmetic)
+    cfg = OmegaConf.to_container(payload["cfg"], resolve=True)
+    policy_cfg = cfg.get("policy") or {}
+    kind = str(policy_cfg.get("_target_", "")).rsplit(".", 1)[-1]
+    _require(kind == DP_LOWDIM_POLICY,
+             f"{path}: the Diffusion Policy class {kind or '?'} is not importable yet (only "
+             f"{DP_LOWDIM_POLICY}; image policies need their encoder mapped)")
+    for key, wanted in (("obs_as_global_cond", True), ("obs_as_local_cond", False),
+                        ("pred_action_steps_only", False), ("oa_step_convention", True)):
+        _require(bool(policy_cfg.get(key, wanted)) == wanted,
+                 f"{path}: policy.{key}={policy_cfg.get(key)} is not supported (needs {wanted})")
+    model = policy_cfg["model"]
+    _require(model.get("local_cond_dim") is None, f"{path}: local conditioning is not supported")
+    scheduler = policy_cfg["noise_scheduler"]
+    scheduler_class = str(scheduler.get("_target_", "")).rsplit(".", 1)[-1]
+    kinds = {"DDPMScheduler": "ddpm", "DDIMScheduler": "ddim"}
+    _require(scheduler_class in kinds, f"{path}: noise_scheduler {scheduler_class} is not "
+                                       "supported (DDPMScheduler or DDIMScheduler)")
+    settings = _training_settings(scheduler, f"{path}: noise_scheduler")
+    obs_dim, action_dim = int(policy_cfg["obs_dim"]), int(policy_cfg["action_dim"])
+    n_obs_steps = int(policy_cfg["n_obs_steps"])
+    _require(int(model["global_cond_dim"]) == obs_dim * n_obs_steps,
+             f"{path}: model.global_cond_dim {model['global_cond_dim']} != obs_dim x n_obs_steps")
+
+    states = payload["state_dicts"]
+    use_ema = bool((cfg.get("training") or {}).get("use_ema", False)) and "ema_model" in states
+    weights = states["ema_model" if use_ema else "model"]
+    converted = rename_unet_keys(weights, "model.")
+    for key in ("obs", "action"):
+        stats = f"normalizer.params_dict.{key}"
+        _require(f"{stats}.scale" in weights, f"{path}: no normalizer statistics for {key!r}")
+        converted.update(_linear_normalizer(
+            key, weights[f"{stats}.scale"], weights[f"{stats}.offset"],
+            weights[f"{stats}.input_stats.min"], weights[f"{stats}.input_stats.max"]))
+    config = {
+        "_target_": "policy.diffusion_policy.DiffusionPolicy",
+        "horizon": int(policy_cfg["horizon"]), "n_obs_steps": n_obs_steps,
+        "n_action_steps": int(policy_cfg["n_action_steps"]), "action_dim": action_dim,
+        "model": _unet_config(model["down_dims"], model.get("kernel_size", 5),
+                              model.get("n_groups", 8), model["diffusion_step_embed_dim"],
+                              model.get("cond_predict_scale", False)),
+        "obs_encoder": {"_target_": "policy.encoders.LowDimObsEncoder", "obs_dim": obs_dim},
+        "normalizer": {"_target_": "policy.normalizer.LinearNormalizer"},
+        **_schedules(kinds[scheduler_class], settings, policy_cfg.get("num_inference_steps")),
+    }
+    source = {"format": "diffusion_policy", "path": str(path),
+              "weights": "ema_model" if use_ema else "model",
+              "step": _pickled_int((payload.get("pickles") or {}).get("global_step")),
+              "task": (cfg.get("task") or {}).get("name"), "policy_class": kind}
+    return Imported(config, converted, source)
+
+
+def _pickled_int(data: Any) -> int:
+    """A DP workspace's pickled counter (`pickles["global_step"]`, dill bytes of an int); 0
+    when absent or not an int."""
+    if not isinstance(data, bytes):
+        return 0
+    try:
+        value = AllowListUnpickler(io.BytesIO(data)).load()
+    except (pickle.UnpicklingError, EOFError, ValueError):
+        return 0
+    return value if isinstance(value, int) else 0
+
+
+# ---------------------------------------------------------------------------------- LeRobot
+LEROBOT_NORM_MODES = ("MIN_MAX", "MEAN_STD", "IDENTITY")
+
+
+def _identifier(key: str) -> str:
+    """LeRobot's feature key as one of our (identifier) keys: 'observation.state' ->
+    'observation_state'."""
+    return re.sub(r"\W", "_", key)
+
+
+def _lerobot_statistics(folder: Path, config: Mapping[str, Any], weights: Mapping[str, Any]
+                        ) -> tuple[dict[str, dict[str, torch.Tensor]], float, str]:
+    """Per-feature statistics {feature: {min, max, mean, std}}, the normaliser's eps and the
+    layout ("processor" files of LeRobot >= 0.4, or "buffers" in the weights of older ones)."""
+    from safetensors.torch import load_file
+
+    processors = sorted(folder.glob("policy_preprocessor_step_*_normalizer_processor.safetensors"))
+    if processors:
+        flat = load_file(str(processors[0]))
+        for post in folder.glob("policy_postprocessor_step_*_unnormalizer_processor.safetensors"):
+            flat = {**load_file(str(post)), **flat}
+        stats: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in flat.items():
+            feature, stat = key.rsplit(".", 1)
+            stats.setdefault(feature, {})[stat] = value
+        eps = 1e-8
+        preprocessor = folder / "policy_preprocessor.json"
+        if preprocessor.is_file():
+            for step in json.loads(preprocessor.read_text()).get("steps", []):
+                eps = float((step.get("config") or {}).get("eps", eps))
+        return stats, eps, "processor"
+    stats = {}
+    features = {**config.get("input_features", {}), **config.get("output_features", {})}
+    for feature in features:
+        buffer = f"buffer_{feature.replace('.', '_')}"
+        for module in ("normalize_inputs", "normalize_targets", "unnormalize_outputs"):
+            for stat in ("min", "max", "mean", "std"):
+                key = f"{module}.{buffer}.{stat}"
+                if key in weights:
+                    stats.setdefault(feature, {})[stat] = weights[key]
+    return stats, 1e-8, "buffers"
+
+
+def _lerobot_normalizer(feature: str, mode: str, stats: Mapping[str, torch.Tensor], eps: float,
+                        layout: str, where: str) -> dict[str, torch.Tensor]:
+    """Our normalizer buffers reproducing LeRobot's normalisation of `feature`."""
+    key = _identifier(feature)
+    if mode == "MIN_MAX":
+        _require({"min", "max"} <= set(stats), f"{where}: no min/max statistics for {feature}")
+        low, high = stats["min"].float(), stats["max"].float()
+        if layout == "buffers":  # LeRobot <= 0.3: (x - min) / (max - min + 1e-8) * 2 - 1
+            span = high - low + 1e-8
+        else:  # LeRobot >= 0.4: eps only replaces a zero range
+            span = torch.where(high - low == 0, torch.full_like(low, eps), high - low)
+        scale = 2.0 / span
+        return _linear_normalizer(key, scale, -1.0 - scale * low, low, high)
+    _require({"mean", "std"} <= set(stats), f"{where}: no mean/std statistics for {feature}")
+    mean, std = stats["mean"].float(), stats["std"].float()
+    scale = 1.0 / (std + (1e-8 if layout == "buffers" else eps))
+    return _linear_normalizer(key, scale, -mean * scale, stats.get("min", mean).float(),
+                              stats.get("max", mean).float())
+
+
+LEROBOT_ENV_KEYS = {"agent_pos": "observation.state",
+                    "environment_state": "observation.environment_state"}
+"""gym-pusht / gym-aloha observation keys and the LeRobot features they become (LeRobot's
+`preprocess_observation`)."""
+
+
+def _lerobot_aliases(features: list[str]) -> dict[str, str]:
+    """Observation keys a LeRobot policy accepts: its feature names and the gym env keys they
+    come from, each mapped to our identifier key."""
+    aliases = {feature: _identifier(feature) for feature in features}
+    aliases.update({env_key: _identifier(feature) for env_key, feature in LEROBOT_ENV_KEYS.items()
+                    if feature in features})
+    return aliases
+
+
+def import_lerobot(folder: str | Path) -> Imported:
+    """A LeRobot diffusion pretrained-model folder (`config.json` + `model.safetensors`, the
+    normaliser statistics in its pre/post-processor files or, in LeRobot <= 0.3, in the
+    weights), for state / environment-state observations."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    where = str(folder)
+    config = json.loads((folder / "config.json").read_text())
+    _require(config.get("type", "diffusion") == "diffusion",
+             f"{where}: LeRobot policy type {config.get('type')!r} is not a diffusion policy")
+    weights = load_file(str(folder / "model.safetensors"))
+    inputs = config.get("input_features") or {}
+    visual = [k for k, v in inputs.items() if v.get("type") == "VISUAL"]
+    _require(not visual, f"{where}: LeRobot policies with cameras ({visual}) are not importable "
+                         "yet (the ResNet encoder does not map yet)")
+    state = [k for k, v in inputs.items() if v.get("type") == "STATE"]
+    env = [k for k, v in inputs.items() if v.get("type") == "ENV"]
+    unknown = [k for k in inputs if k not in state + env]
+    _require(not unknown, f"{where}: input features {unknown} have types this importer does not "
+                          "know")
+    ordered = state + env  # LeRobot's per-step global condition: [state, images, env state]
+    _require(bool(ordered), f"{where}: the policy has no state or environment-state inputs")
+    action_shape = (config.get("output_features") or {}).get("action", {}).get("shape")
+    _require(action_shape is not None and len(action_shape) == 1,
+             f"{where}: the output feature 'action' must be a vector")
+    kind = str(config.get("noise_scheduler_type", "DDPM")).lower()
+    _require(kind in ("ddpm", "ddim"), f"{where}: noise_scheduler_type {kind!r} is not supported")
+    settings = _training_settings(config, where)
+    norm_map = config.get("normalization_mapping") or {}
+    stats, eps, layout = _lerobot_statistics(folder, config, weights)
+
+    converted = rename_unet_keys(weights, "diffusion.unet.")
+    for feature in [*ordered, "action"]:
+        feature_type = "ACTION" if feature == "action" else inputs[feature]["type"]
+        mode = norm_map.get(feature_type, "IDENTITY")
+        _require(mode in LEROBOT_NORM_MODES, f"{where}: normalisation {mode!r} of {feature} is "
+                                             "not supported")
+        if mode != "IDENTITY":
+            converted.update(_lerobot_normalizer(feature, mode, stats.get(feature, {}), eps,
+                                                 layout, where))
+    _require(any(k.startswith("normalizer.action_") for k in converted),
+             f"{where}: the action has no normalisation (IDENTITY); not supported")
+    obs_dims = {_identifier(k): int(inputs[k]["shape"][0]) for k in ordered}
+    model_config = {
+        "_target_": "policy.diffusion_policy.DiffusionPolicy",
+        "horizon": int(config["horizon"]), "n_obs_steps": int(config["n_obs_steps"]),
+        "n_action_steps": int(config["n_action_steps"]), "action_dim": int(action_shape[0]),
+        "model": _unet_config(config["down_dims"], config.get("kernel_size", 5),
+                              config.get("n_groups", 8), config["diffusion_step_embed_dim"],
+                              config.get("use_film_scale_modulation", True)),
+        "obs_encoder": {"_target_": "policy.encoders.ConcatObsEncoder", "obs_dims": obs_dims,
+                        "aliases": _lerobot_aliases(ordered)},
+        "normalizer": {"_target_": "policy.normalizer.LinearNormalizer"},
+        **_schedules(kind, settings, config.get("num_inference_steps")),
+    }
+    source = {"format": "lerobot", "path": where, "layout": layout, "step": 0,
+              "features": ordered}
+    return Imported(model_config, converted, source)
+
+
+# --------------------------------------------------------------------------------- detection
+def detect_format(path: str | Path) -> str:
+    """Which of FORMATS `path` holds: a LeRobot folder, a DP workspace pickle or ours; a
+    ValueError / FileNotFoundError naming the path otherwise."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
+            return "lerobot"
+        raise ValueError(f"{path} is a folder but not a LeRobot pretrained model (no config.json "
+                         "+ model.safetensors)")
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path} is neither a picard-policy nor a Diffusion Policy checkpoint "
+                         "(not a torch zip file)")
+    with zipfile.ZipFile(path) as archive:
+        pickles = [n for n in archive.namelist() if n.endswith("data.pkl")]
+        if not pickles:
+            raise ValueError(f"{path} is a zip file but not a torch checkpoint")
+        head = archive.read(pickles[0])[:4096]
+    if b"omegaconf" in head or b"dill" in head:
+        return "diffusion_policy"
+    return "picard"
