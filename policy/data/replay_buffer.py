@@ -18,8 +18,10 @@ from collections.abc import Iterator, Mapping, MutableMapping
 from pathlib import Path
 from typing import Any, Literal
 
+import numcodecs
 import numpy as np
 import zarr
+from numcodecs.abc import Codec
 from zarr.codecs import BloscCodec
 from zarr.storage import LocalStore, MemoryStore, ZipStore
 
@@ -27,6 +29,15 @@ DATA_GROUP = "data"
 EPISODE_ENDS = "meta/episode_ends"
 # Blosc with zstd and byte shuffle: good ratios on float trajectories and on uint8 images.
 DEFAULT_COMPRESSOR = BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
+V2_COMPRESSOR = numcodecs.Blosc(cname="zstd", clevel=5, shuffle=numcodecs.Blosc.SHUFFLE)
+"""The same compression for zarr v2 stores (what Diffusion Policy's zarr 2 reads)."""
+MISSING_CODEC_PACKAGES = {
+    f"imagecodecs_{name}": "imagecodecs"
+    for name in ("jpeg2k", "jpegxl", "jpeg", "jpegxr", "png", "webp", "avif", "qoi")
+}
+"""Codecs Diffusion Policy's image datasets use, and the package that provides them: when it is
+not installed, a placeholder lets the store open (its low-dim arrays stay readable) and
+reading such an array names the codec and the package."""
 # Chunks hold whole time steps, about this many bytes each (a few thousand low-dim steps or
 # ~40 images of 96x96x3), so appending an episode rewrites at most one partial chunk.
 CHUNK_TARGET_BYTES = 1 << 20
@@ -35,6 +46,45 @@ EPISODE_ENDS_CHUNK = 4096
 COPY_BLOCK_BYTES = 64 << 20
 
 OpenMode = Literal["r", "a", "w"]
+
+
+class MissingCodecError(RuntimeError):
+    """An array's codec is not installed."""
+
+
+class _MissingCodec(Codec):
+    """Stands in for a codec whose package is not installed: metadata parses, data does not."""
+
+    codec_id = "missing"
+    package = "?"
+
+    def __init__(self, **config: object) -> None:
+        self.config = config
+
+    def encode(self, buf: object) -> object:
+        raise MissingCodecError(self._message())
+
+    def decode(self, buf: object, out: object = None) -> object:
+        raise MissingCodecError(self._message())
+
+    def _message(self) -> str:
+        return (f"codec {self.codec_id!r} is not installed; the package {self.package!r} "
+                f"provides it (pip install {self.package})")
+
+
+def _register_missing_codecs() -> None:
+    """Register a placeholder for each MISSING_CODEC_PACKAGES codec that is not available."""
+    for codec_id, package in MISSING_CODEC_PACKAGES.items():
+        try:
+            numcodecs.get_codec({"id": codec_id})
+            continue
+        except Exception:  # numcodecs raises ValueError or the package's import errors
+            pass
+        numcodecs.register_codec(type(f"Missing_{codec_id}", (_MissingCodec,),
+                                      {"codec_id": codec_id, "package": package}))
+
+
+_register_missing_codecs()
 
 
 def _is_zip(path: str | Path) -> bool:
@@ -67,25 +117,30 @@ def _init_layout(root: zarr.Group) -> None:
     )
 
 
-def _copy_tree(src: zarr.Group, dst: zarr.Group) -> None:
+def _copy_tree(src: zarr.Group, dst: zarr.Group, recompress: bool = False) -> None:
     """Copy every sub-group and array of `src` into the empty group `dst`, exactly.
 
-    Arrays keep their dtype, chunks, codecs, fill value and attributes; data moves in
+    Arrays keep their dtype, chunks, codecs, fill value and attributes (with `recompress`,
+    for a change of zarr format, the target format's default codec instead); data moves in
     chunk-aligned blocks so each destination chunk is written once (required by zip stores).
     """
+    v2 = dst.metadata.zarr_format == 2
     for path, member in sorted(src.members(max_depth=None)):
         if isinstance(member, zarr.Group):
             dst.create_group(path, attributes=dict(member.attrs))
             continue
+        if recompress:
+            codecs = {"filters": None, "compressors": V2_COMPRESSOR if v2 else DEFAULT_COMPRESSOR}
+        else:
+            codecs = {"filters": member.filters, "compressors": member.compressors}
         target = dst.create_array(
             path,
             shape=member.shape,
             dtype=member.dtype,
             chunks=member.chunks,
-            filters=member.filters,
-            compressors=member.compressors,
             fill_value=member.fill_value,
             attributes=dict(member.attrs),
+            **codecs,
         )
         if member.size == 0:
             continue
@@ -190,21 +245,27 @@ class ReplayBuffer:
             _copy_tree(source._root, root)
         return cls(root)
 
-    def save(self, path: str | Path) -> None:
+    def save(self, path: str | Path, zarr_format: int | None = None) -> None:
         """Write an exact copy (arrays, chunks, codecs, attributes) to a directory store or,
-        when `path` ends in `.zip`, to a zip file; an existing store at `path` is replaced."""
+        when `path` ends in `.zip`, to a zip file; an existing store at `path` is replaced.
+        `zarr_format=2` writes a zarr v2 store that Diffusion Policy's zarr 2 can read (and 3
+        a v3 one): a change of format recompresses with that format's Blosc-zstd codec."""
+        if zarr_format not in (None, 2, 3):
+            raise ValueError(f"zarr_format must be None, 2 or 3; got {zarr_format!r}")
         path = Path(path)
         if self._path is not None and path.resolve() == self._path.resolve():
             raise ValueError(f"cannot save a replay buffer onto its own store {path}")
         _check_replaceable(path)
         store = ZipStore(path, mode="w") if _is_zip(path) else LocalStore(path)
+        source_format = self._root.metadata.zarr_format
+        target_format = source_format if zarr_format is None else zarr_format
         root = zarr.open_group(
             store,
             mode="w",
-            zarr_format=self._root.metadata.zarr_format,
+            zarr_format=target_format,
             attributes=dict(self.attrs),
         )
-        _copy_tree(self._root, root)
+        _copy_tree(self._root, root, recompress=target_format != source_format)
         store.close()
 
     def close(self) -> None:

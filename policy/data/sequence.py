@@ -121,7 +121,10 @@ def split_episodes(
 
     round(n_episodes * val_ratio) episodes go to val, at least one when val_ratio > 0, and at
     least one is left for training. `max_train_episodes` keeps a seeded random subset of the
-    training episodes; the dropped ones are in neither split (DP puts them in val).
+    training episodes, drawn exactly as Diffusion Policy's `downsample_mask` draws it (a fresh
+    generator seeded with `seed`), so the same seed trains on the same episodes as DP; the
+    dropped ones are in neither split (DP validates on them too: our validation loss stays on
+    the held-out episodes).
     """
     if not 0 <= val_ratio < 1:
         raise ValueError(f"val_ratio must be in [0, 1); got {val_ratio}")
@@ -132,7 +135,10 @@ def split_episodes(
         val_mask[rng.choice(n_episodes, size=n_val, replace=False)] = True
     train_mask = ~val_mask
     if max_train_episodes is not None and train_mask.sum() > max_train_episodes:
-        kept = rng.choice(np.flatnonzero(train_mask), size=max_train_episodes, replace=False)
+        candidates = np.flatnonzero(train_mask)
+        picks = np.random.default_rng(seed).choice(len(candidates), size=max_train_episodes,
+                                                   replace=False)
+        kept = candidates[picks]
         train_mask = np.zeros(n_episodes, dtype=bool)
         train_mask[kept] = True
     return train_mask, val_mask
@@ -150,7 +156,12 @@ def _load_features(
                 f"replay buffer has no data key {missing[0]!r} (needed by {role} "
                 f"{[spec.text for spec in specs]}); available keys: {available}"
             )
-    raw = {key: buffer[key][:] for key in {spec.key for spec in [*obs_specs, action_spec]}}
+    raw = {}
+    for key in sorted({spec.key for spec in [*obs_specs, action_spec]}):
+        try:
+            raw[key] = buffer[key][:]
+        except Exception as e:  # a codec that is not installed, a torn chunk, ...
+            raise ValueError(f"data key {key!r} cannot be read: {e}") from e
     for key, values in raw.items():
         if not np.issubdtype(values.dtype, np.number) or np.issubdtype(values.dtype,
                                                                        np.complexfloating):
