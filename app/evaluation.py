@@ -61,6 +61,7 @@ from policy.chunking import (
 )
 from policy.diffusion_policy import DiffusionPolicy
 from policy.loading import load_with_metadata
+from policy.runtime import RuntimeUnavailable
 
 
 # ----------------------------------------------------------------------------- config, setup
@@ -233,6 +234,17 @@ def check_pcm_weights(sampler: Sampler, checkpoint: Mapping[str, Any], path: str
         )
 
 
+def choose_runtime(policy: DiffusionPolicy, runtime_cfg: Mapping[str, Any] | DictConfig) -> None:
+    """Run the policy's denoiser with the conf/runtime choice; one line if it cannot run here
+    (a missing package, no CUDA) or a value is wrong."""
+    options = plain(runtime_cfg)
+    kind = options.pop("kind", "eager")
+    try:
+        policy.use_runtime(kind, **options)
+    except (ValueError, TypeError, RuntimeUnavailable) as e:
+        raise ConfigError(f"runtime: {e}") from e
+
+
 # ------------------------------------------------------------------------------- rollouts
 @dataclass
 class EvalResult:
@@ -351,6 +363,7 @@ def run_eval(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] = ()) -> d
     )
     sampler = build_sampler(cfg.sampler, policy)
     check_pcm_weights(sampler, checkpoint, cfg.checkpoint)
+    choose_runtime(policy, cfg.runtime)
     print(f"evaluating {cfg.checkpoint} (step {checkpoint['step']}) with {sampler.label}: "
           f"{cfg.n_episodes} episodes of {env['name']} on {device} -> {out_dir}")
 
@@ -375,6 +388,7 @@ def run_eval(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] = ()) -> d
     results = {
         "metrics": metrics,
         "sampler": {"label": sampler.label, **sampler.config},
+        "runtime": plain(cfg.runtime),
         "n_episodes": len(rollout_result.episodes),
         "interrupted": rollout_result.interrupted,
         "realtime": result.realtime,

@@ -14,8 +14,11 @@ per sample, wall time and the final ``trajectory`` ``(T+1, B, H, D)``, reusable 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -94,20 +97,79 @@ def _take_cond(cond: Any, sample_idx: torch.Tensor) -> Any:
     raise TypeError(f"cond must be a tensor, a dict of tensors or None; got {type(cond).__name__}")
 
 
+class _FiniteGuard:
+    """Where the denoiser's outputs are checked for NaN/inf: at once on the CPU (cheap), once
+    per sampler call on an accelerator (a check per call would sync the host every call);
+    either way the error names the training timesteps that produced them."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def record(self, out: torch.Tensor, t: torch.Tensor) -> None:
+        finite = torch.isfinite(out).flatten(1).all(1)
+        if out.device.type == "cpu":
+            self._raise_if_bad(finite, t)
+        else:
+            self.pending.append((finite, t))
+
+    def check(self) -> None:
+        """Raise for any deferred output that was not finite (one host sync)."""
+        if not self.pending:
+            return
+        finite = torch.cat([f for f, _ in self.pending])
+        t = torch.cat([t for _, t in self.pending])
+        self.pending.clear()
+        self._raise_if_bad(finite, t)
+
+    @staticmethod
+    def _raise_if_bad(finite: torch.Tensor, t: torch.Tensor) -> None:
+        if not bool(finite.all()):
+            bad = torch.unique(t[~finite]).tolist()
+            raise ValueError(f"denoiser returned NaN or inf at training timesteps {bad}")
+
+
+_GUARD: contextvars.ContextVar[_FiniteGuard | None] = contextvars.ContextVar("guard",
+                                                                              default=None)
+
+
+@contextlib.contextmanager
+def _finite_outputs() -> Iterator[_FiniteGuard]:
+    """A sampler call's scope: the denoiser outputs inside it are checked by one guard, which
+    settles its deferred checks when the call ends normally."""
+    guard = _FiniteGuard()
+    token = _GUARD.set(guard)
+    try:
+        yield guard
+        guard.check()
+    finally:
+        _GUARD.reset(token)
+
+
+def _checks_finite_outputs(sampler: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a sampler function inside one `_finite_outputs` scope."""
+    @functools.wraps(sampler)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        with _finite_outputs():
+            return sampler(*args, **kwargs)
+
+    return checked
+
+
 def _call_denoiser(
     denoiser: Callable[..., torch.Tensor], x: torch.Tensor, t: torch.Tensor, cond: Any, *extra: Any
 ) -> torch.Tensor:
-    """Call the denoiser and check what it returns: same shape as ``x`` and finite."""
+    """Call the denoiser and check what it returns: same shape as ``x`` and finite (checked
+    by the current sampler call's guard; see _FiniteGuard)."""
     out = denoiser(x, t, cond, *extra)
     if not isinstance(out, torch.Tensor) or out.shape != x.shape:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(f"denoiser returned shape {got}; expected {tuple(x.shape)} (same as x)")
-    if not torch.isfinite(out).all():
-        bad = torch.unique(t[~torch.isfinite(out).flatten(1).all(1)]).tolist()
-        raise ValueError(f"denoiser returned NaN or inf at training timesteps {bad}")
+    guard = _GUARD.get()
+    (guard or _FiniteGuard()).record(out, t)
     return out
 
 
+@_checks_finite_outputs
 def sequential_sample(
     denoiser: Denoiser,
     schedule: Schedule,
@@ -172,6 +234,7 @@ def _validate_picard_args(
     return min(window, T)
 
 
+@_checks_finite_outputs
 def _picard_iterate(
     evaluate: Evaluator,
     schedule: Schedule,

@@ -168,8 +168,30 @@ class DiffusionPolicy(nn.Module):
 
     # --------------------------------------------------------------------- inference
     def denoiser(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """picard_sampler denoiser: noisy chunk (N, H, Da), timesteps (N,), cond (N, Dc) -> eps."""
+        """picard_sampler denoiser: noisy chunk (N, H, Da), timesteps (N,), cond (N, Dc) -> eps,
+        through the runtime chosen with `use_runtime` (eager PyTorch by default)."""
+        runtime = self.__dict__.get("_runtime")
+        if runtime is not None:
+            return runtime(x, t, cond)
         return self.model(x, t, cond)
+
+    def use_runtime(self, kind: str = "eager", **options: Any) -> None:
+        """Run the denoiser with runtime `kind` (policy.runtime.RUNTIMES: eager, onnxruntime,
+        compile, cuda_graph; options: precision, cache_dir, max_rows); "eager" with no options
+        restores plain PyTorch. Build it after moving the policy to its device and loading its
+        weights: a runtime captures them."""
+        from policy.runtime import make_runtime
+
+        self.__dict__["_runtime"] = (
+            None if kind == "eager" and not options
+            else make_runtime(self.model, kind, horizon=self.horizon, **options)
+        )
+
+    @property
+    def runtime(self) -> str:
+        """The name of the denoiser's runtime."""
+        runtime = self.__dict__.get("_runtime")
+        return "eager" if runtime is None else runtime.name
 
     def attach_pcm(self, pcm: nn.Module | None) -> None:
         """Attach (or with None detach) a PCM, called as `pcm(self.model, x, t, cond) -> eps`.
@@ -196,7 +218,7 @@ class DiffusionPolicy(nn.Module):
         """Whether the attached PCM takes the noise path (`picard_sampler.pcm_sample`)."""
         return bool(getattr(self.pcm, "sees_noise", False))
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def predict_action(
         self,
         obs: Obs,
