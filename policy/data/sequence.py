@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from policy.data.lerobot_dataset import check_not_lerobot_dataset
 from policy.data.replay_buffer import ReplayBuffer
 
 Split = Literal["train", "val"]
@@ -334,6 +335,7 @@ def check_store_path(path: str | Path) -> Path:
     if not path.exists():
         raise FileNotFoundError(f"data.path does not exist: {path} (run from the repo root?)")
     if path.is_dir():
+        check_not_lerobot_dataset(path)
         if not ((path / "zarr.json").exists() or (path / ".zgroup").exists()):
             raise ValueError(f"data.path {path} is a directory but not a zarr store (no zarr.json "
                              "or .zgroup)")

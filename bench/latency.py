@@ -1,0 +1,240 @@
+"""Per-chunk latency of every sampler under every denoiser runtime, with what it costs in
+exactness: which runtime is fastest depends on the shape of the call, so it is measured.
+
+For each model (the shipped 4.56M PushT UNet, DP's paper-size 65.8M low-dim UNet and the
+image policy's UNet, random weights where none is shipped; the image encoder, run once per
+chunk, is not included), batch B (envs per sampler call), runtime and sampler, one row:
+latency p50 / p99 of a whole chunk after warm-up, rounds, NFE, `exact_err` against sequential
+sampling of the same schedule in eager float32 on the same noise, and `runtime_err` against the
+same sampler in eager float32 (what the runtime itself changes); device, threads and versions in
+every row. Samplers: sequential DDPM-100 and DDIM-16, Picard DDPM-100 (full window and 16),
+Picard DDIM-16 and PCM DDIM-16 (the shipped PCM on the shipped model; an untrained one,
+exact by model switching, elsewhere: its latency only).
+
+    python bench/latency.py --quick --out /tmp/latency.json        # ~2 minutes on a CPU
+    python bench/latency.py --out bench/results/latency_cpu.json --threads 2
+    python bench/latency.py --device cuda --runtimes eager cuda_graph \\
+        --out bench/results/latency_gpu.json                          # scripts/gpu_latency.sh
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from picard_sampler import Sampler, exact_errors, percentile
+from picard_sampler.runinfo import package_versions, run_info
+from policy import load_policy
+from policy.checkpoint import atomic_write
+from policy.diffusion_policy import DiffusionPolicy
+from policy.encoders import LowDimObsEncoder
+from policy.normalizer import LinearNormalizer
+from policy.pcm import build_pcm
+from policy.unet import ConditionalUnet1D
+
+SHIPPED = "checkpoints/pusht_lowdim/pcm.ckpt"  # the shipped policy with its DDIM-16 PCM
+SAMPLERS: dict[str, dict[str, Any]] = {
+    "sequential DDPM-100": {"method": "sequential", "schedule": "ddpm", "steps": 100},
+    "sequential DDIM-16": {"method": "sequential", "schedule": "ddim", "steps": 16},
+    "picard DDPM-100 full": {"method": "picard", "schedule": "ddpm", "steps": 100, "window": None},
+    "picard DDPM-100 w16": {"method": "picard", "schedule": "ddpm", "steps": 100, "window": 16},
+    "picard DDIM-16": {"method": "picard", "schedule": "ddim", "steps": 16, "window": None},
+    "pcm DDIM-16": {"method": "pcm", "schedule": "ddim", "steps": 16, "window": None},
+}
+RUNTIME_PACKAGES = ("onnxruntime", "onnx")
+
+
+def random_policy(down_dims: tuple[int, ...], step_embed: int, feature_dim: int,
+                  seed: int = 0) -> DiffusionPolicy:
+    """A DiffusionPolicy with a random UNet of these sizes (To=2, H=16, Da=2) and an untrained
+    PCM: what latency needs, no trained weights."""
+    from picard_sampler import DDPMSchedule
+
+    torch.manual_seed(seed)
+    policy = DiffusionPolicy(
+        lambda input_dim, global_cond_dim: ConditionalUnet1D(
+            input_dim, global_cond_dim, down_dims=down_dims, diffusion_step_embed_dim=step_embed),
+        LowDimObsEncoder(feature_dim), LinearNormalizer(), action_dim=2,
+        train_schedule=DDPMSchedule(),
+    )
+    policy.attach_pcm(build_pcm(policy))
+    return policy.eval()
+
+
+MODELS: dict[str, Callable[[], DiffusionPolicy]] = {
+    "pusht 4.56M (shipped)": lambda: load_policy(SHIPPED),
+    "dp low-dim 65.8M": lambda: random_policy((256, 512, 1024), 256, 20),
+    "image UNet (1 camera)": lambda: random_policy((256, 512, 1024), 128, 66),
+}
+
+
+def time_chunks(policy: DiffusionPolicy, sampler: Sampler, noise: torch.Tensor,
+                cond: torch.Tensor, n_chunks: int, warmup: int) -> tuple[list[float], Any]:
+    """Wall times (ms) of `n_chunks` sampler calls after `warmup` untimed ones; the last
+    call's (sample, stats)."""
+    pcm = policy.pcm_denoiser if policy.pcm is not None else None
+    times, result = [], None
+    for i in range(warmup + n_chunks):
+        if noise.is_cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            result = sampler(policy.denoiser, noise, cond, denoiser_pcm=pcm,
+                             pcm_sees_noise=policy.pcm_sees_noise)
+        if noise.is_cuda:
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append((time.perf_counter() - start) * 1e3)
+    return times, result
+
+
+def measure_model(name: str, policy: DiffusionPolicy, args: argparse.Namespace,
+                  device: torch.device) -> list[dict[str, Any]]:
+    """Every (batch, sampler, runtime) row of one model."""
+    rows = []
+    policy = policy.to(device)
+    for batch in args.batch:
+        g = torch.Generator().manual_seed(batch)
+        cond = torch.randn(batch, policy.model.global_cond_dim, generator=g).to(device)
+        references: dict[tuple[str, int], torch.Tensor] = {}
+        eager_results: dict[str, torch.Tensor] = {}
+        for runtime in args.runtimes:
+            try:
+                policy.use_runtime(runtime, **({"cache_dir": args.cache_dir}
+                                               if runtime == "onnxruntime" else {}))
+            except Exception as e:  # unavailable here: one row saying why
+                rows.append({"model": name, "batch": batch, "runtime": runtime,
+                             "skipped": f"{type(e).__name__}: {e}"})
+                continue
+            for label in args.samplers:
+                spec = SAMPLERS[label]
+                sampler = policy.make_sampler(
+                    spec["method"], spec["schedule"], spec["steps"],
+                    **({"window": spec["window"], "tol": args.tol}
+                       if spec["method"] != "sequential" else {}))
+                noise = torch.randn(sampler.noise_shape(batch, policy.horizon, policy.action_dim),
+                                    generator=torch.Generator().manual_seed(7)).to(device)
+                key = (spec["schedule"], spec["steps"])
+                if key not in references:  # sequential, eager, float32, same noise
+                    policy.use_runtime("eager")
+                    reference = policy.make_sampler("sequential", spec["schedule"], spec["steps"])
+                    _, (_, stats) = time_chunks(policy, reference, noise, cond, 1, 0)
+                    references[key] = stats.sample
+                    policy.use_runtime(runtime, **({"cache_dir": args.cache_dir}
+                                                   if runtime == "onnxruntime" else {}))
+                n_chunks = max(1, args.chunks // (4 if "full" in label and batch > 1 else 1))
+                times, (_, stats) = time_chunks(policy, sampler, noise, cond, n_chunks,
+                                                args.warmup)
+                if runtime == "eager":
+                    eager_results[label] = stats.sample
+                reference_same = eager_results.get(label)
+                rows.append({
+                    "model": name, "batch": batch, "runtime": runtime, "sampler": label,
+                    "tol": None if spec["method"] == "sequential" else args.tol,
+                    "latency_ms_p50": percentile(times, 50),
+                    "latency_ms_p99": percentile(times, 99),
+                    "n_chunks": len(times), "rounds": stats.rounds, "nfe": stats.nfe,
+                    "exact_err": float(exact_errors(stats.sample, references[key]).max()),
+                    "runtime_err": (None if reference_same is None else
+                                    float(exact_errors(stats.sample, reference_same).max())),
+                    "device": str(device), "threads": torch.get_num_threads(),
+                    "torch": torch.__version__,
+                    "runtime_versions": package_versions(RUNTIME_PACKAGES),
+                })
+                print(f"{name:24s} B={batch:<3d} {runtime:12s} {label:22s} "
+                      f"p50 {rows[-1]['latency_ms_p50']:9.1f} ms  rounds {stats.rounds:3d}  "
+                      f"exact_err {rows[-1]['exact_err']:.2e}", flush=True)
+        policy.use_runtime("eager")
+    return rows
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Latency p50 against exact_err, one marker per runtime, one panel per model and batch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    measured = [r for r in rows if "skipped" not in r]
+    panels = sorted({(r["model"], r["batch"]) for r in measured})
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    markers = dict(zip(("eager", "onnxruntime", "compile", "cuda_graph"), "os^D", strict=True))
+    for ax, (model, batch) in zip(axes[0], panels, strict=True):
+        for r in (r for r in measured if (r["model"], r["batch"]) == (model, batch)):
+            ax.scatter(r["latency_ms_p50"], max(r["exact_err"], 1e-7),
+                       marker=markers.get(r["runtime"], "x"), label=f"{r['runtime']}")
+            ax.annotate(r["sampler"], (r["latency_ms_p50"], max(r["exact_err"], 1e-7)),
+                        fontsize=6)
+        ax.set(xscale="log", yscale="log", title=f"{model}, B={batch}",
+               xlabel="latency per chunk p50 (ms)", ylabel="exact_err (floor 1e-7)")
+        handles, labels = ax.get_legend_handles_labels()
+        ax.legend(dict(zip(labels, handles, strict=False)).values(),
+                  dict(zip(labels, handles, strict=False)).keys(), fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="JSON file to write")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=list(SAMPLERS))
+    parser.add_argument("--runtimes", nargs="+", default=["eager", "onnxruntime"])
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 10])
+    parser.add_argument("--chunks", type=int, default=20, help="timed chunks per row")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--tol", type=float, default=0.1, help="Picard / PCM tolerance")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--cache-dir", type=Path, default=Path("~/.cache/picard-policy"))
+    parser.add_argument("--quick", action="store_true",
+                        help="the shipped model, B=1, 5 chunks: a couple of minutes on a CPU")
+    args = parser.parse_args()
+    if args.quick:
+        args.models, args.batch, args.chunks = [next(iter(MODELS))], [1], 5
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    rows: list[dict[str, Any]] = []
+    for name in args.models:
+        rows += measure_model(name, MODELS[name](), args, device)
+        write(args, rows, device)
+    write(args, rows, device)
+    plot(rows, args.out.with_suffix(".png"))
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+
+
+def write(args: argparse.Namespace, rows: list[dict[str, Any]], device: torch.device) -> None:
+    """The rows so far, atomically (a killed run keeps its finished models)."""
+    record = {
+        "benchmark": "latency", "command": "python bench/latency.py " + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"),
+        "run_info": run_info(device), "quick": args.quick, "rows": rows,
+        "fastest_exact": fastest_exact(rows),
+    }
+    atomic_write(args.out, lambda f: f.write((json.dumps(record, indent=1) + "\n").encode()))
+
+
+def fastest_exact(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per (model, batch, schedule): the fastest row whose chunk is exact (exact_err <= 0.15,
+    the closed-loop bar), with its runtime and sampler."""
+    best: dict[str, Any] = {}
+    for r in rows:
+        if "skipped" in r or r["exact_err"] > 0.15:
+            continue
+        key = f"{r['model']} | B={r['batch']} | {r['sampler'].split()[1]}"
+        if key not in best or r["latency_ms_p50"] < best[key]["latency_ms_p50"]:
+            best[key] = {k: r[k] for k in ("runtime", "sampler", "latency_ms_p50",
+                                           "latency_ms_p99", "exact_err")}
+    return dict(sorted(best.items()))
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    main()

@@ -1,0 +1,72 @@
+"""Convert a LeRobot dataset folder (v3.0 or v2.1) to a zarr replay buffer for training.
+
+    python scripts/convert_lerobot_dataset.py ~/.cache/huggingface/lerobot/lerobot/pusht \
+        data/lerobot_pusht.zarr.zip
+    python scripts/convert_lerobot_dataset.py SRC OUT.zarr.zip \
+        --key observation.state=state --key action=action
+
+Low-dim features only, as float32 `data/<key>` arrays, one episode per LeRobot episode (in
+episode_index order). Default keys drop `observation.` and turn dots into underscores
+(observation.environment_state -> environment_state); video/image features are skipped. A
+config then trains on it with `data.path=OUT.zarr.zip data.obs_keys=[environment_state,state]`.
+See policy/data/lerobot_dataset.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from policy.data.lerobot_dataset import default_key, lerobot_to_replay_buffer
+
+
+def parse_key(text: str) -> tuple[str, str]:
+    """`FEATURE=KEY` -> (FEATURE, KEY); a bare `FEATURE` keeps its default buffer key."""
+    feature, sep, key = text.partition("=")
+    if not feature or (sep and not key):
+        raise argparse.ArgumentTypeError(f"expected FEATURE or FEATURE=KEY; got {text!r}")
+    return feature, key if sep else default_key(feature)
+
+
+def convert(src: Path, out: Path, keys: dict[str, str] | None = None,
+            zarr_format: int | None = None, overwrite: bool = False) -> str:
+    """Convert `src` and save it to `out`; returns a one-line summary of what was written."""
+    if out.exists() and not overwrite:
+        raise ValueError(f"{out} exists; pass --overwrite to replace it")
+    if not (out.name.endswith(".zip") or out.suffix == ".zarr"):
+        raise ValueError(f"output {out} must end in .zarr.zip (zip file) or .zarr (directory)")
+    buffer = lerobot_to_replay_buffer(src, keys)
+    source = buffer.attrs["source"]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    buffer.save(out, zarr_format=zarr_format)
+    arrays = ", ".join(f"{key} {tuple(buffer[key].shape[1:])}" for key in buffer)
+    skipped = source["skipped_features"]
+    return (f"wrote {out}: {buffer.n_episodes} episodes, {buffer.n_steps} steps, float32 "
+            f"{arrays} from LeRobot {source['codebase_version']} dataset {src} "
+            f"({', '.join(f'{f} -> {k}' for f, k in source['keys'].items())}"
+            + (f"; skipped {', '.join(skipped)}" if skipped else "") + ")")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("src", type=Path, help="LeRobot dataset folder (with meta/info.json)")
+    parser.add_argument("out", type=Path, help="replay buffer to write: OUT.zarr.zip or OUT.zarr")
+    parser.add_argument("--key", action="append", type=parse_key, metavar="FEATURE[=KEY]",
+                        help="convert only these features (repeatable); default: every low-dim "
+                             "feature under its default key")
+    parser.add_argument("--zarr-format", type=int, choices=(2, 3), default=None,
+                        help="2 writes a store Diffusion Policy's zarr 2 reads (default 3)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    args = parser.parse_args()
+    keys = dict(args.key) if args.key else None
+    try:
+        print(convert(args.src, args.out, keys, args.zarr_format, args.overwrite))
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        sys.exit("error: " + " ".join(str(e).split()))
+    except OSError as e:
+        sys.exit(f"error: cannot write {e.filename or args.out}: {e.strerror}")
+
+
+if __name__ == "__main__":
+    main()
