@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -67,7 +68,7 @@ def is_number(value: Any, minimum: float | None = None, strict: bool = False) ->
 
 def device_ok(value: Any) -> bool:
     """'auto', 'cpu', 'cuda' or 'cuda:N'."""
-    return value == "auto" or str(value).split(":")[0] in ("cpu", "cuda")
+    return isinstance(value, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", value) is not None
 
 
 DEVICE_ALLOWED = "'auto', 'cpu', 'cuda' or 'cuda:N'"

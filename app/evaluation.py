@@ -71,7 +71,10 @@ def check_eval_config(cfg: DictConfig) -> None:
     raise_first_failure(cfg, [
         ("n_episodes", is_int(cfg.n_episodes, 1), "an int >= 1"),
         ("n_envs", is_int(cfg.n_envs, 1), "an int >= 1"),
-        ("seed_start", is_int(cfg.seed_start, 0), "an int >= 0"),
+        ("checkpoint", isinstance(cfg.checkpoint, str) and bool(cfg.checkpoint),
+         "a path (a checkpoint file or a LeRobot folder)"),
+        ("seed_start", is_int(cfg.seed_start, 0) and cfg.seed_start + _n(cfg) <= 2**32 - 1,
+         "an int >= 0 with seed_start + n_episodes < 2**32 (env seeds are 32-bit)"),
         ("noise_seed", is_int(cfg.noise_seed, 0), "an int >= 0"),
         ("max_steps", cfg.max_steps is None or is_int(cfg.max_steps, 1), "null or an int >= 1"),
         ("warmup_chunks", is_int(cfg.warmup_chunks, 0), "an int >= 0"),
@@ -92,10 +95,17 @@ def check_eval_config(cfg: DictConfig) -> None:
         ("realtime.control_hz", is_number(rt.control_hz, 0, strict=True), "a number > 0"),
         ("realtime.clock", rt.clock in CLOCKS, f"one of {list(CLOCKS)}"),
         ("realtime.budget_margin_ms", is_number(rt.budget_margin_ms, 0), "a number >= 0"),
+        ("realtime.lead_steps", rt.lead_steps is None or is_int(rt.lead_steps, 1),
+         "null or an int >= 1"),
         ("deadline_ms", not (rt.enabled and cfg.deadline_ms is not None),
          "null with realtime.enabled=true (the deadline is realtime.lead_steps ticks at "
          "realtime.control_hz)"),
     ])
+
+
+def _n(cfg: DictConfig) -> int:
+    """n_episodes when it is an int (checked on its own), else 0."""
+    return cfg.n_episodes if is_int(cfg.n_episodes) else 0
 
 
 @dataclass
@@ -119,6 +129,12 @@ def realtime_settings(cfg: DictConfig, policy: DiffusionPolicy) -> Realtime | No
         raise ConfigError(
             f"realtime.lead_steps must be null or in [1, horizon - n_obs_steps + 1 - "
             f"n_action_steps = {most}] for this policy; got {lead!r}"
+        )
+    deadline_ms = (most if lead is None else lead) / cfg.realtime.control_hz * 1e3
+    if not cfg.realtime.budget_margin_ms < deadline_ms:
+        raise ConfigError(
+            f"realtime.budget_margin_ms must be below the deadline ({deadline_ms:g} ms = "
+            f"lead_steps / control_hz); got {cfg.realtime.budget_margin_ms!r}"
         )
     return Realtime(float(cfg.realtime.control_hz), cfg.realtime.clock, lead,
                     float(cfg.realtime.budget_margin_ms))
@@ -402,6 +418,8 @@ def run_eval(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] = ()) -> d
         "chunks": [call.to_dict() for call in rollout_result.policy_calls],
         "requests": [request.to_dict() for request in result.requests],
     }
+    # results.json first: a signal while plots and videos are drawn must not lose the rollout
+    write_results(out_dir / "results.json", results)
     deadline_ms = result.realtime["deadline_ms"] if result.realtime else cfg.deadline_ms
     records = result.chunk_records
     images = plot_histograms(
@@ -410,7 +428,7 @@ def run_eval(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] = ()) -> d
     )
     if rollout_result.frames:
         results["video"] = str(save_video(rollout_result.frames, out_dir))
-    write_results(out_dir / "results.json", results)
+        write_results(out_dir / "results.json", results)
     if cfg.logger.wandb:
         log_to_wandb(cfg.logger, out_dir, results, images)
     print(format_report(results))

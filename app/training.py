@@ -15,6 +15,7 @@ their own generators. SIGINT/SIGTERM finish the current step, write `latest.ckpt
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -141,7 +142,9 @@ class PCMStage:
     def checks(self) -> list[Check]:
         """The base checkpoint exists and the trajectory collection is sized sensibly."""
         d = self.cfg.pcm.data
+        init = self.cfg.pcm.init
         return [
+            ("pcm.init", init is None or isinstance(init, str), "null or a PCM checkpoint path"),
             ("pcm.base_checkpoint", Path(str(self.cfg.pcm.base_checkpoint)).is_file(),
              "an existing policy checkpoint (train one with stage=dp)"),
             ("pcm.data.n_chunks", is_int(d.n_chunks, 1), "an int >= 1"),
@@ -199,7 +202,11 @@ class PCMStage:
                 saved = torch.load(cache, map_location="cpu", weights_only=True)
             except Exception as e:  # torch raises several types for torn or foreign files
                 raise ConfigError(f"pcm.data.cache {cache} is unreadable ({type(e).__name__}): "
-                                  "delete it to collect the trajectories again") from e
+                                  "point pcm.data.cache at a new file (or delete this one if "
+                                  "it is a torn trajectory cache)") from e
+            if not (isinstance(saved, dict) and {"meta", "train", "val"} <= set(saved)):
+                raise ConfigError(f"pcm.data.cache {cache} is not a PCM trajectory cache: point "
+                                  "pcm.data.cache at a new file")
             changed = changed_keys(saved["meta"], meta)
             if changed:
                 raise ConfigError(
@@ -296,6 +303,10 @@ def check_train_config(cfg: DictConfig) -> None:
          or is_int(cfg.data.max_train_episodes, 1), "null or an int >= 1"),
         ("data.num_workers", is_int(cfg.data.num_workers, 0), "an int >= 0"),
         ("optim.lr", is_number(cfg.optim.lr, 0, strict=True), "a number > 0"),
+        ("optim.betas", OmegaConf.is_list(cfg.optim.betas) and len(cfg.optim.betas) == 2
+         and all(is_number(b, 0) and b < 1 for b in cfg.optim.betas),
+         "two numbers in [0, 1)"),
+        ("optim.weight_decay", is_number(cfg.optim.weight_decay, 0), "a number >= 0"),
         ("ema.power", is_number(cfg.ema.power, 0, strict=True), "a number > 0"),
         ("ema.max_decay", is_number(cfg.ema.max_decay, 0) and cfg.ema.max_decay <= 1,
          "a number in [0, 1]"),
@@ -478,15 +489,18 @@ def validation_loss(
     return float(np.mean(losses))
 
 
-def rollout_metrics(policy: DiffusionPolicy, cfg: DictConfig) -> dict[str, float]:
+def rollout_metrics(policy: DiffusionPolicy, cfg: DictConfig) -> dict[str, float] | None:
     """Roll the policy out in the env on `cfg.eval` seeds (app.evaluation); the measured
-    metrics of docs/design.md §5 (mean_score, success_rate, rounds_mean, nfe, latency_ms_*)."""
+    metrics of docs/design.md §5 (mean_score, success_rate, rounds_mean, nfe, latency_ms_*),
+    or None when the rollout was interrupted (its partial score is no score)."""
     sampler = build_sampler(cfg.eval.sampler, policy, "eval.sampler")
     result = evaluate(
         policy, sampler, cfg.env, n_episodes=cfg.eval.n_episodes, n_envs=cfg.eval.n_envs,
         seed_start=cfg.eval.seed_start, noise_seed=cfg.eval.seed_start,
         max_steps=cfg.env.max_steps, vector=cfg.eval.vector, progress=cfg.progress,
     )
+    if result.rollout.interrupted:
+        return None
     return {k: v for k, v in summarize(result).items() if v is not None}
 
 
@@ -522,8 +536,14 @@ def resume_training(
     changed = [k for k in changed_keys(ckpt["config"], config) if k != "resume"]
     if changed:
         print(f"warning: resuming {path} with changed config keys {changed}", file=sys.stderr)
-    policy.load_state_dict(policy_weights(ckpt, "model"))
-    ema.load_state_dict({**ckpt["ema"], "model": policy_weights(ckpt, "ema")})
+    try:
+        policy.load_state_dict(policy_weights(ckpt, "model"))
+        ema.load_state_dict({**ckpt["ema"], "model": policy_weights(ckpt, "ema")})
+    except RuntimeError as e:  # shapes or keys differ: the config changed the network
+        raise ConfigError(
+            f"resume=true: {path} holds another network than the config builds (changed keys: "
+            f"{changed or 'none'}); resume with the checkpoint's settings or start a new run"
+        ) from e
     optimizer.load_state_dict(ckpt["optimizer"])
     lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
     restore_rng_states(ckpt["rng"])
@@ -554,6 +574,11 @@ class MetricLogger:
     def __init__(self, cfg: DictConfig, run_dir: Path, wandb_id: str | None,
                  resume_step: int | None = None):
         self.path = run_dir / "metrics.jsonl"
+        if resume_step is None and self.path.exists():  # a run killed before any checkpoint
+            kept = run_dir / f"metrics.{time.strftime('%Y%m%d-%H%M%S')}.orphaned.jsonl"
+            self.path.replace(kept)
+            print(f"{self.path} of an earlier run without a checkpoint kept as {kept.name}",
+                  file=sys.stderr)
         if resume_step is not None and self.path.exists():
             kept = [line for line in self.path.read_text().splitlines(keepends=True)
                     if _logged_step(line) is not None and _logged_step(line) <= resume_step]
@@ -590,11 +615,23 @@ def _logged_step(line: str) -> int | None:
 
 
 class StopOnSignal:
-    """Turns the first SIGINT/SIGTERM into `requested = True` (a second one acts as usual)."""
+    """Turns the first SIGINT/SIGTERM into `requested = True` (a second one acts as usual);
+    inside `interruptible()` (a periodic rollout) it also interrupts the work at once, so a
+    scheduler's SIGTERM never waits for a whole rollout."""
 
     def __init__(self) -> None:
         self.requested = False
         self._previous: dict[int, Any] = {}
+        self._interruptible = False
+
+    @contextlib.contextmanager
+    def interruptible(self) -> Iterator[None]:
+        """A section a stop request interrupts (KeyboardInterrupt) instead of waiting for."""
+        self._interruptible = True
+        try:
+            yield
+        finally:
+            self._interruptible = False
 
     def __enter__(self) -> StopOnSignal:
         if threading.current_thread() is threading.main_thread():
@@ -605,6 +642,8 @@ class StopOnSignal:
     def _handle(self, signum: int, frame: Any) -> None:
         self.requested = True
         self._restore()
+        if self._interruptible:
+            raise KeyboardInterrupt("stop requested during a rollout")
 
     def _restore(self) -> None:
         for sig, handler in self._previous.items():
@@ -702,11 +741,18 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
                     loss_fn=val_loss_fn,
                 )
             if cfg.eval.every and (step % cfg.eval.every == 0 or step == total_steps):
-                scores = rollout_metrics(ema.model, cfg)
-                metrics.update({f"eval/{k}": v for k, v in scores.items()})
-                if scores["mean_score"] > state["best_score"]:
-                    state["best_score"] = scores["mean_score"]
-                    checkpoint(run_dir / "best.ckpt")
+                try:
+                    with stop.interruptible():
+                        scores = rollout_metrics(ema.model, cfg)
+                except KeyboardInterrupt:
+                    scores = None
+                if scores is None:  # stopped mid-rollout: a partial score is not a score
+                    stop.requested = True
+                else:
+                    metrics.update({f"eval/{k}": v for k, v in scores.items()})
+                    if scores["mean_score"] > state["best_score"]:
+                        state["best_score"] = scores["mean_score"]
+                        checkpoint(run_dir / "best.ckpt")
             if metrics:
                 logger.log(metrics, step)
                 last.update(metrics)

@@ -225,13 +225,26 @@ def _validate_picard_args(
         raise ValueError(f"update must be one of {list(UPDATES)}; got {update!r}")
     if window is None:
         window = T
-    if not isinstance(window, int) or window < 1:
+    if not _is_int(window) or window < 1:
         raise ValueError(f"window must be a positive int or None (= all {T} steps); got {window!r}")
-    if not tol >= 0:
-        raise ValueError(f"tol must be >= 0; got {tol!r}")
-    if max_rounds is not None and (not isinstance(max_rounds, int) or max_rounds < 1):
+    if not _is_number(tol) or not tol >= 0:
+        raise ValueError(f"tol must be a number >= 0; got {tol!r}")
+    if max_rounds is not None and (not _is_int(max_rounds) or max_rounds < 1):
         raise ValueError(f"max_rounds must be a positive int or None; got {max_rounds!r}")
     return min(window, T)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _validate_budget(budget_s: Any) -> None:
+    if budget_s is not None and (not _is_number(budget_s) or not budget_s > 0):
+        raise ValueError(f"budget_s must be None or a number of seconds > 0; got {budget_s!r}")
 
 
 @_checks_finite_outputs
@@ -525,10 +538,11 @@ class Sampler:
             raise ValueError(
                 f"sampler method must be one of {list(SAMPLER_METHODS)}; got {self.method!r}"
             )
-        if self.method != "sequential":
-            _validate_picard_args(
-                self.schedule, self.window, self.tol, self.update, self.max_rounds
-            )
+        # the sequential sampler ignores the knobs, but a bad value is still a mistake
+        _validate_picard_args(self.schedule, self.window, self.tol, self.update, self.max_rounds)
+        _validate_budget(self.budget_s)
+        if not _is_int(self.switch_rounds) or self.switch_rounds < 0:
+            raise ValueError(f"switch_rounds must be an int >= 0; got {self.switch_rounds!r}")
 
     @property
     def num_steps(self) -> int:
@@ -582,6 +596,7 @@ class Sampler:
         this call's time on top of the sampler's own ``budget_s`` (the smaller wins);
         ``overrides`` replace knobs (window, tol, update, max_rounds, switch_rounds) for one
         call. The sequential sampler ignores budgets: it always returns the exact sample."""
+        _validate_budget(budget_s)
         if self.method == "sequential":
             return sequential_sample(denoiser, self.schedule, noise, cond, callback=callback)
         unknown = sorted(set(overrides) - {"window", "tol", "update", "max_rounds",

@@ -250,8 +250,10 @@ class DiffusionPolicy(nn.Module):
         shape = sampler.noise_shape(B, self.horizon, self.action_dim)
         if noise is None:
             noise = torch.randn(shape, generator=generator, device=self.device)
-        elif tuple(noise.shape) != shape:
-            raise ValueError(f"noise: expected shape {shape}, got {tuple(noise.shape)}")
+        else:
+            noise = torch.as_tensor(noise, dtype=torch.float32)
+            if tuple(noise.shape) != shape:
+                raise ValueError(f"noise: expected shape {shape}, got {tuple(noise.shape)}")
         pcm = self.pcm_denoiser if self.pcm is not None else None
         naction, stats = sampler(
             self.denoiser, noise.to(self.device), cond, init=init, denoiser_pcm=pcm,

@@ -35,6 +35,12 @@ def main() -> None:
     )
     args = parser.parse_args()
     dtype = torch.float32 if args.float32 else torch.float16
+    if args.dst.resolve() == args.src.resolve():
+        sys.exit(f"error: {args.dst} is the source checkpoint: an export would replace it (and "
+                 "its optimizer state); write it elsewhere")
+    if args.dst.is_dir():
+        sys.exit(f"error: {args.dst} is a folder; give the file to write, e.g. "
+                 f"{args.dst / 'policy.ckpt'}")
     try:
         if args.pcm_only is not None:
             path = export_pcm(args.src, args.dst, base=args.pcm_only, dtype=dtype)

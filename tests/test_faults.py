@@ -390,3 +390,76 @@ def test_what_n_envs_changes_is_float_rounding_only(tiny_checkpoint: Path) -> No
     same.on_reset(0, 100000)
     same.on_reset(1, 100001)
     np.testing.assert_array_equal(same(obs)[0], both)
+
+
+# ------------------------------------------------------------- found by the second probe
+@pytest.mark.parametrize(
+    ("knobs", "message"),
+    [
+        ({"method": "picard", "budget_s": -1}, "budget_s must be None or a number of seconds > 0"),
+        ({"method": "picard", "budget_s": "abc"}, "budget_s must be None or a number"),
+        ({"method": "pcm", "switch_rounds": -2}, "switch_rounds must be an int >= 0"),
+        ({"method": "pcm", "switch_rounds": 1.5}, "switch_rounds must be an int >= 0"),
+        ({"method": "picard", "window": True}, "window must be a positive int or None"),
+        ({"method": "picard", "tol": "abc"}, "tol must be a number >= 0"),
+        ({"method": "sequential", "window": -7}, "window must be a positive int or None"),
+    ],
+)
+def test_sampler_knobs_of_the_wrong_kind_are_refused(knobs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Sampler(DDIMSchedule(num_inference_steps=4), **knobs)
+
+
+def test_sigterm_during_a_training_rollout_stops_at_once_without_a_partial_score(
+    make_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = []
+    real_call = ChunkPolicy.__call__
+
+    def sigterm_on_first_chunk(self, obs, budget_s=None):
+        calls.append(1)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_call(self, obs, budget_s)
+
+    monkeypatch.setattr(ChunkPolicy, "__call__", sigterm_on_first_chunk)
+    summary = training.run_training(make_cfg("train.max_steps=20", "eval.every=5",
+                                             "eval.n_episodes=50", "eval.n_envs=1",
+                                             "val.every=0"))
+    assert summary["stopped_early"] and summary["step"] == 5 and len(calls) <= 2
+    run = tmp_path / "run"
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert not any(k.startswith("eval/") for m in logged for k in m)
+    assert not (run / "best.ckpt").exists() and load_checkpoint(run / "latest.ckpt")["step"] == 5
+
+
+def test_a_dead_runs_metrics_log_is_kept_apart_not_mixed(make_cfg, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 120, "train/loss": 9.0}\n')
+    training.run_training(make_cfg("train.max_steps=5", "val.every=0"))
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in logged] == [5]
+    (orphan,) = run.glob("metrics.*.orphaned.jsonl")
+    assert json.loads(orphan.read_text())["step"] == 120
+
+
+def test_results_are_written_before_plots(eval_cfg, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A signal while the histograms are drawn (after every episode finished) keeps results."""
+    def interrupted_plot(*args, **kwargs):
+        raise KeyboardInterrupt("terminated (SIGTERM)")
+
+    monkeypatch.setattr(evaluation, "plot_histograms", interrupted_plot)
+    with pytest.raises(KeyboardInterrupt):
+        evaluation.run_eval(eval_cfg(), tmp_path)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["n_episodes"] == 2 and not results["interrupted"]
+
+
+def test_export_refuses_to_replace_its_source(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    source = tmp_path / "latest.ckpt"
+    shutil.copy(tiny_checkpoint, source)
+    before = source.read_bytes()
+    line = one_line_error(run_script("scripts/export_policy.py", str(source), str(source)))
+    assert "is the source checkpoint" in line and source.read_bytes() == before
