@@ -22,7 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from app.config import ConfigError, check_group_choices, run_entry
+from app.config import ConfigError, check_run_dir, precheck_command_line, run_entry
 from app.evaluation import run_eval
 
 CHECKED_GROUPS = ("sampler", "env")
@@ -39,9 +39,18 @@ def hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    """Check group choices in one line, then hand the command line to Hydra."""
+    """Check the command line in one line (unknown keys and groups, a run dir that is taken or
+    cannot be made) before Hydra writes anything, then hand it to Hydra."""
     try:
-        check_group_choices(sys.argv[1:], CHECKED_GROUPS)
+        cfg = precheck_command_line(sys.argv[1:], "eval", CHECKED_GROUPS)
+        if cfg is not None:
+            run_dir = Path(cfg.hydra.run.dir).expanduser()
+            check_run_dir(run_dir)
+            if (run_dir / "results.json").exists() and cfg.overwrite is not True:
+                raise ConfigError(
+                    f"output folder {run_dir} already holds results.json of another run: pick "
+                    "another folder (hydra.run.dir=...) or pass overwrite=true to replace it"
+                )
     except ConfigError as e:
         sys.exit(f"config error: {e}")
     hydra_main()

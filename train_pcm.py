@@ -14,11 +14,12 @@ with status 1; SIGINT/SIGTERM finish the current step, write `latest.ckpt` and s
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from app.config import ConfigError, check_group_choices, run_entry
+from app.config import ConfigError, check_run_dir, precheck_command_line, run_entry
 from app.training import run_training
 
 CHECKED_GROUPS = ("env", "policy", "pcm", "experiment", "debug")
@@ -31,9 +32,18 @@ def hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    """Check overrides and group choices in one line, then hand the command line to Hydra."""
+    """Check the command line in one line (unknown keys and groups, a run dir that is taken or
+    cannot be made) before Hydra writes anything, then hand it to Hydra."""
     try:
-        check_group_choices(sys.argv[1:], CHECKED_GROUPS)
+        cfg = precheck_command_line(sys.argv[1:], "train", CHECKED_GROUPS)
+        if cfg is not None:
+            run_dir = Path(str(cfg.run_dir)).expanduser()
+            check_run_dir(run_dir)
+            if (run_dir / "latest.ckpt").exists() and cfg.resume is not True:
+                raise ConfigError(
+                    f"{run_dir / 'latest.ckpt'} exists: pass resume=true to continue it, or "
+                    "run_dir=<new folder> (or name=<new> when run_dir is not set) for a new run"
+                )
     except ConfigError as e:
         sys.exit(f"config error: {e}")
     hydra_main()

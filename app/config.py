@@ -143,6 +143,34 @@ def interrupt_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, handler)
 
 
+def precheck_command_line(argv: Sequence[str], config_name: str, groups: Sequence[str],
+                          conf_dir: Path = CONF_DIR) -> DictConfig | None:
+    """Before Hydra starts (and writes anything into a run dir): parse the overrides, check
+    the group choices and compose the config once, so an unknown key, a bad group value or a
+    syntax error is one line. Returns the composed config (with `hydra`), or None for a
+    multirun, whose jobs are checked one by one."""
+    from hydra import compose, initialize_config_dir
+
+    check_group_choices(argv, groups, conf_dir)
+    if any(a in ("-m", "--multirun") for a in argv):
+        return None
+    overrides = [a for a in argv if not a.startswith("-")]
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+            return compose(config_name, overrides=overrides, return_hydra_config=True)
+    except Exception as e:  # Hydra and OmegaConf raise several types for a bad command line
+        raise ConfigError(f"{one_line(e)} (conf/{config_name}.yaml holds the keys)") from e
+
+
+def check_run_dir(path: Path) -> None:
+    """A run dir that cannot be created (a file in its way) is one line, before Hydra tries."""
+    for parent in [path, *path.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"output folder {path} cannot be created: {parent} is a file")
+            return
+
+
 FAILED_JOB_FILE = "failed.json"
 """What a multirun job that failed leaves in its folder (read by the sweep summary)."""
 

@@ -68,7 +68,7 @@ def one_line_error(result: subprocess.CompletedProcess) -> str:
         ("deadline_ms=fast", "deadline_ms must be null or a number > 0"),
         ("video=maybe", "video must be true or false"),
         ("device=tpu", "device must be 'auto', 'cpu', 'cuda' or 'cuda:N'"),
-        ("sampler.tol=-1", "sampler: tol must be >= 0"),
+        ("sampler.tol=-1", "sampler: tol must be a number >= 0"),
         ("+sampler.windw=4", "sampler: "),
     ],
 )
@@ -463,3 +463,24 @@ def test_export_refuses_to_replace_its_source(tiny_checkpoint: Path, tmp_path: P
     before = source.read_bytes()
     line = one_line_error(run_script("scripts/export_policy.py", str(source), str(source)))
     assert "is the source checkpoint" in line and source.read_bytes() == before
+
+
+def test_command_line_mistakes_are_one_line_before_hydra_writes_anything(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    line = one_line_error(run_script("eval_policy.py", "n_episdes=3",
+                                     f"hydra.run.dir={tmp_path / 'a'}"))
+    assert line.startswith("config error: Could not override 'n_episdes'")
+    assert not (tmp_path / "a").exists()  # refused before Hydra made the run dir
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    line = one_line_error(run_script("train_pcm.py", "debug=tiny", f"run_dir={blocker}/run"))
+    assert line.endswith(f"cannot be created: {blocker} is a file")
+    taken = tmp_path / "taken"
+    args = (f"checkpoint={tiny_checkpoint}", "n_episodes=1", "n_envs=1", "max_steps=8",
+            "logger.wandb=false", "progress=false", f"hydra.run.dir={taken}")
+    assert run_script("eval_policy.py", *args).returncode == 0
+    record = (taken / ".hydra" / "overrides.yaml").read_text()
+    line = one_line_error(run_script("eval_policy.py", *args, "seed_start=7"))
+    assert "already holds results.json" in line
+    assert (taken / ".hydra" / "overrides.yaml").read_text() == record  # the first run's record

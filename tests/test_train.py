@@ -133,7 +133,7 @@ def test_wandb_logs_offline_and_keeps_its_run_id_across_resume(make_cfg, tmp_pat
     first = training.MetricLogger(cfg, tmp_path, wandb_id=None)
     first.log({"train/loss": 1.0}, step=1)
     first.close()
-    again = training.MetricLogger(cfg, tmp_path, wandb_id=first.wandb_id)
+    again = training.MetricLogger(cfg, tmp_path, wandb_id=first.wandb_id, resume_step=1)
     again.close()
     assert first.wandb_id and again.wandb_id == first.wandb_id
     assert list((tmp_path / "wandb").glob(f"offline-run-*-{first.wandb_id}"))
