@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -213,8 +215,7 @@ def main() -> None:
 def write(args: argparse.Namespace, rows: list[dict[str, Any]], device: torch.device) -> None:
     """The rows so far, atomically (a killed run keeps its finished models)."""
     record = {
-        "benchmark": "latency", "command": "python bench/latency.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"),
+        "benchmark": "latency", "command": shlex.join(["python", *sys.argv]),
         "run_info": run_info(device), "quick": args.quick, "rows": rows,
         "fastest_exact": fastest_exact(rows),
     }
