@@ -484,3 +484,17 @@ def test_command_line_mistakes_are_one_line_before_hydra_writes_anything(
     line = one_line_error(run_script("eval_policy.py", *args, "seed_start=7"))
     assert "already holds results.json" in line
     assert (taken / ".hydra" / "overrides.yaml").read_text() == record  # the first run's record
+
+
+def test_a_lost_chunk_file_is_reported_not_read_as_zeros_silently(tiny_demos: Path,
+                                                                  tmp_path: Path) -> None:
+    from policy.data import SequenceDataset
+
+    store = tmp_path / "demos.zarr"
+    ReplayBuffer.load(tiny_demos).save(store)
+    chunks = sorted((store / "data" / "keypoint").rglob("c/*/*/*"))
+    assert chunks
+    chunks[0].unlink()
+    with pytest.warns(UserWarning, match=r"data key 'keypoint': 1 of \d+ chunks are not in the "
+                                         "store"):
+        SequenceDataset(store, ["keypoint", "state[:2]"])

@@ -132,3 +132,14 @@ def test_deferred_finiteness_check_names_the_timesteps() -> None:
     guard.pending.append((torch.tensor([True]), torch.tensor([70])))
     with pytest.raises(ValueError, match=r"NaN or inf at training timesteps \[80\]"):
         guard.check()
+
+
+def test_torch_compile_matches_eager_across_row_counts() -> None:
+    """runtime=compile (dynamic shapes): one compilation (~45 s on 2 CPU cores), then any row
+    count, exact against eager."""
+    model = tiny_unet()
+    runtime = make_runtime(model, "compile", horizon=H)
+    for rows in (5, 9):
+        x, t, c = inputs(rows, seed=rows)
+        with torch.no_grad():
+            torch.testing.assert_close(runtime(x, t, c), model(x, t, c), rtol=0, atol=1e-5)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -160,9 +161,16 @@ def _load_features(
     raw = {}
     for key in sorted({spec.key for spec in [*obs_specs, action_spec]}):
         try:
-            raw[key] = buffer[key][:]
+            array = buffer[key]
+            raw[key] = array[:]
+            stored, total = array.nchunks_initialized, array.nchunks
         except Exception as e:  # a codec that is not installed, a torn chunk, ...
             raise ValueError(f"data key {key!r} cannot be read: {e}") from e
+        if stored < total:  # zarr reads a missing chunk as its fill value, silently
+            warnings.warn(
+                f"data key {key!r}: {total - stored} of {total} chunks are not in the store and "
+                f"read as the fill value {array.fill_value!r} (a deleted or lost chunk file, "
+                "unless that stretch really holds only that value)", stacklevel=3)
     for key, values in raw.items():
         if not np.issubdtype(values.dtype, np.number) or np.issubdtype(values.dtype,
                                                                        np.complexfloating):
