@@ -22,7 +22,13 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from app.config import ConfigError, check_run_dir, precheck_command_line, run_entry
+from app.config import (
+    ConfigError,
+    check_run_dir,
+    precheck_command_line,
+    run_dir_of,
+    run_entry,
+)
 from app.evaluation import run_eval
 
 CHECKED_GROUPS = ("sampler", "env")
@@ -43,8 +49,8 @@ def main() -> None:
     cannot be made) before Hydra writes anything, then hand it to Hydra."""
     try:
         cfg = precheck_command_line(sys.argv[1:], "eval", CHECKED_GROUPS)
-        if cfg is not None:
-            run_dir = Path(cfg.hydra.run.dir).expanduser()
+        run_dir = None if cfg is None else run_dir_of(cfg, "hydra.run.dir")
+        if run_dir is not None:
             check_run_dir(run_dir)
             if (run_dir / "results.json").exists() and cfg.overwrite is not True:
                 raise ConfigError(

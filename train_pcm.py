@@ -14,12 +14,17 @@ with status 1; SIGINT/SIGTERM finish the current step, write `latest.ckpt` and s
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from app.config import ConfigError, check_run_dir, precheck_command_line, run_entry
+from app.config import (
+    ConfigError,
+    check_run_dir,
+    precheck_command_line,
+    run_dir_of,
+    run_entry,
+)
 from app.training import run_training
 
 CHECKED_GROUPS = ("env", "policy", "pcm", "experiment", "debug")
@@ -36,8 +41,8 @@ def main() -> None:
     cannot be made) before Hydra writes anything, then hand it to Hydra."""
     try:
         cfg = precheck_command_line(sys.argv[1:], "train", CHECKED_GROUPS)
-        if cfg is not None:
-            run_dir = Path(str(cfg.run_dir)).expanduser()
+        run_dir = None if cfg is None else run_dir_of(cfg, "run_dir")
+        if run_dir is not None:
             check_run_dir(run_dir)
             if (run_dir / "latest.ckpt").exists() and cfg.resume is not True:
                 raise ConfigError(

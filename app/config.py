@@ -162,6 +162,16 @@ def precheck_command_line(argv: Sequence[str], config_name: str, groups: Sequenc
         raise ConfigError(f"{one_line(e)} (conf/{config_name}.yaml holds the keys)") from e
 
 
+def run_dir_of(cfg: DictConfig, key: str) -> Path | None:
+    """The run dir `key` of a prechecked config, or None when it resolves only inside a
+    running Hydra job (the default eval dir names the sampler choice): such a dir is new."""
+    try:
+        value = OmegaConf.select(cfg, key, throw_on_resolution_failure=True)
+    except OmegaConfBaseException:
+        return None
+    return None if value is None else Path(str(value)).expanduser()
+
+
 def check_run_dir(path: Path) -> None:
     """A run dir that cannot be created (a file in its way) is one line, before Hydra tries."""
     for parent in [path, *path.parents]:

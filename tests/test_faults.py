@@ -498,3 +498,20 @@ def test_a_lost_chunk_file_is_reported_not_read_as_zeros_silently(tiny_demos: Pa
     with pytest.warns(UserWarning, match=r"data key 'keypoint': 1 of \d+ chunks are not in the "
                                          "store"):
         SequenceDataset(store, ["keypoint", "state[:2]"])
+
+
+def test_entries_run_with_their_default_run_dirs(tiny_checkpoint: Path, tiny_demos: Path,
+                                                 tmp_path: Path) -> None:
+    """The README's commands name no run dir: the default ones (timestamped, with the sampler
+    choice, which only a running Hydra job can resolve) must pass the command-line precheck."""
+    env = {**os.environ, "WANDB_MODE": "offline", "PICARD_RUNS": str(tmp_path)}
+    for command in (
+        ["eval_policy.py", f"checkpoint={tiny_checkpoint}", "n_episodes=1", "n_envs=1",
+         "max_steps=8", "logger.wandb=false", "progress=false"],
+        ["train_pcm.py", "debug=tiny", f"data.path={tiny_demos}", "train.max_steps=2"],
+    ):
+        result = subprocess.run([sys.executable, *command], cwd=REPO_ROOT, env=env,
+                                capture_output=True, text=True, timeout=TIMEOUT_S)
+        assert result.returncode == 0, result.stderr[-2000:]
+    assert len(list((tmp_path / "eval").glob("*_picard_ddpm100/results.json"))) == 1
+    assert (tmp_path / "dp_pusht_lowdim" / "latest.ckpt").is_file()
