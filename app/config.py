@@ -115,6 +115,11 @@ def check_group_choices(argv: Sequence[str], groups: Sequence[str],
         )
         available = sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
         for name in names:
+            if name is None:
+                raise ConfigError(
+                    f"{group}=null is not a choice of {group}; leave {group}= out for the default "
+                    f"(available {group}s: {', '.join(available)})"
+                )
             if isinstance(name, str) and name not in available:
                 raise ConfigError(
                     f"unknown {group} {name!r}; available {group}s: {', '.join(available)}"
@@ -208,6 +213,12 @@ def run_entry(run: Callable[[], Any], failed_job_dir: Path | None = None) -> Any
         return run()
     except KeyboardInterrupt as e:
         print(str(e) or "interrupted", file=sys.stderr)
+        if failed_job_dir is not None:  # a stopped sweep still gets its table of finished jobs
+            from app.report import write_sweep_summary
+
+            write_sweep_summary(failed_job_dir.parent)
+            print(f"sweep summary so far: {failed_job_dir.parent / 'summary.md'}",
+                  file=sys.stderr)
         sys.exit(130)
     except Exception as e:
         line = error_line(e)

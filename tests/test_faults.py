@@ -515,3 +515,43 @@ def test_entries_run_with_their_default_run_dirs(tiny_checkpoint: Path, tiny_dem
         assert result.returncode == 0, result.stderr[-2000:]
     assert len(list((tmp_path / "eval").glob("*_picard_ddpm100/results.json"))) == 1
     assert (tmp_path / "dp_pusht_lowdim" / "latest.ckpt").is_file()
+
+
+def test_a_null_group_choice_and_a_2d_episode_ends_are_one_line(make_cfg, tiny_demos: Path,
+                                                                tmp_path: Path) -> None:
+    line = one_line_error(run_script("eval_policy.py", "env=null",
+                                     f"hydra.run.dir={tmp_path / 'a'}"))
+    assert line.startswith("config error: env=null is not a choice of env; leave env= out")
+    store = _store_copy(tiny_demos, tmp_path)
+    meta = zarr.open_group(str(store), mode="a")["meta"]
+    ends = meta["episode_ends"][:]
+    del meta["episode_ends"]
+    meta.create_array("episode_ends", data=np.stack([ends, ends]))
+    with pytest.raises(ConfigError, match=r"episode_ends must be one-dimensional; got shape "
+                                          r"\(2, 8\)"):
+        training.run_training(make_cfg(f"data.path={store}"))
+
+
+def test_a_sweep_stopped_by_sigterm_still_writes_its_summary(tiny_checkpoint: Path,
+                                                             tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    process = subprocess.Popen(
+        [sys.executable, "-u", "eval_policy.py", "-m", "noise_seed=0,1",
+         f"checkpoint={tiny_checkpoint}", "sampler=sequential_ddim16", "n_episodes=400",
+         "n_envs=1", "max_steps=8", "threads=1", "progress=false", "logger.wandb=false",
+         "exact_err=false", f"hydra.sweep.dir={sweep}"],
+        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        for line in process.stdout:  # wait for the first job to start rolling out
+            if "evaluating" in line:
+                break
+        time.sleep(3.0)
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=TIMEOUT_S)
+    finally:
+        process.kill()
+    assert process.returncode == 130
+    with (sweep / "summary.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["status"] for r in rows] == ["interrupted"] and rows[0]["mean_score"]

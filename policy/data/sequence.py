@@ -188,6 +188,8 @@ def check_episode_ends(episode_ends: np.ndarray, n_rows: int) -> None:
     """episode_ends must be strictly increasing positive row counts ending at the data's length
     (anything else makes windows that cross episodes or read past the data)."""
     ends = np.asarray(episode_ends)
+    if ends.ndim != 1:
+        raise ValueError(f"meta/episode_ends must be one-dimensional; got shape {ends.shape}")
     if ends.size == 0:
         raise ValueError("the replay buffer holds no episodes (meta/episode_ends is empty)")
     if not np.issubdtype(ends.dtype, np.integer):
