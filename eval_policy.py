@@ -22,13 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from app.config import (
-    ConfigError,
-    check_run_dir,
-    precheck_command_line,
-    run_dir_of,
-    run_entry,
-)
+from app.config import check_results_free, precheck_or_exit, run_entry
 from app.evaluation import run_eval
 
 CHECKED_GROUPS = ("sampler", "env")
@@ -47,18 +41,8 @@ def hydra_main(cfg: DictConfig) -> None:
 def main() -> None:
     """Check the command line in one line (unknown keys and groups, a run dir that is taken or
     cannot be made) before Hydra writes anything, then hand it to Hydra."""
-    try:
-        cfg = precheck_command_line(sys.argv[1:], "eval", CHECKED_GROUPS)
-        run_dir = None if cfg is None else run_dir_of(cfg, "hydra.run.dir")
-        if run_dir is not None:
-            check_run_dir(run_dir)
-            if (run_dir / "results.json").exists() and cfg.overwrite is not True:
-                raise ConfigError(
-                    f"output folder {run_dir} already holds results.json of another run: pick "
-                    "another folder (hydra.run.dir=...) or pass overwrite=true to replace it"
-                )
-    except ConfigError as e:
-        sys.exit(f"config error: {e}")
+    precheck_or_exit(sys.argv[1:], "eval", CHECKED_GROUPS, "hydra.run.dir",
+                     lambda cfg, run_dir: check_results_free(run_dir, cfg.overwrite))
     hydra_main()
 
 

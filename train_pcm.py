@@ -18,14 +18,8 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from app.config import (
-    ConfigError,
-    check_run_dir,
-    precheck_command_line,
-    run_dir_of,
-    run_entry,
-)
-from app.training import run_training
+from app.config import precheck_or_exit, run_entry
+from app.training import check_fresh_or_resume, run_training
 
 CHECKED_GROUPS = ("env", "policy", "pcm", "experiment", "debug")
 
@@ -39,18 +33,8 @@ def hydra_main(cfg: DictConfig) -> None:
 def main() -> None:
     """Check the command line in one line (unknown keys and groups, a run dir that is taken or
     cannot be made) before Hydra writes anything, then hand it to Hydra."""
-    try:
-        cfg = precheck_command_line(sys.argv[1:], "train", CHECKED_GROUPS)
-        run_dir = None if cfg is None else run_dir_of(cfg, "run_dir")
-        if run_dir is not None:
-            check_run_dir(run_dir)
-            if (run_dir / "latest.ckpt").exists() and cfg.resume is not True:
-                raise ConfigError(
-                    f"{run_dir / 'latest.ckpt'} exists: pass resume=true to continue it, or "
-                    "run_dir=<new folder> (or name=<new> when run_dir is not set) for a new run"
-                )
-    except ConfigError as e:
-        sys.exit(f"config error: {e}")
+    precheck_or_exit(sys.argv[1:], "train", CHECKED_GROUPS, "run_dir",
+                     lambda cfg, run_dir: check_fresh_or_resume(run_dir, cfg.resume))
     hydra_main()
 
 

@@ -7,6 +7,7 @@ errors) into one line on stderr and exit status 1.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -14,7 +15,7 @@ import re
 import signal
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,20 +30,19 @@ from policy.checkpoint import atomic_write, clean_stale_temp_files
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 """The repository's Hydra config directory."""
 
-SAMPLER_ALIASES = {
-    "sequential": "sequential_ddpm100", "ddim": "sequential_ddim16",
-    "picard": "picard_ddpm100", "picard_ddim": "picard_ddim16",
-    "pcm": "pcm_ddim16", "pcm_ddpm": "pcm_ddpm100",
-}
-"""Old conf/sampler names (still accepted) and the names that say their schedule."""
-
-
 class ConfigError(ValueError):
     """A config value that cannot work; the entry points print it as one line."""
 
 
 Check = tuple[str, bool, str]
 """(dotted key, whether its value is acceptable, what is allowed)."""
+
+
+def plain(config: Any) -> Any:
+    """A DictConfig as plain, resolved containers, a mapping as a dict; anything else as is."""
+    if OmegaConf.is_config(config):
+        return OmegaConf.to_container(config, resolve=True)
+    return dict(config) if isinstance(config, Mapping) else config
 
 
 def raise_first_failure(cfg: DictConfig, checks: Sequence[Check]) -> None:
@@ -186,6 +186,30 @@ def check_run_dir(path: Path) -> None:
             return
 
 
+def precheck_or_exit(argv: Sequence[str], config_name: str, groups: Sequence[str],
+                     run_dir_key: str, check_free: Callable[[DictConfig, Path], None]) -> None:
+    """An entry's check before Hydra starts: the command line (precheck_command_line), then its
+    run dir, which must be creatable and pass `check_free(cfg, run_dir)` (not taken by another
+    run). A failure exits with one `config error:` line."""
+    try:
+        cfg = precheck_command_line(argv, config_name, groups)
+        run_dir = None if cfg is None else run_dir_of(cfg, run_dir_key)
+        if run_dir is not None:
+            check_run_dir(run_dir)
+            check_free(cfg, run_dir)
+    except ConfigError as e:
+        sys.exit(f"config error: {e}")
+
+
+def check_results_free(path: Path, overwrite: bool, results_name: str = "results.json") -> None:
+    """Refuse a folder holding another run's `results_name` unless `overwrite`."""
+    if (path / results_name).exists() and overwrite is not True:
+        raise ConfigError(
+            f"output folder {path} already holds {results_name} of another run: pick another "
+            "folder (hydra.run.dir=...) or pass overwrite=true to replace it"
+        )
+
+
 FAILED_JOB_FILE = "failed.json"
 """What a multirun job that failed leaves in its folder (read by the sweep summary)."""
 
@@ -233,6 +257,18 @@ def run_entry(run: Callable[[], Any], failed_job_dir: Path | None = None) -> Any
         sys.exit(line)
 
 
+@contextlib.contextmanager
+def script_errors(output: Path) -> Iterator[None]:
+    """A script's mistakes a user can fix as one `error:` line and exit status 1: bad input
+    (ValueError, a missing file, a missing optional package) or an `output` it cannot write."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        sys.exit("error: " + " ".join(str(e).split()))
+    except OSError as e:
+        sys.exit(f"error: cannot write {e.filename or output}: {e.strerror}")
+
+
 def prepare_output_dir(path: Path, overwrite: bool, results_name: str | None = "results.json"
                        ) -> None:
     """Create the output folder, remove temporary files that killed runs left there, refuse a
@@ -244,11 +280,8 @@ def prepare_output_dir(path: Path, overwrite: bool, results_name: str | None = "
     except OSError as e:
         raise ConfigError(f"output folder {path} cannot be created: {e.strerror}") from e
     clean_stale_temp_files(path)
-    if results_name is not None and (path / results_name).exists() and not overwrite:
-        raise ConfigError(
-            f"output folder {path} already holds {results_name} of another run: pick another "
-            "folder (hydra.run.dir=...) or pass overwrite=true to replace it"
-        )
+    if results_name is not None:
+        check_results_free(path, overwrite, results_name)
     probe = path / f".write_probe.{os.getpid()}.tmp"
     try:
         probe.write_bytes(b"")

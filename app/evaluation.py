@@ -30,6 +30,7 @@ from app.config import (
     device_ok,
     is_int,
     is_number,
+    plain,
     prepare_output_dir,
     raise_first_failure,
 )
@@ -158,13 +159,6 @@ def load_checkpoint_and_policy(
         message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         raise ConfigError(str(message)) from e
     return record, policy
-
-
-def plain(config: Mapping[str, Any] | DictConfig) -> dict[str, Any]:
-    """A DictConfig or mapping as a plain, resolved dict."""
-    if OmegaConf.is_config(config):
-        return OmegaConf.to_container(config, resolve=True)
-    return dict(config)
 
 
 def resolve_env(env_cfg: DictConfig | None, checkpoint_config: Mapping[str, Any]) -> dict:

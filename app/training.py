@@ -44,6 +44,7 @@ from app.config import (
     device_ok,
     is_int,
     is_number,
+    plain,
     prepare_output_dir,
     raise_first_failure,
 )
@@ -335,16 +336,23 @@ def check_train_config(cfg: DictConfig) -> None:
     raise_first_failure(cfg, STAGES[cfg.stage](cfg).checks())
 
 
+def check_fresh_or_resume(run_dir: Path, resume: Any) -> None:
+    """A new run needs a run dir without latest.ckpt; resume=true needs one with it."""
+    latest = run_dir / "latest.ckpt"
+    if latest.exists() and resume is not True:
+        raise ConfigError(
+            f"{latest} exists: pass resume=true to continue it, or run_dir=<new folder> (or "
+            "name=<new> when run_dir is not set) for a new run"
+        )
+    if resume is True and not latest.exists():
+        raise ConfigError(f"resume=true but there is no checkpoint at {latest}")
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python's, numpy's legacy and torch's global RNGs."""
     random.seed(seed)
     np.random.seed(seed)  # noqa: NPY002 (the legacy global RNG, for dependencies)
     torch.manual_seed(seed)
-
-
-def plain(config: Any) -> Any:
-    """A DictConfig as plain, resolved containers (anything else unchanged)."""
-    return OmegaConf.to_container(config, resolve=True) if OmegaConf.is_config(config) else config
 
 
 def plain_data(cfg: DictConfig) -> dict[str, Any]:
@@ -372,15 +380,11 @@ def check_enough_windows(windows: Dataset, batch_size: int) -> None:
     """Training needs at least one full batch of windows: zero windows would spin forever."""
     if len(windows) < max(1, batch_size):
         raise ConfigError(
-            f"data.path {windows_source(windows)} gives {len(windows)} training windows, fewer "
-            f"than one batch (data.batch_size={batch_size}): check data.max_train_episodes, "
-            "data.val_ratio and that episodes are not empty, or lower data.batch_size"
+            f"data.path {getattr(windows, 'source', 'the dataset')} gives {len(windows)} training "
+            f"windows, fewer than one batch (data.batch_size={batch_size}): check "
+            "data.max_train_episodes, data.val_ratio and that episodes are not empty, or lower "
+            "data.batch_size"
         )
-
-
-def windows_source(windows: Dataset) -> str:
-    """Where a dataset's windows come from, for messages."""
-    return str(getattr(windows, "source", "the dataset"))
 
 
 def _trajectory_dataset(data: Mapping[str, torch.Tensor]) -> Dataset:
@@ -663,12 +667,7 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
     stage = STAGES[cfg.stage](cfg)
     run_dir = Path(cfg.run_dir)
     latest = run_dir / "latest.ckpt"
-    if latest.exists() and not cfg.resume:
-        raise ConfigError(
-            f"{latest} exists: pass resume=true to continue it, or name=<new> for a new run"
-        )
-    if cfg.resume and not latest.exists():
-        raise ConfigError(f"resume=true but there is no checkpoint at {latest}")
+    check_fresh_or_resume(run_dir, cfg.resume)
     prepare_output_dir(run_dir, overwrite=True, results_name=None)
 
     policy = stage.build_policy()

@@ -295,7 +295,14 @@ def load_policy(
     A PCM stored in the checkpoint is attached (`DiffusionPolicy.attach_pcm`); a PCM-only file
     (`export_pcm`) loads its base checkpoint first and checks the base weights' fingerprint."""
     path = Path(path)
-    ckpt = load_checkpoint(path, map_location)
+    return policy_from_checkpoint(path, load_checkpoint(path, map_location), use_ema, map_location)
+
+
+def policy_from_checkpoint(
+    path: Path, ckpt: Mapping[str, Any], use_ema: bool = True,
+    map_location: str | torch.device = "cpu",
+) -> DiffusionPolicy:
+    """`load_policy` for a checkpoint already read from `path` (no second read)."""
     if ckpt["ema"] is None:
         return _load_pcm_only(path, ckpt, use_ema, map_location)
     if not use_ema and ckpt["model"] is None:

@@ -13,16 +13,15 @@ from typing import Any
 
 import torch
 
-from policy.checkpoint import load_checkpoint
-from policy.checkpoint import load_policy as load_native_policy
+from policy.checkpoint import load_checkpoint, policy_from_checkpoint
 from policy.diffusion_policy import DiffusionPolicy
 from policy.foreign import Imported, detect_format, import_diffusion_policy, import_lerobot
 
 
-def import_foreign(path: str | Path) -> Imported:
+def import_foreign(path: str | Path, kind: str | None = None) -> Imported:
     """The Imported policy of a Diffusion Policy checkpoint or a LeRobot folder (ValueError
-    for our own format: nothing to import)."""
-    kind = detect_format(path)
+    for our own format: nothing to import); `kind`: the format if already detected."""
+    kind = kind or detect_format(path)
     path = Path(path).expanduser()
     if kind == "diffusion_policy":
         return import_diffusion_policy(path)
@@ -40,8 +39,9 @@ def load_with_metadata(
     kind = detect_format(path)
     path = Path(path).expanduser()
     if kind == "picard":
-        return load_native_policy(path, map_location=map_location), load_checkpoint(path)
-    imported = import_foreign(path)
+        checkpoint = load_checkpoint(path)
+        return policy_from_checkpoint(path, checkpoint, map_location=map_location), checkpoint
+    imported = import_foreign(path, kind)
     record = {"format": kind, "step": imported.source.get("step", 0),
               "config": {"policy": imported.config, "env": None,
                          "imported_from": imported.source}}

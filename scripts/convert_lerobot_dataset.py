@@ -15,9 +15,9 @@ See policy/data/lerobot_dataset.py.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
+from app.config import script_errors
 from policy.data.lerobot_dataset import default_key, lerobot_to_replay_buffer
 
 
@@ -60,12 +60,8 @@ def main() -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     args = parser.parse_args()
     keys = dict(args.key) if args.key else None
-    try:
+    with script_errors(args.out):
         print(convert(args.src, args.out, keys, args.zarr_format, args.overwrite))
-    except (ValueError, FileNotFoundError, ImportError) as e:
-        sys.exit("error: " + " ".join(str(e).split()))
-    except OSError as e:
-        sys.exit(f"error: cannot write {e.filename or args.out}: {e.strerror}")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from app.config import script_errors
 from policy.checkpoint import export_pcm, export_policy, write_config_yaml
 
 
@@ -41,7 +42,7 @@ def main() -> None:
     if args.dst.is_dir():
         sys.exit(f"error: {args.dst} is a folder; give the file to write, e.g. "
                  f"{args.dst / 'policy.ckpt'}")
-    try:
+    with script_errors(args.dst):
         if args.pcm_only is not None:
             path = export_pcm(args.src, args.dst, base=args.pcm_only, dtype=dtype)
         else:
@@ -49,10 +50,6 @@ def main() -> None:
         print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {dtype})")
         if args.pcm_only is None and not args.no_config:
             print(f"wrote {write_config_yaml(path, path.with_name('config.yaml'))}")
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
-    except OSError as e:
-        sys.exit(f"error: cannot write {e.filename or args.dst}: {e.strerror}")
 
 
 if __name__ == "__main__":

@@ -14,12 +14,12 @@ eval_policy.py needs no `env=`.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
+from app.config import script_errors
 from policy.checkpoint import FORMAT, atomic_torch_save, load_policy, write_config_yaml
 from policy.loading import import_foreign
 
@@ -55,15 +55,11 @@ def main() -> None:
     parser.add_argument("--env", default=None, help="store conf/env/<ENV>.yaml with the policy")
     parser.add_argument("--no-config", action="store_true", help="do not write config.yaml")
     args = parser.parse_args()
-    try:
+    with script_errors(args.dst):
         path = import_policy(args.src, args.dst, args.env)
         print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
         if not args.no_config:
             print(f"wrote {write_config_yaml(path, path.with_name('config.yaml'))}")
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
-    except OSError as e:
-        sys.exit(f"error: cannot write {e.filename or args.dst}: {e.strerror}")
 
 
 if __name__ == "__main__":
