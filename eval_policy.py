@@ -34,8 +34,9 @@ def hydra_main(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     out_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN  # a failing job must not stop the sweep
-    run_entry(lambda: run_eval(cfg, out_dir, list(hydra_cfg.overrides.task)),
-              failed_job_dir=out_dir if multirun else None)
+    overrides = list(hydra_cfg.overrides.task)
+    run_entry(lambda: run_eval(cfg, out_dir, overrides),
+              failed_job_dir=out_dir if multirun else None, job_overrides=overrides)
 
 
 def main() -> None:

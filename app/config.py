@@ -225,12 +225,13 @@ def error_line(error: BaseException) -> str | None:
     return None
 
 
-def run_entry(run: Callable[[], Any], failed_job_dir: Path | None = None) -> Any:
+def run_entry(run: Callable[[], Any], failed_job_dir: Path | None = None,
+              job_overrides: Sequence[str] = ()) -> Any:
     """Run an entry's job: config errors become `config error: ...` on stderr with exit status
     1; a full or read-only disk `error: ...` with status 1; Ctrl-C or SIGTERM exit status 130
     with its message (results so far are already written). In a multirun (`failed_job_dir`
-    set) a failing job writes FAILED_JOB_FILE there and returns, so the other jobs still run
-    and the sweep summary lists it as failed."""
+    set) a failing job writes FAILED_JOB_FILE there (with its `job_overrides`) and returns, so
+    the other jobs still run and the sweep summary lists it as failed."""
     os.environ.setdefault("WANDB_SILENT", "true")
     interrupt_on_sigterm()
     try:
@@ -249,7 +250,7 @@ def run_entry(run: Callable[[], Any], failed_job_dir: Path | None = None) -> Any
         if failed_job_dir is not None:
             line = line or f"{type(e).__name__}: {one_line(e)}"
             print(f"job failed: {line}", file=sys.stderr)
-            record = json.dumps({"error": line, "overrides": sys.argv[1:]}, indent=2)
+            record = json.dumps({"error": line, "overrides": list(job_overrides)}, indent=2)
             atomic_write(failed_job_dir / FAILED_JOB_FILE, lambda f: f.write(record.encode()))
             return None
         if line is None:

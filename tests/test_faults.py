@@ -369,6 +369,7 @@ def test_a_failing_sweep_job_is_recorded_and_the_others_run(tiny_checkpoint: Pat
     assert [r["status"] for r in rows] == [
         "ok", "FAILED: config error: noise_seed must be an int >= 0; got -5", "ok"]
     assert rows[0]["mean_score"] and rows[2]["mean_score"] and not rows[1]["mean_score"]
+    assert [r["overrides"] for r in rows] == ["noise_seed=0", "noise_seed=-5", "noise_seed=1"]
 
 
 # --------------------------------------------------------------------------- determinism
