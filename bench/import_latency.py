@@ -39,13 +39,12 @@ from typing import Any
 
 import torch
 
-from picard_sampler import Sampler, exact_errors, percentile
+from picard_sampler import EXACT_RULE, Sampler, exact_errors, is_exact, percentile
 from picard_sampler.runinfo import provenance, run_info
 from policy import load_policy
 from policy.checkpoint import atomic_write
 from policy.diffusion_policy import DiffusionPolicy
 
-EXACT_RULE = {"exact_err_max": 0.15, "exact_err_mean": 1e-2}
 MIN_CHUNKS = 3
 SLOW_FACTOR = 2.0
 OBS_SEED, NOISE_SEED, WARMUP_SEED = 1000, 2000, 9000
@@ -184,14 +183,6 @@ def row(
     }
 
 
-def is_exact(row: dict[str, Any]) -> bool:
-    """Whether a row's exact_err is within EXACT_RULE (max and mean over its chunks)."""
-    return (
-        row["exact_err_max"] <= EXACT_RULE["exact_err_max"]
-        and row["exact_err_mean"] <= EXACT_RULE["exact_err_mean"]
-    )
-
-
 def dp_reference_check(policy: DiffusionPolicy, path: Path) -> dict[str, Any]:
     """Max |diff| (raw action units) between the imported policy's sequential DDPM-100 and DP's
     own predict_action in `path` (obs, noise with every draw DP made, action, action_pred)."""
@@ -233,7 +224,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             flush=True,
         )
     sequential = rows[0]
-    exact = [r for r in rows if is_exact(r)]
+    exact = [r for r in rows if is_exact(r["exact_err_max"], r["exact_err_mean"])]
     fastest = min(exact, key=lambda r: r["latency_ms_p50"])
     picard = [r for r in exact if r["sampler"] == "picard"]
     fastest_picard = min(picard, key=lambda r: r["latency_ms_p50"]) if picard else None

@@ -4,7 +4,7 @@ Knows nothing about robots or configs: a denoiser callable, a schedule and pre-d
 a sample and its statistics out.
 """
 
-from picard_sampler.metrics import exact_errors, percentile
+from picard_sampler.metrics import EXACT_RULE, exact_errors, is_exact, percentile
 from picard_sampler.samplers import (
     SAMPLER_METHODS,
     UPDATES,
@@ -28,6 +28,7 @@ from picard_sampler.schedules import (
 
 __all__ = [
     "DDIMSchedule",
+    "EXACT_RULE",
     "DDPMSchedule",
     "SAMPLER_METHODS",
     "SCHEDULES",
@@ -37,6 +38,7 @@ __all__ = [
     "Sampler",
     "Schedule",
     "exact_errors",
+    "is_exact",
     "make_betas",
     "percentile",
     "schedule_like",

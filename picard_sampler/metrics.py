@@ -22,3 +22,16 @@ def exact_errors(x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"exact_err needs equal shapes; got {tuple(x.shape)} and "
                          f"{tuple(reference.shape)}")
     return (x - reference).abs().flatten(1).amax(1)
+
+
+EXACT_RULE = {"exact_err_max": 0.15, "exact_err_mean": 1e-2}
+"""When a sampler's chunks count as exact (docs/design.md §5): the largest and the mean
+exact_err over the measured chunks, the closed-loop bar of the PushT evaluations."""
+
+
+def is_exact(err_max: float, err_mean: float | None = None) -> bool:
+    """Whether chunks with this largest (and, when known, mean) exact_err are exact by
+    EXACT_RULE."""
+    if err_max > EXACT_RULE["exact_err_max"]:
+        return False
+    return err_mean is None or err_mean <= EXACT_RULE["exact_err_mean"]
