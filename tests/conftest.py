@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -17,6 +19,17 @@ from omegaconf import DictConfig
 from policy.data import ReplayBuffer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+HEADLESS = {"WANDB_MODE": "offline", "SDL_VIDEODRIVER": "dummy", "SDL_AUDIODRIVER": "dummy"}
+"""wandb offline, SDL without a display or sound card: how the tests run every script."""
+
+
+def run_repo_script(script: str | Path, *args: str | Path, timeout: float = 300
+                    ) -> subprocess.CompletedProcess:
+    """A script of the repository as a user runs it: `python SCRIPT ARGS` from the repo root,
+    headless, its output captured, under a timeout (a hang fails the test)."""
+    return subprocess.run([sys.executable, str(script), *map(str, args)], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **HEADLESS})
 CONF_DIR = REPO_ROOT / "conf"
 
 

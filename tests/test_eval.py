@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
-import sys
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import HEADLESS, run_repo_script
 
 from app import evaluation, report
 from envs.rollout import PolicyCall, RolloutResult
@@ -19,7 +18,6 @@ from policy.chunking import ChunkRecord
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
-HEADLESS = {"WANDB_MODE": "offline", "SDL_VIDEODRIVER": "dummy", "SDL_AUDIODRIVER": "dummy"}
 EPISODE_KEYS = {"seed", "max_reward", "success", "n_steps", "final_coverage"}
 
 
@@ -30,12 +28,9 @@ def headless(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv(key, value)
 
 
-def run_script(*args: str, cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess:
+def run_script(*args: str) -> subprocess.CompletedProcess:
     """eval_policy.py as a user runs it."""
-    return subprocess.run(
-        [sys.executable, "eval_policy.py", *args], cwd=cwd, capture_output=True, text=True,
-        timeout=300, env={**os.environ, **HEADLESS},
-    )
+    return run_repo_script("eval_policy.py", *args)
 
 
 # ------------------------------------------------------------------------- end to end

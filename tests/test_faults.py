@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from conftest import make_tiny_demos
+from conftest import make_tiny_demos, run_repo_script
 from hydra import compose, initialize_config_dir
 
 import app.training as training
@@ -40,11 +40,9 @@ TIMEOUT_S = 120
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def run_script(script: str, *args: str, timeout: float = TIMEOUT_S) -> subprocess.CompletedProcess:
-    """An entry script as a user runs it (offline wandb, from the repo root)."""
-    env = {**os.environ, "WANDB_MODE": "offline"}
-    return subprocess.run([sys.executable, script, *args], cwd=REPO_ROOT, capture_output=True,
-                          text=True, timeout=timeout, env=env)
+def run_script(script: str, *args: str) -> subprocess.CompletedProcess:
+    """A script as a user runs it (conftest.run_repo_script), under this file's timeout."""
+    return run_repo_script(script, *args, timeout=TIMEOUT_S)
 
 
 def one_line_error(result: subprocess.CompletedProcess) -> str:

@@ -11,11 +11,11 @@ import inspect
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_repo_script
 
 from policy.data import ReplayBuffer, SequenceDataset, sequence
 from policy.data.lerobot_dataset import (
@@ -241,8 +241,7 @@ def test_sequence_dataset_refuses_a_lerobot_folder() -> None:
 # ------------------------------------------------------------------------------ the script
 def run_script(*args: str | Path) -> subprocess.CompletedProcess:
     """scripts/convert_lerobot_dataset.py as a user runs it, from the repo root."""
-    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=120)
+    return run_repo_script(SCRIPT, *args, timeout=120)
 
 
 def test_script_end_to_end(tmp_path: Path, reference) -> None:
