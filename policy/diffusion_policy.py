@@ -8,6 +8,7 @@ action steps, Da action dims, Dc global condition dims; an `n` prefix marks norm
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -293,8 +294,8 @@ class DiffusionPolicy(nn.Module):
         try:
             return Sampler(schedule, **config)
         except TypeError as e:
-            allowed = ["method", "window", "tol", "update", "switch_rounds", "max_rounds",
-                       "budget_s", "schedule"]
+            allowed = [f.name for f in dataclasses.fields(Sampler) if f.name != "schedule"]
+            allowed.append("schedule")  # the Sampler's own keys, then the schedule block
             raise ValueError(f"{key}: {e}; allowed keys: {allowed}") from e
         except ValueError as e:
             raise ValueError(f"{key}: {e}") from e
