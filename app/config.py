@@ -167,6 +167,16 @@ def precheck_command_line(argv: Sequence[str], config_name: str, groups: Sequenc
         raise ConfigError(f"{one_line(e)} (conf/{config_name}.yaml holds the keys)") from e
 
 
+def compose_config(config_name: str, overrides: Sequence[str] = (),
+                   conf_dir: Path = CONF_DIR) -> DictConfig:
+    """conf/<config_name>.yaml composed with `overrides` outside a Hydra run (benchmarks and
+    the server compose the same configs the entries do)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+        return compose(config_name, overrides=list(overrides))
+
+
 def run_dir_of(cfg: DictConfig, key: str) -> Path | None:
     """The run dir `key` of a prechecked config, or None when it resolves only inside a
     running Hydra job (the default eval dir names the sampler choice): such a dir is new."""

@@ -43,6 +43,7 @@ from app.report import (
 )
 from envs.realtime import (
     CLOCKS,
+    HANDOFFS,
     ChunkRequest,
     RealtimeController,
     max_lead_steps,
@@ -98,6 +99,10 @@ def check_eval_config(cfg: DictConfig) -> None:
         ("realtime.budget_margin_ms", is_number(rt.budget_margin_ms, 0), "a number >= 0"),
         ("realtime.lead_steps", rt.lead_steps is None or is_int(rt.lead_steps, 1),
          "null or an int >= 1"),
+        ("realtime.handoff", rt.handoff in HANDOFFS, f"one of {list(HANDOFFS)}"),
+        ("realtime.delay_ms", is_number(rt.delay_ms, 0), "a number >= 0"),
+        ("realtime.ensemble_decay", is_number(rt.ensemble_decay, 0), "a number >= 0"),
+        ("realtime.soft_mask", isinstance(rt.soft_mask, bool), "true or false"),
         ("deadline_ms", not (rt.enabled and cfg.deadline_ms is not None),
          "null with realtime.enabled=true (the deadline is realtime.lead_steps ticks at "
          "realtime.control_hz)"),
@@ -111,12 +116,17 @@ def _n(cfg: DictConfig) -> int:
 
 @dataclass
 class Realtime:
-    """Real-time rollout settings (envs.realtime): the control rate, which clock, the lead."""
+    """Real-time rollout settings (envs.realtime): the control rate, which clock, the lead,
+    the hand-off between chunks and an injected inference delay."""
 
     control_hz: float = 10.0
     clock: str = "simulated"
     lead_steps: int | None = None
     budget_margin_ms: float = 5.0
+    handoff: str = "skip"
+    delay_ms: float = 0.0
+    ensemble_decay: float = 0.01
+    soft_mask: bool = True
 
 
 def realtime_settings(cfg: DictConfig, policy: DiffusionPolicy) -> Realtime | None:
@@ -131,14 +141,15 @@ def realtime_settings(cfg: DictConfig, policy: DiffusionPolicy) -> Realtime | No
             f"realtime.lead_steps must be null or in [1, horizon - n_obs_steps + 1 - "
             f"n_action_steps = {most}] for this policy; got {lead!r}"
         )
-    deadline_ms = (most if lead is None else lead) / cfg.realtime.control_hz * 1e3
-    if not cfg.realtime.budget_margin_ms < deadline_ms:
+    rt = cfg.realtime
+    deadline_ms = (most if lead is None else lead) / rt.control_hz * 1e3
+    if not rt.budget_margin_ms < deadline_ms:
         raise ConfigError(
             f"realtime.budget_margin_ms must be below the deadline ({deadline_ms:g} ms = "
-            f"lead_steps / control_hz); got {cfg.realtime.budget_margin_ms!r}"
+            f"lead_steps / control_hz); got {rt.budget_margin_ms!r}"
         )
-    return Realtime(float(cfg.realtime.control_hz), cfg.realtime.clock, lead,
-                    float(cfg.realtime.budget_margin_ms))
+    return Realtime(float(rt.control_hz), rt.clock, lead, float(rt.budget_margin_ms),
+                    rt.handoff, float(rt.delay_ms), float(rt.ensemble_decay), rt.soft_mask)
 
 
 # ------------------------------------------------------------------------ checkpoint, env
@@ -264,6 +275,7 @@ class EvalResult:
     rollout: RolloutResult
     requests: list[ChunkRequest] = field(default_factory=list)
     realtime: dict[str, Any] | None = None
+    executed: list[tuple[Any, Any]] = field(default_factory=list)  # per episode: actions, sources
 
     @property
     def chunk_records(self) -> list[ChunkRecord]:
@@ -315,7 +327,9 @@ def evaluate(
         controller = RealtimeController(
             chunk_policy, realtime.control_hz, policy.n_obs_steps, policy.n_action_steps,
             policy.horizon, realtime.lead_steps, realtime.budget_margin_ms / 1e3,
-            realtime.clock, clock=clock, sleep=sleep,
+            realtime.clock, clock=clock, sleep=sleep, handoff=realtime.handoff,
+            delay_s=realtime.delay_ms / 1e3, ensemble_decay=realtime.ensemble_decay,
+            soft_mask=realtime.soft_mask,
         )
 
         def on_reset(env_index: int, seed: int | None) -> None:
@@ -337,8 +351,9 @@ def evaluate(
         return EvalResult(result)
     settings = {"control_hz": controller.control_hz, "clock": controller.clock_mode,
                 "lead_steps": controller.lead_steps, "deadline_ms": controller.deadline_s * 1e3,
-                "budget_ms": controller.budget_s * 1e3}
-    return EvalResult(result, controller.requests, settings)
+                "budget_ms": controller.budget_s * 1e3, "handoff": controller.handoff,
+                "delay_ms": controller.delay_s * 1e3}
+    return EvalResult(result, controller.requests, settings, controller.episodes)
 
 
 def summarize(
@@ -352,10 +367,12 @@ def summarize(
         **summarize_chunks(result.chunk_records, warmup_chunks, deadline_ms),
         "anytime_rate": None,
         "held_step_rate": None,
+        "boundary_jerk": None,
+        "within_chunk_jerk": None,
     }
     if result.realtime is not None:
         steps = [call.record for call in result.rollout.policy_calls]
-        metrics.update(summarize_realtime(steps, result.requests))
+        metrics.update(summarize_realtime(steps, result.requests, result.executed))
     return metrics
 
 

@@ -19,9 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from hydra import compose, initialize_config_dir
-
-from app.config import CONF_DIR
+from app.config import compose_config
 from app.evaluation import run_eval
 
 PCM_CHECKPOINT = "checkpoints/pusht_lowdim/pcm.ckpt"  # the shipped PCM of the shipped policy
@@ -47,9 +45,7 @@ MISS_THRESHOLD = 0.01
 
 def run_cell(overrides: list[str], out_dir: Path) -> dict[str, Any]:
     """One eval run (app.evaluation.run_eval) with `overrides`; its results record."""
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("eval", overrides=overrides)
-    return run_eval(cfg, out_dir, overrides)
+    return run_eval(compose_config("eval", overrides), out_dir, overrides)
 
 
 def sustained_rates(rows: list[dict[str, Any]], exact: bool = False) -> dict[str, float | None]:

@@ -4,6 +4,7 @@ Knows nothing about robots or configs: a denoiser callable, a schedule and pre-d
 a sample and its statistics out.
 """
 
+from picard_sampler.inpaint import Inpaint
 from picard_sampler.metrics import EXACT_RULE, exact_errors, is_exact, percentile
 from picard_sampler.samplers import (
     SAMPLER_METHODS,
@@ -29,6 +30,7 @@ from picard_sampler.schedules import (
 __all__ = [
     "DDIMSchedule",
     "EXACT_RULE",
+    "Inpaint",
     "DDPMSchedule",
     "SAMPLER_METHODS",
     "SCHEDULES",

@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 import torch
 
+from picard_sampler.inpaint import Inpaint
 from picard_sampler.schedules import Schedule
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
@@ -84,6 +85,16 @@ def _check_noise(schedule: Schedule, noise: torch.Tensor) -> None:
         )
     if not torch.isfinite(noise).all():
         raise ValueError("noise contains NaN or inf")
+
+
+def _prepare_inpaint(inpaint: Inpaint | None, noise: torch.Tensor) -> Inpaint | None:
+    """``inpaint`` checked against the noise's batch and moved to its device and dtype."""
+    if inpaint is None:
+        return None
+    if not isinstance(inpaint, Inpaint):
+        raise TypeError(f"inpaint must be a picard_sampler.Inpaint; got {type(inpaint).__name__}")
+    inpaint.check_batch(noise)
+    return inpaint.to(noise)
 
 
 def _take_cond(cond: Any, sample_idx: torch.Tensor) -> Any:
@@ -176,20 +187,27 @@ def sequential_sample(
     noise: torch.Tensor,
     cond: Any = None,
     callback: Callback | None = None,
+    inpaint: Inpaint | None = None,
 ) -> tuple[torch.Tensor, SampleStats]:
-    """Plain reverse diffusion: T denoiser calls one after another (DDPM / DDIM step loop)."""
+    """Plain reverse diffusion: T denoiser calls one after another (DDPM / DDIM step loop);
+    with ``inpaint`` every step is followed by its constraint (picard_sampler.inpaint)."""
     _check_noise(schedule, noise)
+    inpaint = _prepare_inpaint(inpaint, noise)
     start = time.perf_counter()
     T, B = schedule.num_inference_steps, noise.shape[1]
     trajectory = torch.empty_like(noise)
     trajectory[0] = noise[0]
     timesteps = schedule.timesteps.to(noise.device)
     noise_std = schedule.table("noise_std", noise)
+    samples = torch.arange(B, device=noise.device)
     for i in range(T):
         idx = torch.full((B,), i, device=noise.device, dtype=torch.long)
         x = trajectory[i]
         out = _call_denoiser(denoiser, x, timesteps[idx], cond)
-        trajectory[i + 1] = schedule.step_mean(out, x, idx) + noise_std[i] * noise[i + 1]
+        x_next = schedule.step_mean(out, x, idx) + noise_std[i] * noise[i + 1]
+        if inpaint is not None:
+            x_next = inpaint.apply(schedule, x_next, idx, samples, noise)
+        trajectory[i + 1] = x_next
         if callback is not None:
             callback({"round": i + 1, "x": trajectory[i + 1], "trajectory": trajectory})
     stats = SampleStats(
@@ -261,9 +279,13 @@ def _picard_iterate(
     init: torch.Tensor | None,
     callback: Callback | None,
     clock: Callable[[], float],
+    inpaint: Inpaint | None = None,
 ) -> tuple[torch.Tensor, SampleStats]:
-    """The round machinery shared by ``picard_sample`` and ``pcm_sample``."""
+    """The round machinery shared by ``picard_sample`` and ``pcm_sample``. With ``inpaint``
+    each step is ``g_j = lerp(f_j, c_{j+1}, W)`` and its x-coefficient ``(1 - W) a_j``, so the
+    fixed point is the constrained sequential sample (docs/design.md §4.8)."""
     _check_noise(schedule, noise)
+    inpaint = _prepare_inpaint(inpaint, noise)
     p = _validate_picard_args(schedule, window, tol, update, max_rounds)
     start = clock()
     device = noise.device
@@ -321,17 +343,23 @@ def _picard_iterate(
         )
         age[j_flat, s_flat] += 1
         nfe_total += int(j_flat.numel())
-        rest = (
+        step = (
             schedule.step_mean(out, x_old, j_flat)
-            - a[j_flat].view(-1, *trail) * x_old
             + noise_std[j_flat].view(-1, *trail) * noise[j_flat + 1, s_flat]
         )
+        coef = a[j_flat].view(-1, *trail)
+        if inpaint is not None:
+            step = inpaint.apply(schedule, step, j_flat, s_flat, noise)
+            coef = coef * inpaint.keep(s_flat)
+        rest = step - coef * x_old
 
         # Walk the windows in order, all active samples at once.
         S = active.numel()
         rest_w = torch.zeros((S, p, *noise.shape[2:]), dtype=noise.dtype, device=device)
         rest_w[valid] = rest
         a_w = a[slots.clamp(max=T - 1)].view(S, p, *trail)
+        if inpaint is not None:
+            a_w = a_w * inpaint.keep(active)[:, None]
         new_w = torch.empty_like(rest_w)
         current = X[begin[active], active]
         for k in range(p):
@@ -397,6 +425,7 @@ def picard_sample(
     init: torch.Tensor | None = None,
     callback: Callback | None = None,
     clock: Callable[[], float] = time.perf_counter,
+    inpaint: Inpaint | None = None,
 ) -> tuple[torch.Tensor, SampleStats]:
     """Picard iteration (ParaDiGMS, Shih et al. 2023) over a sliding window of denoising steps.
 
@@ -405,7 +434,8 @@ def picard_sample(
     drift update, ``"scan"`` the linear-exact update (docs/design.md §4.3); both converge to the
     sequential sample. ``max_rounds`` / ``budget_s`` (seconds) stop early and return the anytime
     estimate ``X[T]`` with ``converged=False``; ``init`` ``(T+1, B, H, D)`` warm-starts the
-    trajectory (its slot 0 is replaced by ``noise[0]``).
+    trajectory (its slot 0 is replaced by ``noise[0]``); ``inpaint`` constrains every step
+    (picard_sampler.inpaint) and the fixed point is then the constrained sequential sample.
     """
 
     def evaluate(x, t, c, slot, sample, age):
@@ -424,6 +454,7 @@ def picard_sample(
         init,
         callback,
         clock,
+        inpaint,
     )
 
 
@@ -465,6 +496,7 @@ def pcm_sample(
     callback: Callback | None = None,
     clock: Callable[[], float] = time.perf_counter,
     pcm_sees_noise: bool = False,
+    inpaint: Inpaint | None = None,
 ) -> tuple[torch.Tensor, SampleStats]:
     """Picard Consistency Model sampling (So et al. 2025) with model switching.
 
@@ -507,6 +539,7 @@ def pcm_sample(
         init,
         callback,
         clock,
+        inpaint,
     )
 
 
@@ -590,15 +623,19 @@ class Sampler:
         budget_s: float | None = None,
         clock: Callable[[], float] | None = None,
         callback: Callback | None = None,
+        inpaint: Inpaint | None = None,
         **overrides: Any,
     ) -> tuple[torch.Tensor, SampleStats]:
         """Sample with this configuration. ``budget_s`` (seconds, measured on ``clock``) caps
         this call's time on top of the sampler's own ``budget_s`` (the smaller wins);
         ``overrides`` replace knobs (window, tol, update, max_rounds, switch_rounds) for one
-        call. The sequential sampler ignores budgets: it always returns the exact sample."""
+        call. The sequential sampler ignores budgets: it always returns the exact sample.
+        ``inpaint`` constrains the sample to known values (picard_sampler.inpaint) for every
+        method alike."""
         _validate_budget(budget_s)
         if self.method == "sequential":
-            return sequential_sample(denoiser, self.schedule, noise, cond, callback=callback)
+            return sequential_sample(denoiser, self.schedule, noise, cond, callback=callback,
+                                     inpaint=inpaint)
         unknown = sorted(set(overrides) - {"window", "tol", "update", "max_rounds",
                                           "switch_rounds"})
         if unknown:
@@ -613,6 +650,7 @@ class Sampler:
             "budget_s": min(budgets) if budgets else None,
             "callback": callback,
             "clock": clock or time.perf_counter,
+            "inpaint": inpaint,
         }
         if self.method == "picard":
             return picard_sample(denoiser, self.schedule, noise, cond, init=init, **knobs)

@@ -139,6 +139,9 @@ class Schedule:
         return {
             "sqrt_ac_t": (self._ac_t32**0.5).double(),
             "sqrt_1m_ac_t": ((1.0 - self._ac_t32) ** 0.5).double(),
+            # the noise level a step lands on (slot i + 1; 1 and 0 after the last step)
+            "sqrt_ac_prev": (self._ac_prev32**0.5).double(),
+            "sqrt_1m_ac_prev": ((1 - self._ac_prev32) ** 0.5).double(),
             "noise_std": self.noise_std,
             "scan_coef": self.scan_coef,
             "error_std": self.error_std,
@@ -255,13 +258,6 @@ class DDIMSchedule(Schedule):
         # Writing eps through x0, eps = (x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t), makes the step
         # affine in x_t with this coefficient when the x0 prediction is held fixed.
         self.scan_coef = ((1.0 - ac_prev) / (1.0 - ac_t)).sqrt()
-
-    def _tables(self) -> dict[str, torch.Tensor]:
-        return {
-            **super()._tables(),
-            "sqrt_ac_prev": (self._ac_prev32**0.5).double(),
-            "sqrt_1m_ac_prev": ((1 - self._ac_prev32) ** 0.5).double(),
-        }
 
     def step_mean(
         self, model_out: torch.Tensor, x: torch.Tensor, idx: torch.Tensor

@@ -170,20 +170,30 @@ class ChunkPolicy:
             init[:, k] = previous
         return init
 
-    def __call__(self, obs: Any, budget_s: float | None = None) -> tuple[np.ndarray, ChunkRecord]:
+    def __call__(
+        self, obs: Any, budget_s: float | None = None, prefix: Any = None
+    ) -> tuple[np.ndarray, ChunkRecord]:
         """Actions (n_envs, Ta or H, Da) for a batch of observation histories (idle envs get
         zeros) and the call's record; `budget_s` caps this call's sampling time (anytime
-        Picard/PCM; the sequential sampler ignores it)."""
+        Picard/PCM; the sequential sampler ignores it). `prefix` (anything with `actions`
+        (n_envs, H, Da) in raw units and `weights` (H,) or (n_envs, H)) constrains the chunks
+        to those actions (inpainting, DiffusionPolicy.constraint_for)."""
         rows = sorted(self._generators)
         if not rows:
             raise ValueError("no env is running an episode: call on_reset(env_index, seed) first")
         obs_rows = take_rows(obs, rows)
+        inpaint = None
+        if prefix is not None:
+            weights = np.asarray(prefix.weights)
+            inpaint = self.policy.constraint_for(
+                np.asarray(prefix.actions)[rows], weights if weights.ndim == 1 else weights[rows])
         noise = torch.stack([self._noise(row) for row in rows], dim=1).to(self.policy.device)
         warm = self.warm_start != "none" and self.sampler.method != "sequential"
         init = self._initial_trajectory(rows, noise) if warm else None
         start = self.clock()
         actions, stats = self.policy.predict_action(
-            obs_rows, self.sampler, noise=noise, init=init, budget_s=budget_s, clock=self.clock
+            obs_rows, self.sampler, noise=noise, init=init, budget_s=budget_s, clock=self.clock,
+            inpaint=inpaint,
         )
         if self.full_horizon:
             actions = self.policy.normalizer.unnormalize("action", stats.sample)
@@ -193,18 +203,21 @@ class ChunkPolicy:
             for k, row in enumerate(rows):
                 self._trajectories[row] = stats.trajectory[:, k]
         if self.exact_err_every and self._calls % self.exact_err_every == 0:
-            errors = self._exact_errors(obs_rows, noise, stats.sample)
+            errors = self._exact_errors(obs_rows, noise, stats.sample, inpaint)
             record.exact_err, record.exact_err_mean = float(errors.max()), float(errors.mean())
         self._calls += 1
         batch_actions = np.zeros((batch_size(obs), *actions.shape[1:]), dtype=actions.dtype)
         batch_actions[rows] = actions
         return batch_actions, record
 
-    def _exact_errors(self, obs: Any, noise: torch.Tensor, naction: torch.Tensor) -> torch.Tensor:
-        """exact_err of each chunk (zeros for a sequential sampler: its own reference)."""
+    def _exact_errors(self, obs: Any, noise: torch.Tensor, naction: torch.Tensor,
+                      inpaint: Any = None) -> torch.Tensor:
+        """exact_err of each chunk against the sequential sampler with the same noise and
+        constraint (zeros for a sequential sampler: its own reference)."""
         if self.reference is None:
             return torch.zeros(naction.shape[0])
-        _, reference = self.policy.predict_action(obs, self.reference, noise=noise)
+        _, reference = self.policy.predict_action(obs, self.reference, noise=noise,
+                                                  inpaint=inpaint)
         return exact_errors(naction, reference.sample).cpu()
 
 

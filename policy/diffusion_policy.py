@@ -17,7 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from picard_sampler import TRAINING_SETTINGS, Sampler, SampleStats, Schedule, schedule_like
+from picard_sampler import (
+    TRAINING_SETTINGS,
+    Inpaint,
+    Sampler,
+    SampleStats,
+    Schedule,
+    schedule_like,
+)
 from policy.normalizer import LinearNormalizer
 
 Obs = torch.Tensor | np.ndarray | Mapping[str, torch.Tensor | np.ndarray]
@@ -229,6 +236,7 @@ class DiffusionPolicy(nn.Module):
         init: torch.Tensor | None = None,
         budget_s: float | None = None,
         clock: Callable[[], float] | None = None,
+        inpaint: Inpaint | None = None,
     ) -> tuple[torch.Tensor, SampleStats]:
         """Sample an action chunk for the last To observations; return the Ta steps to execute.
 
@@ -243,6 +251,8 @@ class DiffusionPolicy(nn.Module):
         `generator` if None); init: warm-start trajectory for Picard samplers; budget_s / clock:
         this call's time budget and the clock it is measured on (anytime samplers). A `pcm`
         sampler gets the attached PCM (`attach_pcm`; load_policy attaches a checkpoint's).
+        `inpaint` constrains the chunk to known *normalized* actions (`constraint_for` builds
+        one from raw actions); every sampler then returns the constrained sequential chunk.
         Returns actions (B, Ta, Da) in raw units and the sampler's SampleStats, whose `sample`
         is the whole normalized chunk (B, H, Da).
         """
@@ -258,11 +268,28 @@ class DiffusionPolicy(nn.Module):
         pcm = self.pcm_denoiser if self.pcm is not None else None
         naction, stats = sampler(
             self.denoiser, noise.to(self.device), cond, init=init, denoiser_pcm=pcm,
-            pcm_sees_noise=self.pcm_sees_noise, budget_s=budget_s, clock=clock,
+            pcm_sees_noise=self.pcm_sees_noise, budget_s=budget_s, clock=clock, inpaint=inpaint,
         )
         start = self.n_obs_steps - 1
         action = self.normalizer.unnormalize("action", naction)
         return action[:, start : start + self.n_action_steps], stats
+
+    def constraint_for(self, actions: np.ndarray | torch.Tensor,
+                       weights: np.ndarray | torch.Tensor) -> Inpaint:
+        """An inpainting constraint from raw-unit actions (B, H, Da) on the chunk's timeline and
+        per-step weights in [0, 1] ((H,) for every row, or (B, H)); see picard_sampler.inpaint."""
+        actions = torch.as_tensor(np.asarray(actions), dtype=torch.float32, device=self.device)
+        expected = (self.horizon, self.action_dim)
+        if actions.dim() != 3 or tuple(actions.shape[1:]) != expected:
+            raise ValueError(f"prefix actions must have shape (B, {expected[0]}, {expected[1]}); "
+                             f"got {tuple(actions.shape)}")
+        weights = torch.as_tensor(np.asarray(weights), dtype=torch.float32, device=self.device)
+        if weights.dim() == 1:
+            weights = weights.expand(actions.shape[0], -1)
+        if tuple(weights.shape) != tuple(actions.shape[:2]):
+            raise ValueError(f"prefix weights must have shape ({self.horizon},) or "
+                             f"{tuple(actions.shape[:2])}; got {tuple(weights.shape)}")
+        return Inpaint(self.normalizer.normalize("action", actions), weights[..., None])
 
     # ---------------------------------------------------------------------- samplers
     @property

@@ -1,0 +1,140 @@
+"""Chunk hand-off benchmark: task score and boundary jerk against an injected inference delay.
+
+For every hand-off (envs/realtime.py: skip, hold, ensemble, inpaint) and injected delay, one
+real-time eval (app.evaluation.run_eval, simulated clock: the measured inference latency plus
+the injected `realtime.delay_ms` decides the tick at which each chunk is ready) of the shipped
+policy with sequential DDIM-16 on onnxruntime (one CPU thread), so the delay, not the sampler,
+dominates. Each row: mean_score, success_rate, boundary_jerk and within_chunk_jerk (env action
+units), held_step_rate, deadline_miss_rate, the realised delay in ticks and latency percentiles.
+Cells are kept under --runs-dir and reused, so a killed run resumes where it stopped.
+
+    python bench/handoff.py --task pusht --out bench/results/handoff_pusht.json --episodes 50
+    python bench/handoff.py --task lift --out bench/results/handoff_lift.json --episodes 20 \
+        --delays 0 200 500
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from app.config import compose_config
+from app.evaluation import run_eval
+from envs.realtime import HANDOFFS
+
+TASKS = {  # checkpoint and control rate (PushT's physics ticks 10 Hz, robosuite's 20 Hz)
+    "pusht": ("checkpoints/pusht_lowdim/policy.ckpt", 10),
+    "lift": ("checkpoints/lift_lowdim/policy.ckpt", 20),
+}
+ROW_METRICS = (
+    "mean_score", "success_rate", "boundary_jerk", "within_chunk_jerk", "held_step_rate",
+    "deadline_miss_rate", "mean_steps", "latency_ms_p50", "latency_ms_p99", "n_timed_requests",
+)
+
+
+def realised_delay_ticks(requests: list[dict[str, Any]]) -> float | None:
+    """Mean ticks from request to ready over the timed (non-startup) delivered requests."""
+    ticks = [r["ready_tick"] - r["request_tick"] for r in requests
+             if not r["startup"] and r["ready_tick"] is not None]
+    return float(np.mean(ticks)) if ticks else None
+
+
+def cell(task: str, handoff: str, delay_ms: float, episodes: int, runs_dir: Path,
+         sampler: str, runtime: str, quick: bool) -> dict[str, Any]:
+    """One (hand-off, delay) eval; reuses a finished run of the same overrides."""
+    checkpoint, hz = TASKS[task]
+    overrides = [
+        f"checkpoint={checkpoint}", f"sampler={sampler}", f"runtime={runtime}",
+        "realtime.enabled=true", f"realtime.control_hz={hz}", f"realtime.handoff={handoff}",
+        f"realtime.delay_ms={delay_ms:g}", f"n_episodes={episodes}", "threads=1",
+        "exact_err=false", "logger.wandb=false", "progress=false",
+    ] + (["max_steps=48"] if quick else [])
+    out_dir = runs_dir / f"{task}_{handoff}_{delay_ms:g}ms"
+    done = out_dir / "results.json"
+    if done.is_file() and json.loads(done.read_text())["overrides"] == overrides:
+        results = json.loads(done.read_text())
+    else:
+        results = run_eval(compose_config("eval", overrides), out_dir, overrides)
+    return {
+        "task": task, "handoff": handoff, "delay_ms": delay_ms, "control_hz": hz,
+        **{k: results["metrics"].get(k) for k in ROW_METRICS},
+        "realised_delay_ticks": realised_delay_ticks(results["requests"]),
+        "n_episodes": results["n_episodes"], "overrides": overrides,
+        "run_info": results["run_info"],
+    }
+
+
+def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    """mean_score, success_rate and boundary jerk against the injected delay, per hand-off."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = ("mean_score", "success_rate", "boundary_jerk")
+    fig, axes = plt.subplots(1, len(keys), figsize=(14, 4))
+    for handoff in dict.fromkeys(r["handoff"] for r in rows):
+        mine = sorted((r for r in rows if r["handoff"] == handoff), key=lambda r: r["delay_ms"])
+        for ax, key in zip(axes, keys, strict=True):
+            values = [r[key] if r[key] is not None else float("nan") for r in mine]
+            ax.plot([r["delay_ms"] for r in mine], values, "o-", label=handoff)
+    for ax, key in zip(axes, keys, strict=True):
+        ax.set(xlabel="injected inference delay (ms)", ylabel=key)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def write(path: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
+    """The rows so far and the run's settings (a killed run keeps its finished cells)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", choices=list(TASKS), default="pusht")
+    parser.add_argument("--out", required=True, type=Path, help="JSON file to write (+ .png)")
+    parser.add_argument("--episodes", type=int, default=50, help="episodes (seeds) per cell")
+    parser.add_argument("--delays", type=float, nargs="+", default=[0, 100, 200, 300, 500])
+    parser.add_argument("--handoffs", nargs="+", default=list(HANDOFFS), choices=HANDOFFS)
+    parser.add_argument("--sampler", default="sequential_ddim16", help="conf/sampler choice")
+    parser.add_argument("--runtime", default="onnxruntime", help="conf/runtime choice")
+    parser.add_argument("--runs-dir", type=Path, default=Path("runs/bench_handoff"))
+    parser.add_argument("--quick", action="store_true", help="2 episodes of 48 steps")
+    args = parser.parse_args()
+    episodes = 2 if args.quick else args.episodes
+    meta = {
+        "benchmark": "handoff", "task": args.task, "sampler": args.sampler,
+        "runtime": args.runtime, "n_episodes": episodes, "threads": 1,
+        "clock": "simulated (measured inference latency + injected delay; env steps cost no "
+                 "time)",
+        "command": "python bench/handoff.py " + " ".join(
+            f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+            for k, v in vars(args).items() if k not in ("quick", "runs_dir", "out")
+        ) + f" --out {args.out}" + (" --quick" if args.quick else ""),
+    }
+    rows: list[dict[str, Any]] = []
+    for delay in args.delays:
+        for handoff in args.handoffs:
+            rows.append(cell(args.task, handoff, delay, episodes, args.runs_dir, args.sampler,
+                             args.runtime, args.quick))
+            row = rows[-1]
+            print(f"{args.task} {handoff:8s} {delay:5g} ms: score {row['mean_score']:.3f} "
+                  f"jerk {row['boundary_jerk']} / {row['within_chunk_jerk']}", flush=True)
+            write(args.out, rows, meta)
+    plot(rows, args.out.with_suffix(".png"),
+         f"{args.task}: {args.sampler} on {args.runtime}, {episodes} episodes per point")
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
