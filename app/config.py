@@ -197,16 +197,19 @@ def check_run_dir(path: Path) -> None:
 
 
 def precheck_or_exit(argv: Sequence[str], config_name: str, groups: Sequence[str],
-                     run_dir_key: str, check_free: Callable[[DictConfig, Path], None]) -> None:
+                     run_dir_key: str | None = None,
+                     check_free: Callable[[DictConfig, Path], None] | None = None) -> None:
     """An entry's check before Hydra starts: the command line (precheck_command_line), then its
-    run dir, which must be creatable and pass `check_free(cfg, run_dir)` (not taken by another
-    run). A failure exits with one `config error:` line."""
+    run dir if it has one (`run_dir_key`), which must be creatable and pass
+    `check_free(cfg, run_dir)` (not taken by another run). A failure exits with one
+    `config error:` line."""
     try:
         cfg = precheck_command_line(argv, config_name, groups)
-        run_dir = None if cfg is None else run_dir_of(cfg, run_dir_key)
+        run_dir = None if cfg is None or run_dir_key is None else run_dir_of(cfg, run_dir_key)
         if run_dir is not None:
             check_run_dir(run_dir)
-            check_free(cfg, run_dir)
+            if check_free is not None:
+                check_free(cfg, run_dir)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
 

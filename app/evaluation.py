@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -90,6 +91,10 @@ def check_eval_config(cfg: DictConfig) -> None:
         ("warm_start", isinstance(cfg.warm_start, bool) or cfg.warm_start in WARM_STARTS,
          f"one of {list(WARM_STARTS)}"),
         ("realtime.enabled", isinstance(rt.enabled, bool), "true or false"),
+        ("server", cfg.server is None or (isinstance(cfg.server, str) and ":" in cfg.server),
+         "null or HOST:PORT of a running serve_policy.py"),
+        ("server", cfg.server is None or rt.enabled is True,
+         "null unless realtime.enabled=true (a server feeds one robot's control loop)"),
         ("video", isinstance(cfg.video, bool), "true or false"),
         ("progress", isinstance(cfg.progress, bool), "true or false"),
         ("overwrite", isinstance(cfg.overwrite, bool), "true or false"),
@@ -102,7 +107,8 @@ def check_eval_config(cfg: DictConfig) -> None:
         ("realtime.handoff", rt.handoff in HANDOFFS, f"one of {list(HANDOFFS)}"),
         ("realtime.delay_ms", is_number(rt.delay_ms, 0), "a number >= 0"),
         ("realtime.ensemble_decay", is_number(rt.ensemble_decay, 0), "a number >= 0"),
-        ("realtime.soft_mask", isinstance(rt.soft_mask, bool), "true or false"),
+        ("realtime.soft_mask", is_number(rt.soft_mask, 0) and rt.soft_mask <= 1,
+         "a number in [0, 1]"),
         ("deadline_ms", not (rt.enabled and cfg.deadline_ms is not None),
          "null with realtime.enabled=true (the deadline is realtime.lead_steps ticks at "
          "realtime.control_hz)"),
@@ -126,15 +132,16 @@ class Realtime:
     handoff: str = "skip"
     delay_ms: float = 0.0
     ensemble_decay: float = 0.01
-    soft_mask: bool = True
+    soft_mask: float = 0.0
 
 
-def realtime_settings(cfg: DictConfig, policy: DiffusionPolicy) -> Realtime | None:
+def realtime_settings(cfg: DictConfig, dims: tuple[int, int, int]) -> Realtime | None:
     """The `realtime` block as Realtime settings (None when disabled); lead_steps is checked
-    against what the policy's horizon allows."""
+    against what the policy's `dims` (n_obs_steps, n_action_steps, horizon) allow."""
     if not cfg.realtime.enabled:
         return None
-    most = max_lead_steps(policy.horizon, policy.n_obs_steps, policy.n_action_steps)
+    n_obs_steps, n_action_steps, horizon = dims
+    most = max_lead_steps(horizon, n_obs_steps, n_action_steps)
     lead = cfg.realtime.lead_steps
     if most < 1 or (lead is not None and not (is_int(lead) and 1 <= lead <= most)):
         raise ConfigError(
@@ -149,7 +156,8 @@ def realtime_settings(cfg: DictConfig, policy: DiffusionPolicy) -> Realtime | No
             f"lead_steps / control_hz); got {rt.budget_margin_ms!r}"
         )
     return Realtime(float(rt.control_hz), rt.clock, lead, float(rt.budget_margin_ms),
-                    rt.handoff, float(rt.delay_ms), float(rt.ensemble_decay), rt.soft_mask)
+                    rt.handoff, float(rt.delay_ms), float(rt.ensemble_decay),
+                    float(rt.soft_mask))
 
 
 # ------------------------------------------------------------------------ checkpoint, env
@@ -319,36 +327,61 @@ def evaluate(
                                    clock=clock)
     except ValueError as e:
         raise ConfigError(str(e)) from e
-    policy_fn, on_reset, controller = chunk_policy, chunk_policy.on_reset, None
+    dims = (policy.n_obs_steps, policy.n_action_steps, policy.horizon)
+    episodes = {"n_episodes": n_episodes, "seed_start": seed_start, "max_steps": max_steps,
+                "vector": vector, "video": video, "progress": progress}
     if realtime is not None:
         if n_envs != 1:
             raise ConfigError(f"realtime runs one env (one robot, one control clock); got "
                               f"n_envs={n_envs}")
-        controller = RealtimeController(
-            chunk_policy, realtime.control_hz, policy.n_obs_steps, policy.n_action_steps,
-            policy.horizon, realtime.lead_steps, realtime.budget_margin_ms / 1e3,
-            realtime.clock, clock=clock, sleep=sleep, handoff=realtime.handoff,
-            delay_s=realtime.delay_ms / 1e3, ensemble_decay=realtime.ensemble_decay,
-            soft_mask=realtime.soft_mask,
-        )
+        return evaluate_realtime(chunk_policy, chunk_policy.on_reset, dims, env, realtime,
+                                 clock=clock, sleep=sleep, **episodes)
+    result = rollout(
+        chunk_policy, make_env_factory(env, max_steps, render=video), n_envs=n_envs,
+        n_obs_steps=dims[0], n_action_steps=dims[1], record_frames=video,
+        on_reset=chunk_policy.on_reset, **_rollout_args(episodes),
+    )
+    return EvalResult(result)
 
-        def on_reset(env_index: int, seed: int | None) -> None:
-            controller.on_reset(env_index, seed)
-            chunk_policy.on_reset(env_index, seed)
 
-        policy_fn = controller
+def _rollout_args(episodes: Mapping[str, Any]) -> dict[str, Any]:
+    """`evaluate`'s episode settings as envs.rollout.rollout arguments."""
+    return {k: episodes[k] for k in ("n_episodes", "seed_start", "max_steps", "vector",
+                                      "progress")}
+
+
+def evaluate_realtime(
+    chunk_fn: Callable[..., Any], on_reset: Callable[[int, int | None], None],
+    dims: tuple[int, int, int], env: Mapping[str, Any], realtime: Realtime, *,
+    n_episodes: int, seed_start: int, max_steps: int, vector: str = "sync", video: bool = False,
+    progress: bool = True, clock: Callable[[], float] = time.perf_counter,
+    sleep: Callable[[float], None] = time.sleep,
+) -> EvalResult:
+    """One env on the control clock of envs.realtime.RealtimeController, its chunks from
+    `chunk_fn` (a ChunkPolicy returning whole chunks, or serving.client.RemoteChunks asking a
+    policy server); `dims` = (n_obs_steps, n_action_steps, horizon)."""
+    n_obs_steps, n_action_steps, horizon = dims
+    controller = RealtimeController(
+        chunk_fn, realtime.control_hz, n_obs_steps, n_action_steps, horizon,
+        realtime.lead_steps, realtime.budget_margin_ms / 1e3, realtime.clock, clock=clock,
+        sleep=sleep, handoff=realtime.handoff, delay_s=realtime.delay_ms / 1e3,
+        ensemble_decay=realtime.ensemble_decay, soft_mask=realtime.soft_mask,
+    )
+
+    def both_on_reset(env_index: int, seed: int | None) -> None:
+        controller.on_reset(env_index, seed)
+        on_reset(env_index, seed)
+
+    episodes = {"n_episodes": n_episodes, "seed_start": seed_start, "max_steps": max_steps,
+                "vector": vector, "progress": progress}
     try:
         result = rollout(
-            policy_fn, make_env_factory(env, max_steps, render=video), n_episodes=n_episodes,
-            n_envs=n_envs, seed_start=seed_start, max_steps=max_steps,
-            n_obs_steps=policy.n_obs_steps, n_action_steps=policy.n_action_steps, vector=vector,
-            record_frames=video, progress=progress, on_reset=on_reset,
+            controller, make_env_factory(env, max_steps, render=video), n_envs=1,
+            n_obs_steps=n_obs_steps, n_action_steps=n_action_steps, record_frames=video,
+            on_reset=both_on_reset, **_rollout_args(episodes),
         )
     finally:
-        if controller is not None:
-            controller.close()
-    if controller is None:
-        return EvalResult(result)
+        controller.close()
     settings = {"control_hz": controller.control_hz, "clock": controller.clock_mode,
                 "lead_steps": controller.lead_steps, "deadline_ms": controller.deadline_s * 1e3,
                 "budget_ms": controller.budget_s * 1e3, "handoff": controller.handoff,
@@ -382,6 +415,24 @@ def run_eval(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] = ()) -> d
     check_eval_config(cfg)
     prepare_output_dir(out_dir, cfg.overwrite)
     device = configure_torch(cfg.device, cfg.threads)
+    run = _run_remote(cfg) if cfg.server else _run_local(cfg, device)
+    return _report(cfg, out_dir, overrides, device, run)
+
+
+@dataclass
+class _Run:
+    """What a finished rollout reports: its result, the env, the sampler and where it ran."""
+
+    result: EvalResult
+    env: dict[str, Any]
+    max_steps: int
+    sampler: dict[str, Any]
+    runtime: dict[str, Any]
+    checkpoint: dict[str, Any]
+
+
+def _run_local(cfg: DictConfig, device: torch.device) -> _Run:
+    """Load the checkpoint here and roll it out (offline, or on the control clock)."""
     checkpoint, policy = load_checkpoint_and_policy(cfg.checkpoint, device)
     env = resolve_env(cfg.env, checkpoint["config"])
     max_steps = env["max_steps"] if cfg.max_steps is None else cfg.max_steps
@@ -392,9 +443,10 @@ def run_eval(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] = ()) -> d
     check_pcm_weights(sampler, checkpoint, cfg.checkpoint)
     choose_runtime(policy, cfg.runtime)
     print(f"evaluating {cfg.checkpoint} (step {checkpoint['step']}) with {sampler.label}: "
-          f"{cfg.n_episodes} episodes of {env['name']} on {device} -> {out_dir}")
+          f"{cfg.n_episodes} episodes of {env['name']} on {device}")
 
-    realtime = realtime_settings(cfg, policy)
+    realtime = realtime_settings(cfg, (policy.n_obs_steps, policy.n_action_steps,
+                                       policy.horizon))
     n_envs, exact_err_every = cfg.n_envs, cfg.exact_err_every if cfg.exact_err else 0
     if realtime is not None:
         n_envs = 1
@@ -409,19 +461,91 @@ def run_eval(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] = ()) -> d
         vector=cfg.vector, warm_start=cfg.warm_start, exact_err_every=exact_err_every,
         video=cfg.video, progress=cfg.progress, realtime=realtime,
     )
+    return _Run(result, env, max_steps, {"label": sampler.label, **sampler.config},
+                plain(cfg.runtime), {"path": str(cfg.checkpoint), "step": checkpoint["step"]})
+
+
+def _run_remote(cfg: DictConfig) -> _Run:
+    """Roll out one robot on the control clock against a policy server (serve_policy.py): the
+    server's policy, sampler, runtime and noise seed; network time inside the latency."""
+    from serving.client import PolicyClient, RemoteChunks, ServerError, server_url
+
+    try:
+        client = PolicyClient(server_url(cfg.server))
+        meta = client.metadata()
+    except (ServerError, ValueError) as e:
+        raise ConfigError(f"server: {e}") from e
+    try:
+        env = plain(cfg.env) if cfg.env is not None else meta.get("env")
+        if not env:
+            raise ConfigError("env must be set (env=<name>): the server's policy names no env")
+        max_steps = env["max_steps"] if cfg.max_steps is None else cfg.max_steps
+        _check_env_fits_spec(make_env_factory(env, max_steps, render=False), meta, env["name"])
+        dims = (meta["n_obs_steps"], meta["n_action_steps"], meta["horizon"])
+        realtime = realtime_settings(cfg, dims)
+        print(f"evaluating the policy served at {cfg.server} ({meta['sampler']['label']}): "
+              f"{cfg.n_episodes} episodes of {env['name']}, one env at "
+              f"{realtime.control_hz:g} Hz ({realtime.clock} clock)")
+        remote = RemoteChunks(client)
+
+        def chunk_fn(obs: Any, budget_s: float | None, *prefix: Any) -> tuple[Any, ChunkRecord]:
+            chunks, info = remote(obs, budget_s, *prefix)
+            return chunks, ChunkRecord(
+                batch=1, rounds=info["rounds"], nfe=info["nfe"], nfe_total=info["nfe"],
+                n_converged=int(info["converged"]), latency_ms=info["latency_ms"],
+                server_overhead_ms=info["latency_ms"] - info["sampler_ms"])
+
+        try:
+            result = evaluate_realtime(
+                chunk_fn, remote.on_reset, dims, env, realtime, n_episodes=cfg.n_episodes,
+                seed_start=cfg.seed_start, max_steps=max_steps, vector=cfg.vector,
+                video=cfg.video, progress=cfg.progress,
+            )
+        except ServerError as e:
+            raise ConfigError(f"server: {e}") from e
+    finally:
+        client.close()
+    return _Run(result, env, max_steps, {**meta["sampler"], "server": cfg.server},
+                meta["runtime"], {**meta["checkpoint"], "server": cfg.server})
+
+
+def _check_env_fits_spec(make_env: Callable[[], gym.Env], meta: Mapping[str, Any],
+                         env_name: str) -> None:
+    """Reject an env whose shapes are not the served policy's (its metadata's obs spec)."""
+    probe = make_env()
+    obs_space, action_space = probe.observation_space, probe.action_space
+    probe.close()
+    wanted = {key: tuple(shape[1:]) for key, shape in meta["obs_spec"].items()}
+    if isinstance(obs_space, gym.spaces.Dict):
+        got: Any = {key: tuple(space.shape) for key, space in obs_space.spaces.items()}
+        fits = all(got.get(key) == shape for key, shape in wanted.items())
+    else:
+        got = tuple(obs_space.shape)
+        fits = sum(int(np.prod(s)) for s in wanted.values()) == int(np.prod(got))
+    if not fits or tuple(action_space.shape) != (meta["action_dim"],):
+        raise ConfigError(
+            f"env {env_name} does not fit the served policy: the env observes {got} and acts "
+            f"{tuple(action_space.shape)}; the policy takes {wanted} and outputs "
+            f"({meta['action_dim']},)")
+
+
+def _report(cfg: DictConfig, out_dir: Path, overrides: Sequence[str], device: torch.device,
+            run: _Run) -> dict[str, Any]:
+    """Summarize a finished run and write results.json, plots, video and wandb."""
+    result, env, max_steps = run.result, run.env, run.max_steps
     metrics = summarize(result, cfg.warmup_chunks, cfg.deadline_ms)
     rollout_result = result.rollout
     config = {**OmegaConf.to_container(cfg, resolve=True), "env": env, "max_steps": max_steps}
     results = {
         "metrics": metrics,
-        "sampler": {"label": sampler.label, **sampler.config},
-        "runtime": plain(cfg.runtime),
+        "sampler": run.sampler,
+        "runtime": run.runtime,
         "n_episodes": len(rollout_result.episodes),
         "interrupted": rollout_result.interrupted,
         "realtime": result.realtime,
         "seeds": [e["seed"] for e in rollout_result.episodes],
         "noise_seed": cfg.noise_seed,
-        "checkpoint": {"path": str(cfg.checkpoint), "step": checkpoint["step"]},
+        "checkpoint": run.checkpoint,
         "overrides": list(overrides),
         "config": config,  # as run: env and max_steps filled in
         "run_info": run_info(device),
@@ -435,7 +559,7 @@ def run_eval(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] = ()) -> d
     records = result.chunk_records
     images = plot_histograms(
         out_dir, [r.rounds for r in records], [r.latency_ms for r in records[cfg.warmup_chunks:]],
-        metrics, deadline_ms, sampler.label,
+        metrics, deadline_ms, run.sampler["label"],
     )
     if rollout_result.frames:
         results["video"] = str(save_video(rollout_result.frames, out_dir))

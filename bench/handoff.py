@@ -43,8 +43,13 @@ def realised_delay_ticks(requests: list[dict[str, Any]]) -> float | None:
     return float(np.mean(ticks)) if ticks else None
 
 
-def cell(task: str, handoff: str, delay_ms: float, episodes: int, runs_dir: Path,
-         sampler: str, runtime: str, quick: bool) -> dict[str, Any]:
+def method_name(handoff: str, soft_mask: float | None) -> str:
+    """A row's method: the hand-off, with the inpaint soft-mask scale."""
+    return handoff if soft_mask is None else f"{handoff} soft {soft_mask:g}"
+
+
+def cell(task: str, handoff: str, soft_mask: float | None, delay_ms: float, episodes: int,
+         runs_dir: Path, sampler: str, runtime: str, quick: bool) -> dict[str, Any]:
     """One (hand-off, delay) eval; reuses a finished run of the same overrides."""
     checkpoint, hz = TASKS[task]
     overrides = [
@@ -53,14 +58,18 @@ def cell(task: str, handoff: str, delay_ms: float, episodes: int, runs_dir: Path
         f"realtime.delay_ms={delay_ms:g}", f"n_episodes={episodes}", "threads=1",
         "exact_err=false", "logger.wandb=false", "progress=false",
     ] + (["max_steps=48"] if quick else [])
-    out_dir = runs_dir / f"{task}_{handoff}_{delay_ms:g}ms"
+    if soft_mask is not None:
+        overrides.append(f"realtime.soft_mask={soft_mask:g}")
+    method = method_name(handoff, soft_mask)
+    out_dir = runs_dir / f"{task}_{method.replace(' ', '_')}_{delay_ms:g}ms"
     done = out_dir / "results.json"
     if done.is_file() and json.loads(done.read_text())["overrides"] == overrides:
         results = json.loads(done.read_text())
     else:
         results = run_eval(compose_config("eval", overrides), out_dir, overrides)
     return {
-        "task": task, "handoff": handoff, "delay_ms": delay_ms, "control_hz": hz,
+        "task": task, "method": method, "handoff": handoff, "soft_mask": soft_mask,
+        "delay_ms": delay_ms, "control_hz": hz,
         **{k: results["metrics"].get(k) for k in ROW_METRICS},
         "realised_delay_ticks": realised_delay_ticks(results["requests"]),
         "n_episodes": results["n_episodes"], "overrides": overrides,
@@ -77,11 +86,11 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
 
     keys = ("mean_score", "success_rate", "boundary_jerk")
     fig, axes = plt.subplots(1, len(keys), figsize=(14, 4))
-    for handoff in dict.fromkeys(r["handoff"] for r in rows):
-        mine = sorted((r for r in rows if r["handoff"] == handoff), key=lambda r: r["delay_ms"])
+    for method in dict.fromkeys(r["method"] for r in rows):
+        mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["delay_ms"])
         for ax, key in zip(axes, keys, strict=True):
             values = [r[key] if r[key] is not None else float("nan") for r in mine]
-            ax.plot([r["delay_ms"] for r in mine], values, "o-", label=handoff)
+            ax.plot([r["delay_ms"] for r in mine], values, "o-", label=method)
     for ax, key in zip(axes, keys, strict=True):
         ax.set(xlabel="injected inference delay (ms)", ylabel=key)
         ax.grid(alpha=0.3)
@@ -106,6 +115,8 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=50, help="episodes (seeds) per cell")
     parser.add_argument("--delays", type=float, nargs="+", default=[0, 100, 200, 300, 500])
     parser.add_argument("--handoffs", nargs="+", default=list(HANDOFFS), choices=HANDOFFS)
+    parser.add_argument("--soft-masks", type=float, nargs="+", default=[0, 0.5, 1],
+                        help="realtime.soft_mask values of the inpaint rows")
     parser.add_argument("--sampler", default="sequential_ddim16", help="conf/sampler choice")
     parser.add_argument("--runtime", default="onnxruntime", help="conf/runtime choice")
     parser.add_argument("--runs-dir", type=Path, default=Path("runs/bench_handoff"))
@@ -123,13 +134,16 @@ def main() -> None:
         ) + f" --out {args.out}" + (" --quick" if args.quick else ""),
     }
     rows: list[dict[str, Any]] = []
+    methods = [(h, s) for h in args.handoffs
+               for s in (args.soft_masks if h == "inpaint" else [None])]
     for delay in args.delays:
-        for handoff in args.handoffs:
-            rows.append(cell(args.task, handoff, delay, episodes, args.runs_dir, args.sampler,
-                             args.runtime, args.quick))
+        for handoff, soft_mask in methods:
+            rows.append(cell(args.task, handoff, soft_mask, delay, episodes, args.runs_dir,
+                             args.sampler, args.runtime, args.quick))
             row = rows[-1]
-            print(f"{args.task} {handoff:8s} {delay:5g} ms: score {row['mean_score']:.3f} "
-                  f"jerk {row['boundary_jerk']} / {row['within_chunk_jerk']}", flush=True)
+            print(f"{args.task} {row['method']:16s} {delay:5g} ms: score "
+                  f"{row['mean_score']:.3f} jerk {row['boundary_jerk']:.2f} / "
+                  f"{row['within_chunk_jerk']:.2f}", flush=True)
             write(args.out, rows, meta)
     plot(rows, args.out.with_suffix(".png"),
          f"{args.task}: {args.sampler} on {args.runtime}, {episodes} episodes per point")

@@ -31,9 +31,9 @@ How a new chunk takes over from the one being executed is the *hand-off* (HANDOF
   ``exp(-ensemble_decay * i)`` with i = 0 for the oldest chunk.
 - ``inpaint`` (in the spirit of Real-Time Chunking): the request carries the committed actions
   as a `Prefix` (the executed past and the current chunk's actions for the ticks its inference
-  is expected to take, weight 1; with ``soft_mask`` the rest of the current chunk with decaying
-  weights) and the chunk function constrains the new chunk to them; it then takes over as with
-  ``skip``, so the boundary continues what was executed.
+  is expected to take, weight 1; with ``soft_mask`` > 0 the rest of the current chunk with
+  RTC's decaying weights times soft_mask) and the chunk function constrains the new chunk to
+  them; it then takes over as with ``skip``, so the boundary continues what was executed.
 ``delay_s`` adds a fixed extra latency to every timed request (an experiment's injected
 inference delay; slept in the worker on the wall clock). The executed actions and which chunk
 drove each tick are kept per episode for the boundary / within-chunk jerk (`jerk_metrics`).
@@ -184,7 +184,7 @@ class RealtimeController:
         handoff: str = "skip",
         delay_s: float = 0.0,
         ensemble_decay: float = 0.01,
-        soft_mask: bool = True,
+        soft_mask: float = 0.0,
     ):
         max_lead = max_lead_steps(horizon, n_obs_steps, n_action_steps)
         if max_lead < 1:
@@ -202,6 +202,8 @@ class RealtimeController:
             raise ValueError(f"clock must be one of {list(CLOCKS)}; got {clock_mode!r}")
         if handoff not in HANDOFFS:
             raise ValueError(f"handoff must be one of {list(HANDOFFS)}; got {handoff!r}")
+        if not 0 <= soft_mask <= 1:
+            raise ValueError(f"soft_mask must be in [0, 1]; got {soft_mask}")
         if not delay_s >= 0 or not ensemble_decay >= 0:
             raise ValueError(f"delay_s and ensemble_decay must be >= 0; got {delay_s}, "
                              f"{ensemble_decay}")
@@ -214,7 +216,7 @@ class RealtimeController:
         self.handoff = handoff
         self.delay_s = float(delay_s)
         self.ensemble_decay = float(ensemble_decay)
-        self.soft_mask = bool(soft_mask)
+        self.soft_mask = float(soft_mask)
         self.deadline_s = lead_steps / self.control_hz
         self.budget_s = max(self.deadline_s - budget_margin_s - self.delay_s, 1e-4)
         self.clock_mode = clock_mode
@@ -342,7 +344,7 @@ class RealtimeController:
     def _prefix(self) -> Prefix:
         """The committed actions of a request asked now: the executed past, then the current
         chunk's actions for the ticks the request is expected to take (weight 1), then (with
-        soft_mask) the rest of the current chunk with decaying weights."""
+        soft_mask > 0) the rest of the current chunk with decaying weights, scaled by it."""
         n, start = self.tick, self.tick - (self.n_obs_steps - 1)
         delay = min(self._ticks_for(self._expected_latency_s * 1e3), self.lead_steps)
         b, da = self._current.chunks.shape[0], self._current.chunks.shape[2]
@@ -359,7 +361,7 @@ class RealtimeController:
                    and self._index(self._current, start + i) < self.horizon]
         if self.soft_mask and covered:
             actions[:, covered] = np.stack([self._planned(start + i) for i in covered], axis=1)
-            weights[covered] = soft_mask_weights(len(covered))
+            weights[covered] = self.soft_mask * soft_mask_weights(len(covered))
         return Prefix(actions, weights)
 
     # ------------------------------------------------------------------------------- ticks

@@ -49,7 +49,8 @@ def episode_noise_seed(noise_seed: int, episode_seed: int) -> int:
 class ChunkRecord:
     """One sampler call for `batch` envs: the SampleStats that reports need, the call's latency
     (ms, around the sampler on the caller's clock) and, when measured, exact_err (max and mean
-    over the batch of each chunk's max |a - a_seq|, normalized units)."""
+    over the batch of each chunk's max |a - a_seq|, normalized units); for a chunk from a
+    policy server, the round trip's time beyond the server's sampler call."""
 
     batch: int
     rounds: int
@@ -59,6 +60,8 @@ class ChunkRecord:
     latency_ms: float
     exact_err: float | None = None
     exact_err_mean: float | None = None
+    converged_rows: list[bool] | None = None  # per sampled env (left out of flat reports)
+    server_overhead_ms: float | None = None  # from a policy server: latency - its sampler time
 
     @property
     def converged(self) -> bool:
@@ -70,11 +73,13 @@ class ChunkRecord:
         """The record of a sampler call that returned `stats` in `latency_ms`."""
         return cls(batch=stats.batch, rounds=int(stats.rounds), nfe=float(stats.nfe),
                    nfe_total=int(stats.nfe_total), n_converged=int(stats.n_converged),
-                   latency_ms=float(latency_ms))
+                   latency_ms=float(latency_ms),
+                   converged_rows=[bool(c) for c in stats.converged_per_sample])
 
     def to_dict(self) -> dict[str, Any]:
         """As JSON-able fields (`converged` included; unmeasured exact_err left out)."""
-        fields = {k: v for k, v in asdict(self).items() if v is not None}
+        fields = {k: v for k, v in asdict(self).items()
+                  if v is not None and k != "converged_rows"}
         return {**fields, "converged": self.converged}
 
 
@@ -171,22 +176,36 @@ class ChunkPolicy:
         return init
 
     def __call__(
-        self, obs: Any, budget_s: float | None = None, prefix: Any = None
+        self, obs: Any, budget_s: float | None = None, prefix: Any = None,
+        rows: Sequence[int] | None = None,
     ) -> tuple[np.ndarray, ChunkRecord]:
         """Actions (n_envs, Ta or H, Da) for a batch of observation histories (idle envs get
         zeros) and the call's record; `budget_s` caps this call's sampling time (anytime
         Picard/PCM; the sequential sampler ignores it). `prefix` (anything with `actions`
         (n_envs, H, Da) in raw units and `weights` (H,) or (n_envs, H)) constrains the chunks
-        to those actions (inpainting, DiffusionPolicy.constraint_for)."""
-        rows = sorted(self._generators)
-        if not rows:
-            raise ValueError("no env is running an episode: call on_reset(env_index, seed) first")
-        obs_rows = take_rows(obs, rows)
+        to those actions (inpainting, DiffusionPolicy.constraint_for). With `rows` only those
+        envs are sampled: `obs` (and `prefix`) then hold exactly their rows, in that order, and
+        so do the returned actions (a server sampling the episodes that asked)."""
+        subset = rows is not None
+        if subset:
+            rows = list(rows)
+            unknown = [row for row in rows if row not in self._generators]
+            if unknown or not rows or len(set(rows)) != len(rows):
+                raise ValueError(f"rows must be distinct envs running an episode; got {rows}")
+            obs_rows = obs
+        else:
+            rows = sorted(self._generators)
+            if not rows:
+                raise ValueError(
+                    "no env is running an episode: call on_reset(env_index, seed) first")
+            obs_rows = take_rows(obs, rows)
         inpaint = None
         if prefix is not None:
             weights = np.asarray(prefix.weights)
-            inpaint = self.policy.constraint_for(
-                np.asarray(prefix.actions)[rows], weights if weights.ndim == 1 else weights[rows])
+            actions = np.asarray(prefix.actions)
+            if not subset:
+                actions, weights = actions[rows], weights if weights.ndim == 1 else weights[rows]
+            inpaint = self.policy.constraint_for(actions, weights)
         noise = torch.stack([self._noise(row) for row in rows], dim=1).to(self.policy.device)
         warm = self.warm_start != "none" and self.sampler.method != "sequential"
         init = self._initial_trajectory(rows, noise) if warm else None
@@ -206,6 +225,8 @@ class ChunkPolicy:
             errors = self._exact_errors(obs_rows, noise, stats.sample, inpaint)
             record.exact_err, record.exact_err_mean = float(errors.max()), float(errors.mean())
         self._calls += 1
+        if subset:
+            return actions, record
         batch_actions = np.zeros((batch_size(obs), *actions.shape[1:]), dtype=actions.dtype)
         batch_actions[rows] = actions
         return batch_actions, record

@@ -91,7 +91,7 @@ def test_ensemble_averages_every_chunk_still_covering_the_tick() -> None:
 
 def test_inpaint_prefix_commits_the_executed_past_and_the_ticks_inference_takes() -> None:
     clock, seen = FakeClock(), []
-    ctl = controller("inpaint", 0.25, clock, offset_chunks(0.25, clock, seen), soft_mask=False)
+    ctl = controller("inpaint", 0.25, clock, offset_chunks(0.25, clock, seen), soft_mask=0.0)
     executed, _ = run(ctl, 4)
     prefix = seen[1]  # the request of tick 4 (seen[0] is the startup chunk: no prefix)
     assert seen[0] is None
@@ -102,7 +102,7 @@ def test_inpaint_prefix_commits_the_executed_past_and_the_ticks_inference_takes(
     # so the chunk taking over at tick 7 continues what was executed: no jump at the boundary
     assert executed[:7] == [0, 1, 2, 3, 4, 5, 6]
     assert executed[7] == 107  # the unconstrained part is the new chunk's own plan
-    soft = controller("inpaint", 0.25, FakeClock(), soft_mask=True)
+    soft = controller("inpaint", 0.25, FakeClock(), soft_mask=1.0)
     soft_seen: list[Any] = []
     soft.chunk_fn = offset_chunks(0.25, soft.clock, soft_seen)
     run(soft, 2)

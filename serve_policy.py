@@ -1,0 +1,38 @@
+"""Serve a trained Diffusion Policy to robot processes: action chunks over websockets + msgpack.
+
+    python serve_policy.py                                  # shipped PushT policy, 127.0.0.1:8765
+    python serve_policy.py checkpoint=PATH sampler=sequential_ddim16 runtime=onnxruntime port=9000
+    python eval_policy.py realtime.enabled=true realtime.clock=wall server=127.0.0.1:8765
+
+A thin Hydra entry over `app.serving.run_serve` (the protocol: serving/protocol.py; the robot
+side: serving.PolicyClient, no torch needed). Config errors print one line and exit with status
+1; SIGTERM or Ctrl-C closes every connection, finishes the sampler call in flight and exits 0.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from app.config import precheck_or_exit, run_entry
+from app.serving import run_serve
+
+CHECKED_GROUPS = ("sampler", "runtime")
+
+
+@hydra.main(config_path="conf", config_name="serve", version_base="1.3")
+def hydra_main(cfg: DictConfig) -> None:
+    """Hydra entry: serve until stopped."""
+    run_entry(lambda: run_serve(cfg))
+
+
+def main() -> None:
+    """Check the command line in one line before Hydra starts, then hand it to Hydra."""
+    precheck_or_exit(sys.argv[1:], "serve", CHECKED_GROUPS)
+    hydra_main()
+
+
+if __name__ == "__main__":
+    main()

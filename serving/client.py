@@ -1,0 +1,150 @@
+"""`PolicyClient`: a robot loop's synchronous connection to a running policy server.
+
+    client = PolicyClient("127.0.0.1:8765")
+    spec = client.metadata()                 # obs/action spec, To / H / Ta, control rate
+    client.reset(seed=0)                     # a new episode: its noise, warm start, state
+    actions, info = client.infer(obs)        # obs (To, ...) or {key: (To, ...)} -> (H, Da)
+
+No torch here: numpy, msgpack and websockets only. `RemoteChunks` adapts a client to the
+`chunk_fn` of envs.realtime.RealtimeController, so a simulated robot runs against a server.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from websockets.sync.client import connect
+
+from serving.protocol import DEFAULT_MAX_MESSAGE_BYTES, pack, unpack
+
+
+class ServerError(RuntimeError):
+    """The server refused a request (the message says why) or could not be reached."""
+
+
+def server_url(address: str) -> str:
+    """``host:port`` or a ws:// URL as a ws:// URL."""
+    if address.startswith(("ws://", "wss://")):
+        return address
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"server address must be HOST:PORT or ws://HOST:PORT; got {address!r}")
+    return f"ws://{address}"
+
+
+class PolicyClient:
+    """One connection to a policy server; requests are answered in order (see module doc)."""
+
+    def __init__(self, address: str, timeout_s: float = 30.0,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+        self.url = server_url(address)
+        self.timeout_s = timeout_s
+        self._ids = itertools.count()
+        self.episode: str | None = None
+        try:
+            self._ws = connect(self.url, open_timeout=timeout_s, max_size=max_message_bytes,
+                               compression=None, proxy=None)
+        except (OSError, InvalidHandshake, InvalidURI, TimeoutError) as e:
+            raise ServerError(f"cannot reach the policy server at {self.url}: {e}") from e
+
+    def _call(self, message: dict[str, Any]) -> dict[str, Any]:
+        message = {**message, "id": next(self._ids)}
+        try:
+            self._ws.send(pack(message))
+            reply = unpack(self._ws.recv(timeout=self.timeout_s))
+        except ConnectionClosed as e:
+            reason = e.rcvd.reason if e.rcvd is not None and e.rcvd.reason else "no reason given"
+            code = e.rcvd.code if e.rcvd is not None else "none"
+            raise ServerError(f"the policy server at {self.url} closed the connection "
+                              f"(code {code}: {reason})") from e
+        except TimeoutError as e:
+            raise ServerError(f"no reply from {self.url} within {self.timeout_s:g} s") from e
+        if reply.get("type") == "error":
+            raise ServerError(str(reply.get("error")))
+        return reply
+
+    def metadata(self) -> dict[str, Any]:
+        """What the served policy takes and returns (obs spec, action dim, To/H/Ta, rate)."""
+        return self._call({"type": "metadata"})["metadata"]
+
+    def reset(self, seed: int | None = None) -> str:
+        """Start an episode (its sampler noise is drawn from the server's noise seed and
+        `seed`); later `infer` calls use it unless told another. Returns its id."""
+        self.episode = self._call({"type": "reset", "seed": seed})["episode"]
+        return self.episode
+
+    def infer(self, obs: np.ndarray | Mapping[str, np.ndarray], *, episode: str | None = None,
+              deadline_ms: float | None = None, prefix_actions: np.ndarray | None = None,
+              prefix_weights: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+        """The chunk (H, Da) in raw action units for one observation history and the server's
+        info (rounds, converged, sampler_ms, server_ms, batch). `deadline_ms` caps an anytime
+        sampler; `prefix_*` constrain the chunk to committed actions (inpainting)."""
+        episode = episode or self.episode
+        if episode is None:
+            raise ServerError("no episode: call reset() first")
+        message: dict[str, Any] = {"type": "infer", "episode": episode, "obs": _arrays(obs),
+                                   "deadline_ms": deadline_ms}
+        if prefix_actions is not None:
+            message["prefix"] = {"actions": np.asarray(prefix_actions, np.float32),
+                                 "weights": np.asarray(prefix_weights, np.float32)}
+        reply = self._call(message)
+        return reply["actions"], reply["info"]
+
+    def end(self, episode: str | None = None) -> None:
+        """Drop an episode's state on the server."""
+        episode = episode or self.episode
+        if episode is not None:
+            self._call({"type": "end", "episode": episode})
+        if episode == self.episode:
+            self.episode = None
+
+    def close(self) -> None:
+        """Close the connection (the server drops this connection's episodes)."""
+        self._ws.close()
+
+    def __enter__(self) -> PolicyClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _arrays(obs: Any) -> Any:
+    """An observation as numpy arrays (a dict's values too)."""
+    if isinstance(obs, Mapping):
+        return {str(k): np.asarray(v) for k, v in obs.items()}
+    return np.asarray(obs)
+
+
+class RemoteChunks:
+    """A RealtimeController `chunk_fn` (and rollout `on_reset` hook) served by a PolicyClient:
+    one robot (batch 1); the budget is sent as the request's deadline; latency is measured
+    here, so network and queueing time are inside it."""
+
+    def __init__(self, client: PolicyClient, clock: Any = time.perf_counter):
+        self.client = client
+        self.clock = clock
+
+    def on_reset(self, env_index: int, seed: int | None) -> None:
+        if seed is None:
+            self.client.end()
+        else:
+            self.client.reset(seed)
+
+    def __call__(self, obs: Any, budget_s: float | None, prefix: Any = None
+                 ) -> tuple[np.ndarray, dict[str, Any]]:
+        start = self.clock()
+        one = ({k: np.asarray(v)[0] for k, v in obs.items()} if isinstance(obs, Mapping)
+               else np.asarray(obs)[0])
+        kwargs: dict[str, Any] = {"deadline_ms": None if budget_s is None else budget_s * 1e3}
+        if prefix is not None:
+            kwargs["prefix_actions"] = np.asarray(prefix.actions)[0]
+            kwargs["prefix_weights"] = np.asarray(prefix.weights)
+        actions, info = self.client.infer(one, **kwargs)
+        latency_ms = (self.clock() - start) * 1e3
+        return actions[None], {**info, "latency_ms": latency_ms}
