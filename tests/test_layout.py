@@ -2,7 +2,8 @@
 
 picard_sampler knows nothing of robots, configs or the other packages; policy builds on
 picard_sampler but knows no environment; envs imports none of the diffusion side (not even
-torch); app wires them; nothing outside tests/ imports an entry script.
+torch); serving (the robot-side client) imports neither torch nor the other packages; app
+wires them; nothing outside tests/ imports an entry script.
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-ENTRY_SCRIPTS = {"eval_policy", "train_pcm"}
+ENTRY_SCRIPTS = {"eval_policy", "train_pcm", "serve_policy"}
 FORBIDDEN = {
     "picard_sampler": {"policy", "envs", "app", "hydra", "omegaconf", "gymnasium"},
     "policy": {"envs", "app", "gymnasium"},
     "envs": {"torch", "picard_sampler", "policy", "app"},
+    "serving": {"torch", "picard_sampler", "policy", "envs", "app", "hydra", "omegaconf"},
     "app": set(),
 }
 
@@ -77,9 +79,20 @@ def test_no_reference_to_a_design_file_outside_the_repository() -> None:
     """Code and configs cite docs/design.md, which ships with the repository."""
     files = [*source_files("app"), *source_files("picard_sampler"), *source_files("policy"),
              *source_files("envs"), *source_files("bench"), *source_files("scripts"),
-             *(REPO_ROOT / "conf").rglob("*.yaml"), REPO_ROOT / "eval_policy.py",
-             REPO_ROOT / "train_pcm.py"]
+             *source_files("serving"), *(REPO_ROOT / "conf").rglob("*.yaml"),
+             *(REPO_ROOT / f"{name}.py" for name in ENTRY_SCRIPTS)]
     stale = [str(p.relative_to(REPO_ROOT)) for p in files
              if "DESIGN.md" in p.read_text().replace("docs/design.md", "")]
     assert not stale
     assert (REPO_ROOT / "docs" / "design.md").is_file()
+
+
+def test_the_robot_side_client_runs_without_torch() -> None:
+    """Importing serving (the client a robot process runs) loads no torch, even indirectly."""
+    import subprocess
+    import sys
+
+    code = "import sys, serving; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=REPO_ROOT, check=True)
+    assert result.stdout.strip() == "False"
