@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 import torch
 
+from picard_sampler.anderson import Anderson
 from picard_sampler.inpaint import Inpaint
 from picard_sampler.schedules import Schedule
 
@@ -31,6 +32,7 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 Callback = Callable[[dict[str, Any]], None]
 Update = Literal["scan", "drift"]
 UPDATES = ("scan", "drift")
+ACCELERATIONS = ("none", "anderson")
 
 
 @dataclass
@@ -260,6 +262,16 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def _validate_accel(accel: Any, memory: Any, window: int, steps: int) -> None:
+    if accel not in ACCELERATIONS:
+        raise ValueError(f"accel must be one of {list(ACCELERATIONS)}; got {accel!r}")
+    if not _is_int(memory) or memory < 1:
+        raise ValueError(f"accel_memory must be an int >= 1; got {memory!r}")
+    if accel != "none" and window < steps:
+        raise ValueError(f"accel={accel!r} needs the full window (window=None or >= {steps}); "
+                         f"got window {window}")
+
+
 def _validate_budget(budget_s: Any) -> None:
     if budget_s is not None and (not _is_number(budget_s) or not budget_s > 0):
         raise ValueError(f"budget_s must be None or a number of seconds > 0; got {budget_s!r}")
@@ -280,13 +292,18 @@ def _picard_iterate(
     callback: Callback | None,
     clock: Callable[[], float],
     inpaint: Inpaint | None = None,
+    accel: str = "none",
+    accel_memory: int = 3,
 ) -> tuple[torch.Tensor, SampleStats]:
-    """The round machinery shared by ``picard_sample`` and ``pcm_sample``. With ``inpaint``
-    each step is ``g_j = lerp(f_j, c_{j+1}, W)`` and its x-coefficient ``(1 - W) a_j``, so the
-    fixed point is the constrained sequential sample (docs/design.md §4.8)."""
+    """The round machinery shared by ``picard_sample`` and ``pcm_sample``. ``accel="anderson"``
+    mixes the last ``accel_memory`` rounds (picard_sampler.anderson; full window only). With
+    ``inpaint`` each step is ``g_j = lerp(f_j, c_{j+1}, W)`` and its x-coefficient
+    ``(1 - W) a_j``, so the fixed point is the constrained sequential sample (design §4.8)."""
     _check_noise(schedule, noise)
     inpaint = _prepare_inpaint(inpaint, noise)
     p = _validate_picard_args(schedule, window, tol, update, max_rounds)
+    _validate_accel(accel, accel_memory, p, schedule.num_inference_steps)
+    anderson = Anderson(accel_memory) if accel == "anderson" else None
     start = clock()
     device = noise.device
     T, B = schedule.num_inference_steps, noise.shape[1]
@@ -366,6 +383,7 @@ def _picard_iterate(
             current = a_w[:, k] * current + rest_w[:, k]
             new_w[:, k] = current
         old_w = X[(slots + 1).clamp(max=T), sample_of]
+        X_old = X.clone() if anderson is not None else None
         X[j_flat + 1, s_flat] = new_w[valid]
 
         # Tolerance rule: err_j = ||Xnew[j+1] - X[j+1]||^2 / (D s'_j^2), slide past passing slots.
@@ -383,6 +401,11 @@ def _picard_iterate(
         begin[active] += stride
         rounds += 1
         rounds_per_sample[active] += 1
+        if anderson is not None:
+            if not bool(exact.all()):
+                anderson.reset()  # a PCM round: another map, no secant information
+            else:
+                X = anderson.step(X_old, X, begin, active)
 
         if init is None:
             # Slots beyond the window have never been evaluated: carry the last computed value.
@@ -426,6 +449,8 @@ def picard_sample(
     callback: Callback | None = None,
     clock: Callable[[], float] = time.perf_counter,
     inpaint: Inpaint | None = None,
+    accel: str = "none",
+    accel_memory: int = 3,
 ) -> tuple[torch.Tensor, SampleStats]:
     """Picard iteration (ParaDiGMS, Shih et al. 2023) over a sliding window of denoising steps.
 
@@ -436,6 +461,8 @@ def picard_sample(
     estimate ``X[T]`` with ``converged=False``; ``init`` ``(T+1, B, H, D)`` warm-starts the
     trajectory (its slot 0 is replaced by ``noise[0]``); ``inpaint`` constrains every step
     (picard_sampler.inpaint) and the fixed point is then the constrained sequential sample.
+    ``accel="anderson"`` extrapolates from the last ``accel_memory`` rounds (full window only;
+    same fixed point, docs/design.md §4.9).
     """
 
     def evaluate(x, t, c, slot, sample, age):
@@ -455,6 +482,8 @@ def picard_sample(
         callback,
         clock,
         inpaint,
+        accel,
+        accel_memory,
     )
 
 
@@ -497,6 +526,8 @@ def pcm_sample(
     clock: Callable[[], float] = time.perf_counter,
     pcm_sees_noise: bool = False,
     inpaint: Inpaint | None = None,
+    accel: str = "none",
+    accel_memory: int = 3,
 ) -> tuple[torch.Tensor, SampleStats]:
     """Picard Consistency Model sampling (So et al. 2025) with model switching.
 
@@ -540,6 +571,8 @@ def pcm_sample(
         callback,
         clock,
         inpaint,
+        accel,
+        accel_memory,
     )
 
 
@@ -565,6 +598,8 @@ class Sampler:
     switch_rounds: int = 1
     max_rounds: int | None = None
     budget_s: float | None = None
+    accel: str = "none"
+    accel_memory: int = 3
 
     def __post_init__(self) -> None:
         if self.method not in SAMPLER_METHODS:
@@ -572,7 +607,9 @@ class Sampler:
                 f"sampler method must be one of {list(SAMPLER_METHODS)}; got {self.method!r}"
             )
         # the sequential sampler ignores the knobs, but a bad value is still a mistake
-        _validate_picard_args(self.schedule, self.window, self.tol, self.update, self.max_rounds)
+        window = _validate_picard_args(self.schedule, self.window, self.tol, self.update,
+                                       self.max_rounds)
+        _validate_accel(self.accel, self.accel_memory, window, self.num_steps)
         _validate_budget(self.budget_s)
         if not _is_int(self.switch_rounds) or self.switch_rounds < 0:
             raise ValueError(f"switch_rounds must be an int >= 0; got {self.switch_rounds!r}")
@@ -591,6 +628,8 @@ class Sampler:
         knobs = [f"window {self.window or self.num_steps}", f"tol {self.tol:g}", self.update]
         if self.method == "pcm":
             knobs.append(f"switch_rounds {self.switch_rounds}")
+        if self.accel != "none":
+            knobs.append(f"{self.accel} m{self.accel_memory}")
         if self.max_rounds is not None:
             knobs.append(f"max_rounds {self.max_rounds}")
         if self.budget_s is not None:
@@ -604,7 +643,8 @@ class Sampler:
             "method": self.method,
             "schedule": {"class": type(self.schedule).__name__, **self.schedule.config},
             **{k: getattr(self, k) for k in ("window", "tol", "update", "switch_rounds",
-                                             "max_rounds", "budget_s")},
+                                             "max_rounds", "budget_s", "accel",
+                                             "accel_memory")},
         }
 
     def noise_shape(self, batch: int, *event_shape: int) -> tuple[int, ...]:
@@ -637,7 +677,7 @@ class Sampler:
             return sequential_sample(denoiser, self.schedule, noise, cond, callback=callback,
                                      inpaint=inpaint)
         unknown = sorted(set(overrides) - {"window", "tol", "update", "max_rounds",
-                                          "switch_rounds"})
+                                          "switch_rounds", "accel", "accel_memory"})
         if unknown:
             raise TypeError(f"unknown sampler overrides {unknown}")
         budgets = [b for b in (self.budget_s, budget_s) if b is not None]
@@ -646,6 +686,8 @@ class Sampler:
             "tol": self.tol,
             "update": self.update,
             "max_rounds": self.max_rounds,
+            "accel": self.accel,
+            "accel_memory": self.accel_memory,
             **{k: v for k, v in overrides.items() if k != "switch_rounds"},
             "budget_s": min(budgets) if budgets else None,
             "callback": callback,
