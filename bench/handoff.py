@@ -100,6 +100,22 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def markdown(rows: list[dict[str, Any]]) -> str:
+    """One line per method: mean_score / boundary jerk at each delay (for docs/results)."""
+    delays = sorted({r["delay_ms"] for r in rows})
+    head = "| method | " + " | ".join(f"{d:g} ms" for d in delays) + " |"
+    lines = [head, "|" + " --- |" * (len(delays) + 1)]
+    for method in dict.fromkeys(r["method"] for r in rows):
+        cells = []
+        for delay in delays:
+            row = next((r for r in rows if r["method"] == method and r["delay_ms"] == delay),
+                       None)
+            cells.append("-" if row is None else
+                         f"{row['mean_score']:.3f} / {row['boundary_jerk']:.1f}")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def write(path: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
     """The rows so far and the run's settings (a killed run keeps its finished cells)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -147,6 +163,8 @@ def main() -> None:
             write(args.out, rows, meta)
     plot(rows, args.out.with_suffix(".png"),
          f"{args.task}: {args.sampler} on {args.runtime}, {episodes} episodes per point")
+    print("mean_score / boundary_jerk per method and injected delay:")
+    print(markdown(rows))
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
 
 

@@ -117,7 +117,8 @@ def run_sampler(sampler: dict, schedule: Schedule, noise, cond, **knobs) -> tupl
     """One call of a sampler row: plain Picard or PCM (base + PCM denoisers, K_s)."""
     if sampler["pcm"] is None:
         return picard_sample(sampler["base"], schedule, noise, cond, window=None,
-                             update=sampler["update"], **knobs)
+                             update=sampler["update"], accel=sampler.get("accel", "none"),
+                             **knobs)
     return pcm_sample(sampler["base"], sampler["pcm"], schedule, noise, cond, window=None,
                       update=sampler["update"], switch_rounds=sampler["switch_rounds"],
                       pcm_sees_noise=sampler["sees_noise"], **knobs)
@@ -181,6 +182,10 @@ def run(args: argparse.Namespace) -> dict:
     samplers = [
         {"name": f"picard-{u}", "base": base, "pcm": None, "update": u, "switch_rounds": 0}
         for u in ("scan", "drift")
+    ] + [  # Anderson acceleration (picard_sampler.anderson, memory 3) of both updates
+        {"name": f"picard-{u}-anderson", "base": base, "pcm": None, "update": u,
+         "switch_rounds": 0, "accel": "anderson"}
+        for u in ("scan", "drift")
     ] + [
         {"name": f"pcm-{label}-ks{ks}", "base": base, "pcm": p["denoiser"], "update": "scan",
          "switch_rounds": ks, "pcm_label": label, "sees_noise": p["sees_noise"]}
@@ -213,11 +218,12 @@ def run(args: argparse.Namespace) -> dict:
         reference, seq = sequential_sample(base, schedule, noise, conds["cond"])
         warm_init = None
         if args.warm is not None:
-            warm_init = sequential_sample(base, schedule, noise, conds["previous"])[1]["trajectory"]
+            warm_init = sequential_sample(base, schedule, noise, conds["previous"])[1].trajectory
         max_rounds = min(args.max_rounds, T)
         rows, curves = [], []
         for sampler in tqdm(samplers, desc=name):
             label = {k: sampler[k] for k in ("name", "update", "switch_rounds")}
+            label["accel"] = sampler.get("accel", "none")
             warm_too = args.warm is not None and (not args.warm or sampler["name"] in args.warm)
             for warm in (False, True) if warm_too else (False,):
                 curve = budget_curve(sampler, schedule, noise, conds["cond"], reference,
@@ -228,20 +234,22 @@ def run(args: argparse.Namespace) -> dict:
                     curve[f"rounds_to_err_{threshold:g}"] = r
                     curve[f"rounds_to_err_{threshold:g}_interp"] = frac
                 curves.append(curve)
-            tols = {"picard-scan": args.picard_tols, "picard-drift": args.drift_tols}.get(
-                sampler["name"], args.pcm_tols)
+            tols = {"picard-scan": args.picard_tols, "picard-drift": args.drift_tols,
+                    "picard-scan-anderson": args.picard_tols,
+                    "picard-drift-anderson": args.drift_tols}.get(sampler["name"], args.pcm_tols)
             for tol in tols:
                 rows.append({**label, **stopping_row(sampler, schedule, noise, conds["cond"],
                                                      reference, tol)})
         result["schedules"][name] = {
-            "steps": T, "sequential_rounds": seq["rounds"], "stopping": rows, "budget": curves,
+            "steps": T, "sequential_rounds": seq.rounds, "stopping": rows, "budget": curves,
             "summary": summarize(rows, curves),
         }
     return result
 
 
 def summarize(rows: list[dict], curves: list[dict]) -> dict:
-    """PCM vs the best plain Picard: rounds_to_err ratios (ii) and matched-error ratios (i)."""
+    """PCM and accelerated Picard vs the best plain Picard: rounds_to_err ratios (ii) and
+    matched-error ratios (i)."""
     out: dict[str, Any] = {"rounds_to_err": {}, "stopping_matched": []}
     for warm in sorted({c["warm"] for c in curves}):
         key = "warm" if warm else "cold"
@@ -249,7 +257,7 @@ def summarize(rows: list[dict], curves: list[dict]) -> dict:
         table = {}
         for threshold in THRESHOLDS:
             field = f"rounds_to_err_{threshold:g}_interp"
-            plain = [c[field] for c in group if c["switch_rounds"] == 0 and c[field] is not None]
+            plain = [c[field] for c in group if _plain(c) and c[field] is not None]
             best = min(plain) if plain else None
             table[f"{threshold:g}"] = {
                 "best_picard": best,
@@ -265,7 +273,7 @@ def summarize(rows: list[dict], curves: list[dict]) -> dict:
     scan = [(r["rounds"], r["exact_err"]) for r in rows if r["name"] == "picard-scan"]
     scan_mean = [(r["rounds"], r["exact_err_mean"]) for r in rows if r["name"] == "picard-scan"]
     for r in rows:
-        if r["switch_rounds"] == 0:
+        if _plain(r):
             continue
         at_max = interpolate_rounds(scan, r["exact_err"])
         at_mean = interpolate_rounds(scan_mean, r["exact_err_mean"])
@@ -278,6 +286,11 @@ def summarize(rows: list[dict], curves: list[dict]) -> dict:
             "speedup_at_matched_mean_err": at_mean / r["rounds"] if at_mean else None,
         })
     return out
+
+
+def _plain(row: dict) -> bool:
+    """A plain Picard row (no PCM, no acceleration); older results have no `accel` key."""
+    return row["switch_rounds"] == 0 and row.get("accel", "none") == "none"
 
 
 def plot(result: dict, path: Path) -> None:
