@@ -483,6 +483,9 @@ def _run_remote(cfg: DictConfig) -> _Run:
         _check_env_fits_spec(make_env_factory(env, max_steps, render=False), meta, env["name"])
         dims = (meta["n_obs_steps"], meta["n_action_steps"], meta["horizon"])
         realtime = realtime_settings(cfg, dims)
+        if meta.get("control_hz") not in (None, realtime.control_hz):
+            print(f"note: the server says {meta['control_hz']:g} Hz; this robot runs at "
+                  f"realtime.control_hz={realtime.control_hz:g}")
         print(f"evaluating the policy served at {cfg.server} ({meta['sampler']['label']}): "
               f"{cfg.n_episodes} episodes of {env['name']}, one env at "
               f"{realtime.control_hz:g} Hz ({realtime.clock} clock)")

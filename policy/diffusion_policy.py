@@ -185,9 +185,9 @@ class DiffusionPolicy(nn.Module):
 
     def use_runtime(self, kind: str = "eager", **options: Any) -> None:
         """Run the denoiser with runtime `kind` (policy.runtime.RUNTIMES: eager, onnxruntime,
-        compile, cuda_graph; options: precision, cache_dir, max_rows); "eager" with no options
-        restores plain PyTorch. Build it after moving the policy to its device and loading its
-        weights: a runtime captures them."""
+        compile, cuda_graph; options: precision, cache_dir, max_rows, spinning); "eager" with no
+        options restores plain PyTorch. Build it after moving the policy to its device and
+        loading its weights: a runtime captures them."""
         from policy.runtime import make_runtime
 
         self.__dict__["_runtime"] = (

@@ -40,12 +40,19 @@ def inputs(rows: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.
 
 @pytest.mark.skipif(not HAS_ORT, reason="onnxruntime not installed")
 @pytest.mark.parametrize("rows", [1, 7, 48])
-def test_onnxruntime_matches_eager(tmp_path, rows: int) -> None:
+@pytest.mark.parametrize("spinning", [False, True])
+def test_onnxruntime_matches_eager(tmp_path, rows: int, spinning: bool) -> None:
     model = tiny_unet()
-    runtime = make_runtime(model, "onnxruntime", horizon=H, cache_dir=tmp_path)
+    runtime = make_runtime(model, "onnxruntime", horizon=H, cache_dir=tmp_path,
+                           spinning=spinning)
     x, t, c = inputs(rows)
     with torch.no_grad():
         torch.testing.assert_close(runtime(x, t, c), model(x, t, c), rtol=0, atol=1e-5)
+
+
+def test_spinning_is_an_onnxruntime_option_only() -> None:
+    with pytest.raises(ValueError, match="true only with onnxruntime"):
+        make_runtime(tiny_unet(), "eager", horizon=H, spinning=True)
 
 
 @pytest.mark.skipif(not HAS_ORT, reason="onnxruntime not installed")
