@@ -496,7 +496,7 @@ def _run_remote(cfg: DictConfig) -> _Run:
             return chunks, ChunkRecord(
                 batch=1, rounds=info["rounds"], nfe=info["nfe"], nfe_total=info["nfe"],
                 n_converged=int(info["converged"]), latency_ms=info["latency_ms"],
-                server_overhead_ms=info["latency_ms"] - info["sampler_ms"])
+                server_overhead_ms=info["latency_ms"] - info["infer_ms"])
 
         try:
             result = evaluate_realtime(

@@ -204,7 +204,8 @@ class PolicyServer:
             batched = obs[None]
         else:
             raise ValueError("infer: obs must be an array (To, ...) or a map of arrays")
-        self.policy.check_obs(batched)  # shape, dtype, NaN: the message names the key
+        # shape, dtype and NaN are checked by the inference thread (policy.check_obs per
+        # request, before batching): torch work stays off the event loop
         deadline = message.get("deadline_ms")
         if deadline is not None and (not isinstance(deadline, int | float)
                                      or isinstance(deadline, bool) or not deadline > 0):
@@ -255,6 +256,9 @@ class PolicyServer:
 
     def _run(self, batch: list[_Job]) -> None:
         start = time.perf_counter()
+        batch = [job for job in batch if self._obs_ok(job)]
+        if not batch:
+            return
         try:
             obs = _stack([job.obs for job in batch])
             deadlines = [job.deadline_s - (start - job.received) for job in batch
@@ -283,9 +287,19 @@ class PolicyServer:
         for k, job in enumerate(batch):
             info = {"rounds": record.rounds, "nfe": record.nfe,
                     "converged": record.converged_rows[k],
-                    "sampler_ms": record.latency_ms, "batch": len(batch),
-                    "server_ms": (done - job.received) * 1e3}
+                    "sampler_ms": record.latency_ms, "infer_ms": (done - start) * 1e3,
+                    "batch": len(batch), "server_ms": (done - job.received) * 1e3}
             _resolve(job, (np.asarray(chunks[k], np.float32), info))
+
+    def _obs_ok(self, job: _Job) -> bool:
+        """Check one request's observation (policy.check_obs); a bad one is answered with
+        the check's message and left out of the batch."""
+        try:
+            self.policy.check_obs(job.obs)
+        except ValueError as e:
+            _resolve(job, error=e)
+            return False
+        return True
 
 
 def _episode_slot(message: dict[str, Any], connection: _Connection) -> int:

@@ -61,7 +61,7 @@ def cell(task: str, handoff: str, soft_mask: float | None, delay_ms: float, epis
     if soft_mask is not None:
         overrides.append(f"realtime.soft_mask={soft_mask:g}")
     method = method_name(handoff, soft_mask)
-    out_dir = runs_dir / f"{task}_{method.replace(' ', '_')}_{delay_ms:g}ms"
+    out_dir = runs_dir / f"{task}_{method.replace(' ', '_')}_{delay_ms:g}ms_{episodes}ep"
     done = out_dir / "results.json"
     if done.is_file() and json.loads(done.read_text())["overrides"] == overrides:
         results = json.loads(done.read_text())

@@ -6,10 +6,14 @@ thread) on a free loopback port, then for each client count runs that many clien
 to back. Per request: the round trip on the client, the server's sampler time and its time from
 accepting the request to the reply (`server_ms`). Reported per setting (p50 / p99 after
 `--warmup` requests per client):
-- overhead_ms = round trip - sampler time (the issue's measure: transport, encoding and any
-  wait for a batch already running),
+- overhead_ms = round trip - the server's inference call (`infer_ms`: checking the
+  observations and the ChunkPolicy call that an in-process robot would make too, noise drawing
+  and sampling included): what the server adds, transport, encoding, thread hand-offs and any
+  wait for a batch already running,
+- overhead_vs_sampler_ms = round trip - the sampler's own time (`sampler_ms`, inside
+  predict_action), which also counts the per-call work around the sampler,
 - transport_ms = round trip - server_ms (the websocket + msgpack path alone),
-- queue_ms = server_ms - sampler time, the mean batch size and chunks per second.
+- queue_ms = server_ms - infer_ms, the mean batch size and chunks per second.
 Each client count runs with batching (max_batch = clients) and without (max_batch=1).
 
     python bench/server_overhead.py --out bench/results/server_overhead.json
@@ -81,13 +85,14 @@ def run_clients(port: int, n_clients: int, requests: int, warmup: int) -> dict[s
     wall = time.perf_counter() - start
     rtt = np.array([s["rtt"] for s in samples])
     sampler = np.array([s["sampler_ms"] for s in samples])
+    infer = np.array([s["infer_ms"] for s in samples])
     server = np.array([s["server_ms"] for s in samples])
     row: dict[str, Any] = {"clients": n_clients, "requests": len(samples),
                            "batch_mean": float(np.mean([s["batch"] for s in samples])),
                            "chunks_per_s": n_clients * requests / wall}
-    for name, values in (("rtt_ms", rtt), ("sampler_ms", sampler),
-                         ("overhead_ms", rtt - sampler), ("transport_ms", rtt - server),
-                         ("queue_ms", server - sampler)):
+    for name, values in (("rtt_ms", rtt), ("sampler_ms", sampler), ("infer_ms", infer),
+                         ("overhead_ms", rtt - infer), ("overhead_vs_sampler_ms", rtt - sampler),
+                         ("transport_ms", rtt - server), ("queue_ms", server - infer)):
         row[f"{name}_p50"] = percentile(values, 50)
         row[f"{name}_p99"] = percentile(values, 99)
     return row

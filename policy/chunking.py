@@ -50,7 +50,7 @@ class ChunkRecord:
     """One sampler call for `batch` envs: the SampleStats that reports need, the call's latency
     (ms, around the sampler on the caller's clock) and, when measured, exact_err (max and mean
     over the batch of each chunk's max |a - a_seq|, normalized units); for a chunk from a
-    policy server, the round trip's time beyond the server's sampler call."""
+    policy server, the round trip's time beyond the server's inference call."""
 
     batch: int
     rounds: int
@@ -61,7 +61,7 @@ class ChunkRecord:
     exact_err: float | None = None
     exact_err_mean: float | None = None
     converged_rows: list[bool] | None = None  # per sampled env (left out of flat reports)
-    server_overhead_ms: float | None = None  # from a policy server: latency - its sampler time
+    server_overhead_ms: float | None = None  # from a policy server: latency - its inference
 
     @property
     def converged(self) -> bool:

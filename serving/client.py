@@ -82,8 +82,8 @@ class PolicyClient:
               deadline_ms: float | None = None, prefix_actions: np.ndarray | None = None,
               prefix_weights: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, Any]]:
         """The chunk (H, Da) in raw action units for one observation history and the server's
-        info (rounds, converged, sampler_ms, server_ms, batch). `deadline_ms` caps an anytime
-        sampler; `prefix_*` constrain the chunk to committed actions (inpainting)."""
+        info (rounds, nfe, converged, sampler_ms, infer_ms, server_ms, batch). `deadline_ms`
+        caps an anytime sampler; `prefix_*` constrain the chunk to committed actions."""
         episode = episode or self.episode
         if episode is None:
             raise ServerError("no episode: call reset() first")

@@ -76,10 +76,11 @@ def test_pcm_with_constraint_equals_sequential_with_it(update):
 
 def test_constraint_with_warm_start_and_budget_through_the_sampler():
     schedule = DDIMSchedule(num_inference_steps=16)
-    net, noise, cond = SmallNet(), make_noise(16, 2), torch.randn(2, 3)
+    net, noise = SmallNet(), make_noise(16, 2)
+    cond = torch.randn(2, 3, generator=torch.Generator().manual_seed(2))
     inpaint = rtc_like(2)
     reference, ref_stats = Sampler(schedule, "sequential")(net, noise, cond, inpaint=inpaint)
-    picard = Sampler(schedule, "picard", tol=1e-6)
+    picard = Sampler(schedule, "picard", tol=1e-4)  # above float rounding: one round
     x, stats = picard(net, noise, cond, init=ref_stats.trajectory, inpaint=inpaint)
     assert stats.rounds == 1 and (x - reference).abs().max() <= 1e-5
     x, stats = picard(net, noise, cond, inpaint=inpaint, max_rounds=2)
