@@ -361,11 +361,15 @@ def evaluate_realtime(
     `chunk_fn` (a ChunkPolicy returning whole chunks, or serving.client.RemoteChunks asking a
     policy server); `dims` = (n_obs_steps, n_action_steps, horizon)."""
     n_obs_steps, n_action_steps, horizon = dims
+    probe = make_env_factory(env, max_steps, render=False)()
+    rate_action_dims = getattr(probe.unwrapped, "rate_action_dims", ())  # held = standing still
+    probe.close()
     controller = RealtimeController(
         chunk_fn, realtime.control_hz, n_obs_steps, n_action_steps, horizon,
         realtime.lead_steps, realtime.budget_margin_ms / 1e3, realtime.clock, clock=clock,
         sleep=sleep, handoff=realtime.handoff, delay_s=realtime.delay_ms / 1e3,
         ensemble_decay=realtime.ensemble_decay, soft_mask=realtime.soft_mask,
+        rate_action_dims=rate_action_dims,
     )
 
     def both_on_reset(env_index: int, seed: int | None) -> None:

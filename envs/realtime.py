@@ -34,6 +34,8 @@ How a new chunk takes over from the one being executed is the *hand-off* (HANDOF
   is expected to take, weight 1; with ``soft_mask`` > 0 the rest of the current chunk with
   RTC's decaying weights times soft_mask) and the chunk function constrains the new chunk to
   them; it then takes over as with ``skip``, so the boundary continues what was executed.
+Holding sends the last action with the env's rate dims (``rate_action_dims``, e.g. OSC pose
+deltas) set to 0, so a delta-action robot stands still instead of repeating its last motion.
 ``delay_s`` adds a fixed extra latency to every timed request (an experiment's injected
 inference delay; slept in the worker on the wall clock). The executed actions and which chunk
 drove each tick are kept per episode for the boundary / within-chunk jerk (`jerk_metrics`).
@@ -50,7 +52,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -185,6 +187,7 @@ class RealtimeController:
         delay_s: float = 0.0,
         ensemble_decay: float = 0.01,
         soft_mask: float = 0.0,
+        rate_action_dims: Sequence[int] = (),
     ):
         max_lead = max_lead_steps(horizon, n_obs_steps, n_action_steps)
         if max_lead < 1:
@@ -217,6 +220,7 @@ class RealtimeController:
         self.delay_s = float(delay_s)
         self.ensemble_decay = float(ensemble_decay)
         self.soft_mask = float(soft_mask)
+        self.rate_action_dims = list(rate_action_dims)
         self.deadline_s = lead_steps / self.control_hz
         self.budget_s = max(self.deadline_s - budget_margin_s - self.delay_s, 1e-4)
         self.clock_mode = clock_mode
@@ -381,11 +385,20 @@ class RealtimeController:
                 planned = np.stack([r.chunks[:, self._index(r, tick)] for r in live])
                 action = np.tensordot(weights / weights.sum(), planned, axes=1)
                 return action.astype(planned.dtype), live[-1].index
-            return self._last_action, HOLD_SOURCE
+            return self._held(), HOLD_SOURCE
         index = self._index(self._current, tick)
         if index < self.horizon:
             return self._current.chunks[:, index], self._current.index
-        return self._last_action, HOLD_SOURCE
+        return self._held(), HOLD_SOURCE
+
+    def _held(self) -> np.ndarray:
+        """What the robot sends while it holds: its last action with the rate dims (an env's
+        `rate_action_dims`, e.g. delta-pose commands) set to 0, so holding is standing still."""
+        if not self.rate_action_dims:
+            return self._last_action
+        held = self._last_action.copy()
+        held[..., self.rate_action_dims] = 0
+        return held
 
     def _execute(self, action: np.ndarray, source: int) -> np.ndarray:
         self._last_action = action
@@ -439,7 +452,7 @@ class RealtimeController:
                 self._wait_for_tick(tick)
                 if self._ready_at(request, tick):
                     break
-                actions.append(self._execute(self._last_action, HOLD_SOURCE))
+                actions.append(self._execute(self._held(), HOLD_SOURCE))
                 tick += 1
             record.held_steps = len(actions)
             record.delivered = self._deliver(request)

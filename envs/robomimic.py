@@ -136,6 +136,9 @@ class RobomimicEnv(gymnasium.Env):
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": CONTROL_HZ}
+    rate_action_dims: tuple[int, ...] = (0, 1, 2, 3, 4, 5)
+    """Action dims that command motion (the OSC pose deltas): a robot that holds still sends 0
+    there and keeps the rest (the gripper). Read by envs.realtime's hold."""
 
     def __init__(
         self,

@@ -145,3 +145,27 @@ def test_every_handoff_records_its_episodes_for_the_jerk(handoff: str) -> None:
     assert len(actions) == len(sources) == sum(r.ticks for r in records)
     metrics = summarize_realtime(records, ctl.requests, ctl.episodes)
     assert metrics["boundary_jerk"] is not None and metrics["within_chunk_jerk"] == 0.0
+
+
+def test_holding_zeroes_the_rate_dims_of_a_delta_action_robot() -> None:
+    """A held tick repeats the last action except its rate dims (an env's
+    `rate_action_dims`, e.g. OSC pose deltas), which are 0: the robot stands still."""
+    clock = FakeClock()
+
+    def two_dim_chunks(obs: np.ndarray, budget_s: float | None):
+        clock.advance(0.25)
+        return np.ones((1, H, 2)) * [0.5, -1.0], {"converged": True}
+
+    ctl = RealtimeController(two_dim_chunks, 10, TO, TA, H, clock=clock, handoff="hold",
+                             rate_action_dims=[0])
+    actions, record = ctl(np.zeros((1, TO, 1)))  # the awaited first chunk: no hold
+    actions, record = ctl(np.zeros((1, TO, 1)))
+    assert record.held_steps == 3
+    np.testing.assert_array_equal(actions[0, :3], [[0.0, -1.0]] * 3)  # still, gripper kept
+    np.testing.assert_array_equal(actions[0, 3:], [[0.5, -1.0]] * TA)
+
+
+def test_robomimic_envs_name_their_rate_dims() -> None:
+    from envs.robomimic import RobomimicEnv
+
+    assert RobomimicEnv.rate_action_dims == (0, 1, 2, 3, 4, 5)  # OSC deltas; gripper is 6
