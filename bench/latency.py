@@ -97,6 +97,13 @@ def time_chunks(policy: DiffusionPolicy, sampler: Sampler, noise: torch.Tensor,
     return times, result
 
 
+def runtime_options(runtime: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The options of `runtime` for this run (onnxruntime: its export cache and spinning)."""
+    if runtime != "onnxruntime":
+        return {}
+    return {"cache_dir": args.cache_dir, "spinning": args.ort_spinning}
+
+
 def measure_model(name: str, policy: DiffusionPolicy, args: argparse.Namespace,
                   device: torch.device) -> list[dict[str, Any]]:
     """Every (batch, sampler, runtime) row of one model."""
@@ -109,8 +116,7 @@ def measure_model(name: str, policy: DiffusionPolicy, args: argparse.Namespace,
         eager_results: dict[str, torch.Tensor] = {}
         for runtime in args.runtimes:
             try:
-                policy.use_runtime(runtime, **({"cache_dir": args.cache_dir}
-                                               if runtime == "onnxruntime" else {}))
+                policy.use_runtime(runtime, **runtime_options(runtime, args))
             except Exception as e:  # unavailable here: one row saying why
                 rows.append({"model": name, "batch": batch, "runtime": runtime,
                              "skipped": f"{type(e).__name__}: {e}"})
@@ -129,8 +135,7 @@ def measure_model(name: str, policy: DiffusionPolicy, args: argparse.Namespace,
                     reference = policy.make_sampler("sequential", spec["schedule"], spec["steps"])
                     _, (_, stats) = time_chunks(policy, reference, noise, cond, 1, 0)
                     references[key] = stats.sample
-                    policy.use_runtime(runtime, **({"cache_dir": args.cache_dir}
-                                                   if runtime == "onnxruntime" else {}))
+                    policy.use_runtime(runtime, **runtime_options(runtime, args))
                 n_chunks = max(1, args.chunks // (4 if "full" in label and batch > 1 else 1))
                 times, (_, stats) = time_chunks(policy, sampler, noise, cond, n_chunks,
                                                 args.warmup)
@@ -140,6 +145,8 @@ def measure_model(name: str, policy: DiffusionPolicy, args: argparse.Namespace,
                 errors = exact_errors(stats.sample, references[key])
                 rows.append({
                     "model": name, "batch": batch, "runtime": runtime, "sampler": label,
+                    "runtime_options": {k: v for k, v in runtime_options(runtime, args).items()
+                                        if k != "cache_dir"},
                     "tol": None if spec["method"] == "sequential" else args.tol,
                     "latency_ms_p50": percentile(times, 50),
                     "latency_ms_p99": percentile(times, 99),
@@ -196,6 +203,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--tol", type=float, default=0.1, help="Picard / PCM tolerance")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--ort-spinning", action="store_true",
+                        help="runtime=onnxruntime with spinning=true (threads busy-wait)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--cache-dir", type=Path, default=Path("~/.cache/picard-policy"))
     parser.add_argument("--quick", action="store_true",
