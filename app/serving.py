@@ -108,7 +108,13 @@ class PolicyServer:
         self.batches: list[BatchRecord] = []
         self._connections: set[_Connection] = set()
         self._free_slots = list(range(max_clients * max_episodes_per_client))[::-1]
-        self._lock = threading.Lock()  # ChunkPolicy's episode state: event loop vs worker
+        # Slots in a sampler call are "busy"; an episode that ends meanwhile is released by the
+        # worker after the call. The lock guards only this bookkeeping, never a sampler call,
+        # so the event loop never waits for inference (ChunkPolicy touches a slot's own state
+        # only, and a busy slot is never reset).
+        self._lock = threading.Lock()
+        self._busy: set[int] = set()
+        self._release_after: set[int] = set()
         self._jobs: queue.Queue[_Job | None] = queue.Queue()
         self._worker = threading.Thread(target=self._work, name="policy-server-infer",
                                         daemon=True)
@@ -171,6 +177,8 @@ class PolicyServer:
             self._release(slot)
             return {"type": "ended", "episode": message["episode"]}
         job = self._job(message, slot)
+        with self._lock:
+            self._busy.add(slot)
         self._jobs.put(job)
         actions, info = await job.future
         return {"type": "chunk", "actions": actions, "info": info}
@@ -191,9 +199,22 @@ class PolicyServer:
         return episode
 
     def _release(self, slot: int) -> None:
+        """Free an episode's slot now, or after the sampler call it is in."""
         with self._lock:
+            if slot in self._busy:
+                self._release_after.add(slot)
+                return
             self.chunks.on_reset(slot, None)
             self._free_slots.append(slot)
+
+    def _done_with(self, slots: list[int]) -> None:
+        """The worker finished a call over `slots`: free those whose episode ended meanwhile."""
+        with self._lock:
+            self._busy.difference_update(slots)
+            for slot in self._release_after.intersection(slots):
+                self._release_after.discard(slot)
+                self.chunks.on_reset(slot, None)
+                self._free_slots.append(slot)
 
     def _job(self, message: dict[str, Any], slot: int) -> _Job:
         """An infer request checked on arrival: obs, deadline and prefix (ValueError if bad)."""
@@ -255,6 +276,13 @@ class PolicyServer:
                 return
 
     def _run(self, batch: list[_Job]) -> None:
+        try:
+            self._sample(batch)
+        finally:
+            self._done_with([job.slot for job in batch])
+
+    def _sample(self, batch: list[_Job]) -> None:
+        """One sampler call for the requests of `batch` whose observations pass the check."""
         start = time.perf_counter()
         batch = [job for job in batch if self._obs_ok(job)]
         if not batch:
@@ -273,9 +301,8 @@ class PolicyServer:
                     if job.prefix is not None:
                         actions[k], weights[k] = job.prefix
                 prefix = _Prefix(actions, weights)
-            with self._lock:
-                chunks, record = self.chunks(obs, budget, prefix=prefix,
-                                             rows=[job.slot for job in batch])
+            chunks, record = self.chunks(obs, budget, prefix=prefix,
+                                         rows=[job.slot for job in batch])
         except Exception as e:  # one bad batch must not stop the server: its clients hear why
             for job in batch:
                 _resolve(job, error=ValueError(f"inference failed: {_one_line(e)}"))

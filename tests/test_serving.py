@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from websockets.sync.client import connect
 
-from app.serving import PolicyServer
+from app.serving import PolicyServer, _Connection
 from policy.checkpoint import load_policy
 from policy.chunking import ChunkPolicy
 from serving import PolicyClient, ServerError
@@ -251,3 +251,18 @@ def test_eval_runs_a_realtime_robot_against_the_server(server: int, tmp_path: Pa
     with pytest.raises(Exception, match="realtime.enabled=true"):
         bad = [f"server=127.0.0.1:{server}", "logger.wandb=false"]
         run_eval(compose_config("eval", bad), tmp_path / "bad", bad)
+
+
+def test_an_episode_ending_during_its_sampler_call_is_freed_after_it(local: ChunkPolicy) -> None:
+    """The event loop never waits for inference: releasing a busy slot is deferred to the
+    worker, which frees it once the call is done (and never resets it mid-call)."""
+    server = PolicyServer(local.policy, local.sampler, {}, noise_seed=NOISE_SEED,
+                          max_clients=1, max_episodes_per_client=2)
+    connection = _Connection()
+    server._reset(5, connection)
+    (slot,) = connection.episodes.values()
+    server._busy.add(slot)  # as when its request was queued
+    server._release(slot)
+    assert slot not in server._free_slots and slot in server.chunks._generators
+    server._done_with([slot])
+    assert slot in server._free_slots and slot not in server.chunks._generators
