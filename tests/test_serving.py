@@ -173,6 +173,7 @@ def test_sigterm_shuts_the_server_down_cleanly(tmp_path: Path) -> None:
         output, _ = process.communicate(timeout=30)
     assert process.returncode == 0, output
     assert "server stopped after 1 sampler calls" in output
+    assert not (ROOT / "serve_policy.log").exists()  # a server writes no files (log: stdout)
     with pytest.raises(ServerError, match="cannot reach"):
         PolicyClient(f"127.0.0.1:{port}", timeout_s=2)
 
