@@ -19,14 +19,11 @@ import torch
 
 
 class Anderson:
-    """History of one sampler call and the Anderson step; ``memory`` past rounds are mixed,
-    ``damping`` in (0, 1] blends the mixed iterate with the plain one (1: no damping)."""
+    """History of one sampler call and the (triangular) Anderson step; ``memory`` past rounds
+    are mixed, ``ridge`` regularises each least-squares solve relative to its Gram trace."""
 
-    def __init__(self, memory: int, damping: float = 1.0, ridge: float = 1e-6,
-                 triangular: bool = True):
+    def __init__(self, memory: int, ridge: float = 1e-6):
         self.memory = memory
-        self.triangular = triangular
-        self.damping = damping
         self.ridge = ridge
         self._x: list[torch.Tensor] = []  # iterates x_i (T+1, B, ...)
         self._g: list[torch.Tensor] = []  # their images g_i = F(x_i)
@@ -52,24 +49,16 @@ class Anderson:
         f = (gs - xs).flatten(3)  # (n, T+1, S, N) residuals per slot and sample
         d_f = (f[1:] - f[:-1]).permute(1, 2, 3, 0)  # (T+1, S, N, m)
         d_g = (gs[1:] - gs[:-1]).flatten(3).permute(1, 2, 3, 0)
-        d_x = (xs[1:] - xs[:-1]).flatten(3).permute(1, 2, 3, 0)
-        # per-slot least-squares terms; triangular: slot i solves with the slots <= i only
-        gram = d_f.transpose(-1, -2) @ d_f  # (T+1, S, m, m)
-        rhs = d_f.transpose(-1, -2) @ f[-1].unsqueeze(-1)  # (T+1, S, m, 1)
-        if self.triangular:
-            gram, rhs = gram.cumsum(0), rhs.cumsum(0)
-        else:
-            gram, rhs = gram.sum(0, keepdim=True), rhs.sum(0, keepdim=True)
+        # triangular: slot i solves its least squares over the slots <= i only (cumulative sums
+        # of the per-slot terms)
+        gram = (d_f.transpose(-1, -2) @ d_f).cumsum(0)  # (T+1, S, m, m)
+        rhs = (d_f.transpose(-1, -2) @ f[-1].unsqueeze(-1)).cumsum(0)  # (T+1, S, m, 1)
         # ridge relative to the Gram's trace, with a floor so residual-free slots get gamma = 0
         scale = gram.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]
         eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
         floor = torch.finfo(gram.dtype).tiny ** 0.5
         gamma = torch.linalg.solve(gram + (self.ridge * scale + floor) * eye, rhs)
-        mixed = gs[-1].flatten(2) - (d_g @ gamma).squeeze(-1)
-        if self.damping < 1:
-            mixed_x = xs[-1].flatten(2) - (d_x @ gamma).squeeze(-1)
-            mixed = self.damping * mixed + (1 - self.damping) * mixed_x
-        mixed = mixed.view_as(gs[-1])
+        mixed = (gs[-1].flatten(2) - (d_g @ gamma).squeeze(-1)).view_as(gs[-1])
         if not torch.isfinite(mixed).all():  # a degenerate history: take the plain step
             self.reset()
             return g
