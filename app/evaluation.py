@@ -12,6 +12,7 @@ what training's periodic rollouts call too.
 from __future__ import annotations
 
 import functools
+import importlib
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -22,6 +23,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import torch
+from gymnasium.envs.registration import load_env_creator
 from omegaconf import DictConfig, OmegaConf
 
 from app.config import (
@@ -201,6 +203,17 @@ def make_env_factory(env: Mapping[str, Any], max_steps: int, render: bool) -> Ca
     return functools.partial(gym.make, env["id"], **kwargs)
 
 
+def env_class_attribute(env: Mapping[str, Any], name: str, default: Any) -> Any:
+    """Attribute `name` of the class an env config (gymnasium id, "module:" prefix allowed)
+    makes, read from its registration: no env is built (a robosuite env takes seconds)."""
+    module, _, env_id = env["id"].rpartition(":")
+    if module:
+        importlib.import_module(module)
+    entry_point = gym.spec(env_id).entry_point
+    creator = load_env_creator(entry_point) if isinstance(entry_point, str) else entry_point
+    return getattr(creator, name, default)
+
+
 def check_env_fits_policy(
     make_env: Callable[[], gym.Env], policy: DiffusionPolicy, env_name: str, checkpoint: str
 ) -> None:
@@ -361,9 +374,7 @@ def evaluate_realtime(
     `chunk_fn` (a ChunkPolicy returning whole chunks, or serving.client.RemoteChunks asking a
     policy server); `dims` = (n_obs_steps, n_action_steps, horizon)."""
     n_obs_steps, n_action_steps, horizon = dims
-    probe = make_env_factory(env, max_steps, render=False)()
-    rate_action_dims = getattr(probe.unwrapped, "rate_action_dims", ())  # held = standing still
-    probe.close()
+    rate_action_dims = env_class_attribute(env, "rate_action_dims", ())  # held = standing still
     controller = RealtimeController(
         chunk_fn, realtime.control_hz, n_obs_steps, n_action_steps, horizon,
         realtime.lead_steps, realtime.budget_margin_ms / 1e3, realtime.clock, clock=clock,

@@ -166,6 +166,11 @@ def test_holding_zeroes_the_rate_dims_of_a_delta_action_robot() -> None:
 
 
 def test_robomimic_envs_name_their_rate_dims() -> None:
+    from app.evaluation import env_class_attribute
     from envs.robomimic import RobomimicEnv
 
     assert RobomimicEnv.rate_action_dims == (0, 1, 2, 3, 4, 5)  # OSC deltas; gripper is 6
+    # what evaluate_realtime reads from an env config, without building the env
+    assert env_class_attribute({"id": "envs:Lift-v0"}, "rate_action_dims", ()) == (
+        0, 1, 2, 3, 4, 5)
+    assert env_class_attribute({"id": "PushT-v0"}, "rate_action_dims", ()) == ()
