@@ -24,6 +24,7 @@ import numpy as np
 
 from app.config import compose_config
 from app.evaluation import run_eval
+from app.report import write_results
 from envs.realtime import HANDOFFS
 
 TASKS = {  # checkpoint and control rate (PushT's physics ticks 10 Hz, robosuite's 20 Hz)
@@ -119,9 +120,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 def write(path: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
     """The rows so far and the run's settings (a killed run keeps its finished cells)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
-    tmp.replace(path)
+    write_results(path, {**meta, "rows": rows})
 
 
 def main() -> None:
