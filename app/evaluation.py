@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
-import numpy as np
 import torch
 from gymnasium.envs.registration import load_env_creator
 from omegaconf import DictConfig, OmegaConf
@@ -218,11 +217,22 @@ def check_env_fits_policy(
     make_env: Callable[[], gym.Env], policy: DiffusionPolicy, env_name: str, checkpoint: str
 ) -> None:
     """Reject an env whose observation or action shapes are not the ones the policy takes."""
+    check_env_fits(make_env, policy.obs_encoder.obs_shapes, policy.action_dim, env_name,
+                   f"the policy in {checkpoint}", getattr(policy.obs_encoder, "aliases", {}))
+
+
+def check_env_fits(
+    make_env: Callable[[], gym.Env], obs_shapes: Mapping[str, Sequence[int]], action_dim: int,
+    env_name: str, source: str, aliases: Mapping[str, str] | None = None,
+) -> None:
+    """Reject an env whose observation or action shapes are not `obs_shapes` (per key, one step)
+    and (action_dim,); `aliases` map the env's keys to the policy's (e.g. gym-pusht's for
+    LeRobot's); `source` names the policy in the message."""
     env = make_env()
     obs_space, action_space = env.observation_space, env.action_space
     env.close()
-    wanted = {key: tuple(shape) for key, shape in policy.obs_encoder.obs_shapes.items()}
-    aliases = getattr(policy.obs_encoder, "aliases", {})  # e.g. gym-pusht's keys for LeRobot's
+    wanted = {key: tuple(shape) for key, shape in obs_shapes.items()}
+    aliases = aliases or {}
     if isinstance(obs_space, gym.spaces.Dict):
         got: Any = {aliases.get(key, key): tuple(space.shape)
                     for key, space in obs_space.spaces.items()}
@@ -232,13 +242,13 @@ def check_env_fits_policy(
         fits = len(wanted) == 1 and next(iter(wanted.values())) == got
     if not fits:
         raise ConfigError(
-            f"env {env_name} does not fit the policy in {checkpoint}: the env observes {got}, "
-            f"the policy takes {wanted}"
+            f"env {env_name} does not fit {source}: the env observes {got}, the policy takes "
+            f"{wanted}"
         )
-    if tuple(action_space.shape) != (policy.action_dim,):
+    if tuple(action_space.shape) != (action_dim,):
         raise ConfigError(
-            f"env {env_name} does not fit the policy in {checkpoint}: the env takes actions of "
-            f"shape {tuple(action_space.shape)}, the policy outputs ({policy.action_dim},)"
+            f"env {env_name} does not fit {source}: the env takes actions of shape "
+            f"{tuple(action_space.shape)}, the policy outputs ({action_dim},)"
         )
 
 
@@ -495,7 +505,10 @@ def _run_remote(cfg: DictConfig) -> _Run:
         if not env:
             raise ConfigError("env must be set (env=<name>): the server's policy names no env")
         max_steps = env["max_steps"] if cfg.max_steps is None else cfg.max_steps
-        _check_env_fits_spec(make_env_factory(env, max_steps, render=False), meta, env["name"])
+        check_env_fits(make_env_factory(env, max_steps, render=False),
+                       {key: shape[1:] for key, shape in meta["obs_spec"].items()},
+                       meta["action_dim"], env["name"], f"the policy served at {cfg.server}",
+                       meta.get("obs_aliases"))
         dims = (meta["n_obs_steps"], meta["n_action_steps"], meta["horizon"])
         realtime = realtime_settings(cfg, dims)
         if meta.get("control_hz") not in (None, realtime.control_hz):
@@ -525,26 +538,6 @@ def _run_remote(cfg: DictConfig) -> _Run:
         client.close()
     return _Run(result, env, max_steps, {**meta["sampler"], "server": cfg.server},
                 meta["runtime"], {**meta["checkpoint"], "server": cfg.server})
-
-
-def _check_env_fits_spec(make_env: Callable[[], gym.Env], meta: Mapping[str, Any],
-                         env_name: str) -> None:
-    """Reject an env whose shapes are not the served policy's (its metadata's obs spec)."""
-    probe = make_env()
-    obs_space, action_space = probe.observation_space, probe.action_space
-    probe.close()
-    wanted = {key: tuple(shape[1:]) for key, shape in meta["obs_spec"].items()}
-    if isinstance(obs_space, gym.spaces.Dict):
-        got: Any = {key: tuple(space.shape) for key, space in obs_space.spaces.items()}
-        fits = all(got.get(key) == shape for key, shape in wanted.items())
-    else:
-        got = tuple(obs_space.shape)
-        fits = sum(int(np.prod(s)) for s in wanted.values()) == int(np.prod(got))
-    if not fits or tuple(action_space.shape) != (meta["action_dim"],):
-        raise ConfigError(
-            f"env {env_name} does not fit the served policy: the env observes {got} and acts "
-            f"{tuple(action_space.shape)}; the policy takes {wanted} and outputs "
-            f"({meta['action_dim']},)")
 
 
 def _report(cfg: DictConfig, out_dir: Path, overrides: Sequence[str], device: torch.device,

@@ -102,6 +102,7 @@ class PolicyServer:
             "max_episodes_per_client": max_episodes_per_client,
             "obs_spec": {key: [policy.n_obs_steps, *shape]
                          for key, shape in policy.obs_encoder.obs_shapes.items()},
+            "obs_aliases": dict(getattr(policy.obs_encoder, "aliases", {})),
             "action_dim": policy.action_dim, "horizon": policy.horizon,
             "n_obs_steps": policy.n_obs_steps, "n_action_steps": policy.n_action_steps,
         }

@@ -249,6 +249,10 @@ def test_eval_runs_a_realtime_robot_against_the_server(server: int, tmp_path: Pa
     assert timed and all(r["server_overhead_ms"] >= 0 for r in timed)
     assert all(r["frozen_steps"] >= 2 for r in timed)  # the prefix travelled with the request
     assert results["metrics"]["mean_score"] is not None
+    wrong = ["realtime.enabled=true", f"server=127.0.0.1:{server}", "env=lift_lowdim",
+             "logger.wandb=false"]
+    with pytest.raises(Exception, match="env lift_lowdim does not fit the policy served at"):
+        run_eval(compose_config("eval", wrong), tmp_path / "wrong", wrong)
     with pytest.raises(Exception, match="realtime.enabled=true"):
         bad = [f"server=127.0.0.1:{server}", "logger.wandb=false"]
         run_eval(compose_config("eval", bad), tmp_path / "bad", bad)
