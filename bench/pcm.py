@@ -13,7 +13,8 @@ validation split, seen by neither the policy nor the PCM in training) with seede
     ``Ta`` steps earlier with the same noise; ``rounds_to_err``: rounds each sampler needs for
     mean exact_err <= 1e-2 and 5e-2 (integer, and log-interpolated).
 
-    python bench/pcm.py --out bench/results/pcm.json --pcm a=RUN/latest.ckpt [--quick]
+    python bench/pcm.py --out bench/results/pcm.json --pcm a=RUN/latest.ckpt [--quick] \
+        [--propagators checkpoints/pusht_lowdim/propagators.pt]
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from app.report import write_results
 from picard_sampler import (
     DDIMSchedule,
     DDPMSchedule,
@@ -44,6 +46,7 @@ from picard_sampler import (
 from picard_sampler.runinfo import run_info
 from policy.checkpoint import load_checkpoint, load_policy
 from policy.data import windows_from_config
+from policy.propagator import load_propagators, schedule_key
 
 BUDGETS = (1, 2, 3, 5, 8, 12)
 THRESHOLDS = (1e-2, 5e-2)
@@ -114,7 +117,10 @@ def interpolate_rounds(points: list[tuple[float, float]], err: float) -> float |
 
 
 def run_sampler(sampler: dict, schedule: Schedule, noise, cond, **knobs) -> tuple[Any, dict]:
-    """One call of a sampler row: plain Picard or PCM (base + PCM denoisers, K_s)."""
+    """One call of a sampler row: plain Picard or PCM (base + PCM denoisers, K_s); parareal
+    rows take their schedule's fitted propagator (sampler["propagators"])."""
+    if sampler["update"] == "parareal":
+        knobs["propagator"] = sampler["propagators"][schedule_key(schedule)]
     if sampler["pcm"] is None:
         return picard_sample(sampler["base"], schedule, noise, cond, window=None,
                              update=sampler["update"], accel=sampler.get("accel", "none"),
@@ -191,6 +197,13 @@ def run(args: argparse.Namespace) -> dict:
          "switch_rounds": ks, "pcm_label": label, "sees_noise": p["sees_noise"]}
         for label, p in pcms.items() for ks in p["switch_rounds"]
     ]
+    if args.propagators:  # Parareal with the fitted linear propagator (picard_sampler.parareal)
+        propagators = load_propagators(args.propagators, policy)
+        samplers += [
+            {**s, "name": f"{s['name']}-parareal", "update": "parareal",
+             "propagators": propagators}
+            for s in samplers if s["name"] == "picard-scan" or s["name"].startswith("pcm-")
+        ]
     if args.only:
         unknown = set(args.only) - {s["name"] for s in samplers}
         if unknown:
@@ -236,6 +249,7 @@ def run(args: argparse.Namespace) -> dict:
                 curves.append(curve)
             tols = {"picard-scan": args.picard_tols, "picard-drift": args.drift_tols,
                     "picard-scan-anderson": args.picard_tols,
+                    "picard-scan-parareal": args.picard_tols,
                     "picard-drift-anderson": args.drift_tols}.get(sampler["name"], args.pcm_tols)
             for tol in tols:
                 rows.append({**label, **stopping_row(sampler, schedule, noise, conds["cond"],
@@ -289,8 +303,10 @@ def summarize(rows: list[dict], curves: list[dict]) -> dict:
 
 
 def _plain(row: dict) -> bool:
-    """A plain Picard row (no PCM, no acceleration); older results have no `accel` key."""
-    return row["switch_rounds"] == 0 and row.get("accel", "none") == "none"
+    """A plain Picard row (no PCM, no acceleration, no propagator); older results have no
+    `accel` key."""
+    return (row["switch_rounds"] == 0 and row.get("accel", "none") == "none"
+            and row.get("update") != "parareal")
 
 
 def plot(result: dict, path: Path) -> None:
@@ -351,6 +367,9 @@ def main() -> None:
                         "reached 1e-2)")
     parser.add_argument("--only", nargs="+", default=None, metavar="SAMPLER",
                         help="run only these samplers (e.g. picard-scan pcm-a-ks1)")
+    parser.add_argument("--propagators", type=Path, default=None, metavar="FILE",
+                        help="also run update=parareal rows (plain Picard and each PCM) with "
+                        "this policy's fitted propagators (scripts/fit_propagator.py)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = parser.parse_args()
@@ -365,7 +384,7 @@ def main() -> None:
     args.pcm_tols = args.pcm_tols or [0.1, 0.01]
     result = run(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+    write_results(args.out, result)
     plot(result, args.out.with_suffix(".png"))
     print(json.dumps({k: v["summary"] for k, v in result["schedules"].items()}, indent=1))
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")

@@ -6,6 +6,7 @@ a sample and its statistics out.
 
 from picard_sampler.inpaint import Inpaint
 from picard_sampler.metrics import EXACT_RULE, exact_errors, is_exact, percentile
+from picard_sampler.parareal import fit_linear_propagator
 from picard_sampler.samplers import (
     SAMPLER_METHODS,
     UPDATES,
@@ -40,6 +41,7 @@ __all__ = [
     "Sampler",
     "Schedule",
     "exact_errors",
+    "fit_linear_propagator",
     "is_exact",
     "make_betas",
     "percentile",

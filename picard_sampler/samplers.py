@@ -26,12 +26,13 @@ import torch
 
 from picard_sampler.anderson import Anderson
 from picard_sampler.inpaint import Inpaint
+from picard_sampler.parareal import check_propagator
 from picard_sampler.schedules import Schedule
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 Callback = Callable[[dict[str, Any]], None]
-Update = Literal["scan", "drift"]
-UPDATES = ("scan", "drift")
+Update = Literal["scan", "drift", "parareal"]
+UPDATES = ("scan", "drift", "parareal")
 ACCELERATIONS = ("none", "anderson")
 
 
@@ -294,6 +295,7 @@ def _picard_iterate(
     inpaint: Inpaint | None = None,
     accel: str = "none",
     accel_memory: int = 3,
+    propagator: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, SampleStats]:
     """The round machinery shared by ``picard_sample`` and ``pcm_sample``. ``accel="anderson"``
     mixes the last ``accel_memory`` rounds (picard_sampler.anderson; full window only). With
@@ -324,10 +326,24 @@ def _picard_iterate(
     timesteps = schedule.timesteps.to(device)
     a = (
         schedule.table("scan_coef", noise)
-        if update == "scan"
+        if update in ("scan", "parareal")
         else torch.ones(T, device=device, dtype=noise.dtype)
     )
     noise_std = schedule.table("noise_std", noise)
+    if update == "parareal":
+        propagator = check_propagator(propagator, schedule, noise)
+    elif propagator is not None:
+        raise ValueError(f"a propagator is used by update=parareal only; got update={update!r}")
+
+    def coarse_step(j: torch.Tensor, x: torch.Tensor, base_only: torch.Tensor) -> torch.Tensor:
+        """G_j(x) for slots j (N,): the propagator's M_j x where the round's map is the base
+        model's (`base_only`), else a_j x (a PCM round, whose outputs were trained for it)."""
+        scaled = a[j].view(-1, *trail) * x
+        if propagator is None:
+            return scaled
+        linear = (propagator[j] @ x.reshape(x.shape[0], -1, 1)).view_as(x)
+        return torch.where(base_only.view(-1, *trail), linear, scaled)
+
     err_scale = schedule.table("error_std", noise) ** 2 * elems
     tol2 = tol * tol
     trail = [1] * (noise.dim() - 2)
@@ -364,23 +380,27 @@ def _picard_iterate(
             schedule.step_mean(out, x_old, j_flat)
             + noise_std[j_flat].view(-1, *trail) * noise[j_flat + 1, s_flat]
         )
-        coef = a[j_flat].view(-1, *trail)
+        coarse = coarse_step(j_flat, x_old, exact)
         if inpaint is not None:
             step = inpaint.apply(schedule, step, j_flat, s_flat, noise)
-            coef = coef * inpaint.keep(s_flat)
-        rest = step - coef * x_old
+            coarse = coarse * inpaint.keep(s_flat)
+        rest = step - coarse
 
         # Walk the windows in order, all active samples at once.
         S = active.numel()
         rest_w = torch.zeros((S, p, *noise.shape[2:]), dtype=noise.dtype, device=device)
         rest_w[valid] = rest
-        a_w = a[slots.clamp(max=T - 1)].view(S, p, *trail)
-        if inpaint is not None:
-            a_w = a_w * inpaint.keep(active)[:, None]
+        exact_w = torch.zeros_like(valid)
+        exact_w[valid] = exact
+        slot_c = slots.clamp(max=T - 1)
+        keep = inpaint.keep(active) if inpaint is not None else None
         new_w = torch.empty_like(rest_w)
         current = X[begin[active], active]
         for k in range(p):
-            current = a_w[:, k] * current + rest_w[:, k]
+            current = coarse_step(slot_c[:, k], current, exact_w[:, k])
+            if keep is not None:
+                current = current * keep
+            current = current + rest_w[:, k]
             new_w[:, k] = current
         old_w = X[(slots + 1).clamp(max=T), sample_of]
         X_old = X.clone() if anderson is not None else None
@@ -388,8 +408,6 @@ def _picard_iterate(
 
         # Tolerance rule: err_j = ||Xnew[j+1] - X[j+1]||^2 / (D s'_j^2), slide past passing slots.
         err = (new_w - old_w).flatten(2).pow(2).sum(-1) / err_scale[slots.clamp(max=T - 1)]
-        exact_w = torch.zeros_like(valid)
-        exact_w[valid] = exact
         fails = (err > tol2) & valid
         first_fail = torch.where(fails.any(1), fails.float().argmax(1), valid.sum(1))
         first_inexact = torch.where(
@@ -451,6 +469,7 @@ def picard_sample(
     inpaint: Inpaint | None = None,
     accel: str = "none",
     accel_memory: int = 3,
+    propagator: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, SampleStats]:
     """Picard iteration (ParaDiGMS, Shih et al. 2023) over a sliding window of denoising steps.
 
@@ -462,7 +481,9 @@ def picard_sample(
     trajectory (its slot 0 is replaced by ``noise[0]``); ``inpaint`` constrains every step
     (picard_sampler.inpaint) and the fixed point is then the constrained sequential sample.
     ``accel="anderson"`` extrapolates from the last ``accel_memory`` rounds (full window only;
-    same fixed point, docs/design.md §4.9).
+    same fixed point, docs/design.md §4.9). ``update="parareal"`` walks the window with the
+    linear coarse steps ``propagator`` (T, E, E) instead of the scan's a_j (same fixed point,
+    picard_sampler.parareal, docs/design.md §4.10).
     """
 
     def evaluate(x, t, c, slot, sample, age):
@@ -484,6 +505,7 @@ def picard_sample(
         inpaint,
         accel,
         accel_memory,
+        propagator,
     )
 
 
@@ -528,6 +550,7 @@ def pcm_sample(
     inpaint: Inpaint | None = None,
     accel: str = "none",
     accel_memory: int = 3,
+    propagator: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, SampleStats]:
     """Picard Consistency Model sampling (So et al. 2025) with model switching.
 
@@ -573,6 +596,7 @@ def pcm_sample(
         inpaint,
         accel,
         accel_memory,
+        propagator,
     )
 
 
@@ -664,6 +688,7 @@ class Sampler:
         clock: Callable[[], float] | None = None,
         callback: Callback | None = None,
         inpaint: Inpaint | None = None,
+        propagator: torch.Tensor | None = None,
         **overrides: Any,
     ) -> tuple[torch.Tensor, SampleStats]:
         """Sample with this configuration. ``budget_s`` (seconds, measured on ``clock``) caps
@@ -671,7 +696,8 @@ class Sampler:
         ``overrides`` replace knobs (window, tol, update, max_rounds, switch_rounds) for one
         call. The sequential sampler ignores budgets: it always returns the exact sample.
         ``inpaint`` constrains the sample to known values (picard_sampler.inpaint) for every
-        method alike."""
+        method alike. ``propagator`` (T, E, E) is the linear coarse step of
+        ``update="parareal"`` (picard_sampler.parareal)."""
         _validate_budget(budget_s)
         if self.method == "sequential":
             return sequential_sample(denoiser, self.schedule, noise, cond, callback=callback,
@@ -693,6 +719,7 @@ class Sampler:
             "callback": callback,
             "clock": clock or time.perf_counter,
             "inpaint": inpaint,
+            "propagator": propagator,
         }
         if self.method == "picard":
             return picard_sample(denoiser, self.schedule, noise, cond, init=init, **knobs)

@@ -221,6 +221,25 @@ class DiffusionPolicy(nn.Module):
             raise ValueError("this policy has no PCM attached (attach_pcm, or a PCM checkpoint)")
         return self.pcm(self.model, x, t, cond, noise_path)
 
+    def attach_propagators(self, propagators: Mapping[str, torch.Tensor]) -> None:
+        """Use these fitted linear coarse propagators ({policy.propagator.schedule_key: (T, E,
+        E)}) for samplers with `update="parareal"`; they are not weights (not in state_dict)."""
+        self.__dict__["_propagators"] = dict(propagators)
+
+    def propagator_for(self, schedule: Schedule) -> torch.Tensor:
+        """The attached propagator of `schedule`, or a ValueError that says how to fit one."""
+        from policy.propagator import schedule_key
+
+        found = self.__dict__.get("_propagators", {}).get(schedule_key(schedule))
+        if found is None:
+            raise ValueError(
+                f"sampler.update=parareal needs a linear propagator fitted for this policy and "
+                f"{schedule.name.upper()}-{schedule.num_inference_steps}; none is attached. Fit "
+                f"one with `python scripts/fit_propagator.py CHECKPOINT --schedules "
+                f"{schedule.name}-{schedule.num_inference_steps}` (it writes propagators.pt "
+                f"beside the checkpoint, which load_policy attaches), or use update=scan")
+        return found.to(self.device)
+
     @property
     def pcm_sees_noise(self) -> bool:
         """Whether the attached PCM takes the noise path (`picard_sampler.pcm_sample`)."""
@@ -253,6 +272,7 @@ class DiffusionPolicy(nn.Module):
         sampler gets the attached PCM (`attach_pcm`; load_policy attaches a checkpoint's).
         `inpaint` constrains the chunk to known *normalized* actions (`constraint_for` builds
         one from raw actions); every sampler then returns the constrained sequential chunk.
+        `update="parareal"` samplers get the attached propagator (`attach_propagators`).
         Returns actions (B, Ta, Da) in raw units and the sampler's SampleStats, whose `sample`
         is the whole normalized chunk (B, H, Da).
         """
@@ -266,9 +286,11 @@ class DiffusionPolicy(nn.Module):
             if tuple(noise.shape) != shape:
                 raise ValueError(f"noise: expected shape {shape}, got {tuple(noise.shape)}")
         pcm = self.pcm_denoiser if self.pcm is not None else None
+        parareal = sampler.method != "sequential" and sampler.update == "parareal"
         naction, stats = sampler(
             self.denoiser, noise.to(self.device), cond, init=init, denoiser_pcm=pcm,
             pcm_sees_noise=self.pcm_sees_noise, budget_s=budget_s, clock=clock, inpaint=inpaint,
+            propagator=self.propagator_for(sampler.schedule) if parareal else None,
         )
         start = self.n_obs_steps - 1
         action = self.normalizer.unnormalize("action", naction)

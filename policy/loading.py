@@ -8,6 +8,7 @@ eval mode, with no extra step; `load_with_metadata` also returns a checkpoint-li
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -39,13 +40,31 @@ def load_with_metadata(
     kind = detect_format(path)
     path = Path(path).expanduser()
     if kind == "picard":
-        checkpoint = load_checkpoint(path)
-        return policy_from_checkpoint(path, checkpoint, map_location=map_location), checkpoint
-    imported = import_foreign(path, kind)
-    record = {"format": kind, "step": imported.source.get("step", 0),
-              "config": {"policy": imported.config, "env": None,
-                         "imported_from": imported.source}}
-    return imported.build(map_location), record
+        record = load_checkpoint(path)
+        policy = policy_from_checkpoint(path, record, map_location=map_location)
+    else:
+        imported = import_foreign(path, kind)
+        record = {"format": kind, "step": imported.source.get("step", 0),
+                  "config": {"policy": imported.config, "env": None,
+                             "imported_from": imported.source}}
+        policy = imported.build(map_location)
+    attach_saved_propagators(policy, path)
+    return policy, record
+
+
+def attach_saved_propagators(policy: DiffusionPolicy, path: Path) -> None:
+    """Attach the `propagators.pt` beside `path` (in it, for a folder) when it was fitted for
+    this policy's base weights; one that belongs to other weights is skipped with a warning
+    (a parareal sampler then says how to fit one)."""
+    from policy.propagator import FILENAME, load_propagators
+
+    file = (path if path.is_dir() else path.parent) / FILENAME
+    if not file.is_file():
+        return
+    try:
+        policy.attach_propagators(load_propagators(file, policy))
+    except ValueError as e:
+        warnings.warn(f"{e}; not using it", stacklevel=2)
 
 
 def load_policy(path: str | Path, map_location: str | torch.device = "cpu") -> DiffusionPolicy:

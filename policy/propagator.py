@@ -1,0 +1,89 @@
+"""Fitted linear coarse propagators for `update="parareal"` sampling, stored beside a policy.
+
+A propagator is one (T, E, E) tensor per inference schedule (picard_sampler.parareal), fitted
+on the base model alone, so it belongs to the base weights: the file records their fingerprint
+and `load_propagators` refuses a file fitted for other weights. One file, `propagators.pt`
+beside the checkpoint, holds every schedule fitted for it; `load_policy` attaches it when it
+matches (docs/design.md §4.10). Read with `torch.load(weights_only=True)`: tensors and plain
+containers only, never code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from picard_sampler import Schedule, fit_linear_propagator
+
+FILENAME = "propagators.pt"
+FORMAT = "picard-policy propagators v1"
+
+
+def schedule_key(schedule: Schedule) -> str:
+    """A readable key naming the schedule and every setting: 'ddpm-100-<hash of its config>'."""
+    config = json.dumps({"class": type(schedule).__name__, **schedule.config}, sort_keys=True,
+                        default=str)
+    digest = hashlib.sha256(config.encode()).hexdigest()[:10]
+    return f"{schedule.name}-{schedule.num_inference_steps}-{digest}"
+
+
+def base_fingerprint(policy: Any) -> str:
+    """The fingerprint of the weights a propagator is fitted on: the base UNet's."""
+    from policy.checkpoint import weights_fingerprint
+
+    return weights_fingerprint(policy.model.state_dict())
+
+
+def fit_propagator(policy: Any, schedule: Schedule, cond: torch.Tensor, seed: int = 0,
+                   fd_step: float = 1e-3) -> torch.Tensor:
+    """The (T, E, E) propagator of `policy` under `schedule`, calibrated on encoded
+    observations `cond` (B, Dc) with noise drawn from `seed` (through the policy's runtime)."""
+    noise = torch.randn((schedule.num_inference_steps + 1, cond.shape[0], policy.horizon,
+                         policy.action_dim), generator=torch.Generator().manual_seed(seed))
+    return fit_linear_propagator(policy.denoiser, schedule, noise.to(cond.device), cond,
+                                 fd_step=fd_step)
+
+
+def save_propagators(path: str | Path, policy: Any,
+                     entries: Mapping[str, Mapping[str, Any]]) -> Path:
+    """Write `entries` ({schedule_key: {"propagator", "schedule", "calibration"}}) for the
+    policy's base weights to `path` atomically, merged with the entries already there for the
+    same weights (a file for other weights is replaced only when it has none of them)."""
+    from policy.checkpoint import atomic_torch_save
+
+    path = Path(path)
+    fingerprint = base_fingerprint(policy)
+    merged: dict[str, Any] = {}
+    if path.is_file():
+        try:
+            merged = dict(_read(path, fingerprint))
+        except ValueError:
+            merged = {}
+    merged.update({k: dict(v) for k, v in entries.items()})
+    return atomic_torch_save({"format": FORMAT, "base_fingerprint": fingerprint,
+                              "entries": merged}, path)
+
+
+def _read(path: Path, fingerprint: str) -> Mapping[str, Any]:
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated or foreign files raise several types
+        raise ValueError(f"propagator file {path} is corrupt or unreadable: {e}") from e
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a propagator file (expected format {FORMAT!r})")
+    if payload.get("base_fingerprint") != fingerprint:
+        raise ValueError(f"propagator file {path} was fitted for other base weights than this "
+                         f"policy's; refit it with scripts/fit_propagator.py")
+    return payload["entries"]
+
+
+def load_propagators(path: str | Path, policy: Any) -> dict[str, torch.Tensor]:
+    """{schedule_key: (T, E, E) tensor} from a file fitted for this policy's base weights; a
+    ValueError that names the file when it is unreadable or belongs to other weights."""
+    entries = _read(Path(path), base_fingerprint(policy))
+    return {key: entry["propagator"].float() for key, entry in entries.items()}
