@@ -11,6 +11,7 @@ what training's periodic rollouts call too.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import time
@@ -256,11 +257,25 @@ def check_env_fits(
 def build_sampler(sampler_cfg: Mapping[str, Any] | DictConfig, policy: DiffusionPolicy,
                   key: str = "sampler") -> Sampler:
     """The Sampler of a conf/sampler config on `policy`'s training settings
-    (`DiffusionPolicy.sampler_from_config`); a bad value is a ConfigError naming its key."""
+    (`DiffusionPolicy.sampler_from_config`); a bad value is a ConfigError naming its key.
+    `update=parareal` without a propagator fitted for this policy and schedule falls back to
+    `update=scan` with a warning: the same chunks (both converge to the sequential one), more
+    rounds; the run then records scan, which is what it ran."""
     try:
-        return policy.sampler_from_config(plain(sampler_cfg), key)
+        sampler = policy.sampler_from_config(plain(sampler_cfg), key)
     except ValueError as e:
         raise ConfigError(str(e)) from e
+    if (sampler.method != "sequential" and sampler.update == "parareal"
+            and not policy.has_propagator(sampler.schedule)):
+        steps = f"{sampler.schedule.name}-{sampler.num_steps}"
+        warnings.warn(
+            f"{key}.update=parareal: no linear propagator is fitted for this policy and "
+            f"{steps.upper()}; sampling with update=scan instead (the same chunks, more "
+            f"rounds). Fit one: python scripts/fit_propagator.py CHECKPOINT --schedules {steps}",
+            stacklevel=2,
+        )
+        sampler = dataclasses.replace(sampler, update="scan")
+    return sampler
 
 
 def check_pcm_weights(sampler: Sampler, checkpoint: Mapping[str, Any], path: str) -> None:

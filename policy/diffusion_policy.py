@@ -226,6 +226,12 @@ class DiffusionPolicy(nn.Module):
         E)}) for samplers with `update="parareal"`; they are not weights (not in state_dict)."""
         self.__dict__["_propagators"] = dict(propagators)
 
+    def has_propagator(self, schedule: Schedule) -> bool:
+        """Whether a propagator for `schedule` is attached (see `propagator_for`)."""
+        from policy.propagator import schedule_key
+
+        return schedule_key(schedule) in self.__dict__.get("_propagators", {})
+
     def propagator_for(self, schedule: Schedule) -> torch.Tensor:
         """The attached propagator of `schedule`, or a ValueError that says how to fit one."""
         from policy.propagator import schedule_key

@@ -4,6 +4,7 @@ it cuts rounds, and budgets, warm starts, PCM switching and inpainting work as b
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -195,3 +196,29 @@ def test_fit_script_errors_are_one_line(tiny_checkpoint, tmp_path):
         done = run_repo_script("scripts/fit_propagator.py", ckpt, *args)
         assert done.returncode == 1 and done.stderr.strip().startswith("error:"), done.stderr
         assert message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_eval_uses_the_propagator_or_falls_back_to_scan_with_a_warning(
+    eval_cfg, tiny_checkpoint, tmp_path
+):
+    """No propagator: a warning, the run samples (and records) update=scan. Fitted beside the
+    checkpoint: the run samples with parareal, exactly (exact_err against sequential)."""
+    from omegaconf import open_dict
+
+    from app import evaluation
+
+    cfg = eval_cfg("sampler=picard_ddim16", "sampler.update=parareal", "sampler.tol=1e-5")
+    with pytest.warns(UserWarning, match="sampling with update=scan instead"):
+        evaluation.run_eval(cfg, tmp_path / "scan")
+    assert json.loads((tmp_path / "scan" / "results.json").read_text()
+                      )["sampler"]["update"] == "scan"
+    ckpt = _copy_checkpoint(tiny_checkpoint, tmp_path / "policy")
+    done = run_repo_script("scripts/fit_propagator.py", ckpt, "--schedules", "ddim-16",
+                           "--chunks", "4", "--threads", "1")
+    assert done.returncode == 0, done.stderr
+    with open_dict(cfg):
+        cfg.checkpoint = str(ckpt)
+    evaluation.run_eval(cfg, tmp_path / "parareal")
+    results = json.loads((tmp_path / "parareal" / "results.json").read_text())
+    assert results["sampler"]["update"] == "parareal"
+    assert results["metrics"]["exact_err_max"] < 1e-3
