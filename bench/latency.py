@@ -49,6 +49,13 @@ SAMPLERS: dict[str, dict[str, Any]] = {
     "picard DDPM-100 w16": {"method": "picard", "schedule": "ddpm", "steps": 100, "window": 16},
     "picard DDIM-16": {"method": "picard", "schedule": "ddim", "steps": 16, "window": None},
     "pcm DDIM-16": {"method": "pcm", "schedule": "ddim", "steps": 16, "window": None},
+    # Parareal with the policy's fitted propagator (design §4.10): the shipped model only
+    "picard DDPM-100 full parareal": {"method": "picard", "schedule": "ddpm", "steps": 100,
+                                      "window": None, "update": "parareal"},
+    "picard DDIM-16 parareal": {"method": "picard", "schedule": "ddim", "steps": 16,
+                                "window": None, "update": "parareal"},
+    "pcm DDIM-16 parareal": {"method": "pcm", "schedule": "ddim", "steps": 16, "window": None,
+                             "update": "parareal"},
 }
 RUNTIME_PACKAGES = ("onnxruntime", "onnx")
 
@@ -82,6 +89,8 @@ def time_chunks(policy: DiffusionPolicy, sampler: Sampler, noise: torch.Tensor,
     """Wall times (ms) of `n_chunks` sampler calls after `warmup` untimed ones; the last
     call's (sample, stats)."""
     pcm = policy.pcm_denoiser if policy.pcm is not None else None
+    parareal = sampler.method != "sequential" and sampler.update == "parareal"
+    propagator = policy.propagator_for(sampler.schedule) if parareal else None
     times, result = [], None
     for i in range(warmup + n_chunks):
         if noise.is_cuda:
@@ -89,7 +98,7 @@ def time_chunks(policy: DiffusionPolicy, sampler: Sampler, noise: torch.Tensor,
         start = time.perf_counter()
         with torch.inference_mode():
             result = sampler(policy.denoiser, noise, cond, denoiser_pcm=pcm,
-                             pcm_sees_noise=policy.pcm_sees_noise)
+                             pcm_sees_noise=policy.pcm_sees_noise, propagator=propagator)
         if noise.is_cuda:
             torch.cuda.synchronize()
         if i >= warmup:
@@ -125,8 +134,11 @@ def measure_model(name: str, policy: DiffusionPolicy, args: argparse.Namespace,
                 spec = SAMPLERS[label]
                 sampler = policy.make_sampler(
                     spec["method"], spec["schedule"], spec["steps"],
-                    **({"window": spec["window"], "tol": args.tol}
+                    **({"window": spec["window"], "tol": args.tol,
+                        "update": spec.get("update", "scan")}
                        if spec["method"] != "sequential" else {}))
+                if sampler.update == "parareal" and not policy.has_propagator(sampler.schedule):
+                    continue  # random weights have no fitted propagator (design §4.10)
                 noise = torch.randn(sampler.noise_shape(batch, policy.horizon, policy.action_dim),
                                     generator=torch.Generator().manual_seed(7)).to(device)
                 key = (spec["schedule"], spec["steps"])
