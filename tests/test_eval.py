@@ -172,7 +172,8 @@ def test_multirun_over_two_samplers_writes_one_summary(tiny_checkpoint: Path, tm
     [
         (("checkpoint={tmp}/missing.ckpt",), "config error: checkpoint not found: {tmp}/missing"),
         (("sampler=nope",), "config error: unknown sampler 'nope'; available samplers: ddim, "
-                            "pcm, pcm_ddim16, pcm_ddpm, pcm_ddpm100, picard, picard_ddim, "
+                            "parareal_ddpm100, pcm, pcm_ddim16, pcm_ddpm, pcm_ddpm100, "
+                            "pcm_parareal_ddim16, picard, picard_ddim, "
                             "picard_ddim16, picard_ddpm100, sequential, sequential_ddim16, "
                             "sequential_ddpm100"),
         (("checkpoint={ckpt}", "env=pusht_image"),

@@ -518,7 +518,7 @@ def test_entries_run_with_their_default_run_dirs(tiny_checkpoint: Path, tiny_dem
         result = subprocess.run([sys.executable, *command], cwd=REPO_ROOT, env=env,
                                 capture_output=True, text=True, timeout=TIMEOUT_S)
         assert result.returncode == 0, result.stderr[-2000:]
-    assert len(list((tmp_path / "eval").glob("*_picard_ddpm100/results.json"))) == 1
+    assert len(list((tmp_path / "eval").glob("*_parareal_ddpm100/results.json"))) == 1
     assert (tmp_path / "dp_pusht_lowdim" / "latest.ckpt").is_file()
 
 
