@@ -103,7 +103,7 @@ def chunk(
         "action": to_lists(action),
     }
     if knobs["method"] == "sequential":
-        record["naction"] = to_lists(stats["naction"])
+        record["naction"] = to_lists(stats.sample)
     return record
 
 
