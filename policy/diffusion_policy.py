@@ -192,9 +192,7 @@ class DiffusionPolicy(nn.Module):
 
         self.__dict__["_runtime"] = (
             None if kind == "eager" and not options
-            else make_runtime(self.model, kind, horizon=self.horizon, num_timesteps=(
-                self.train_schedule.num_train_timesteps if kind == "onnxruntime" else None),
-                **options)
+            else make_runtime(self.model, kind, horizon=self.horizon, **options)
         )
 
     @property

@@ -12,9 +12,6 @@ assumed: `bench/latency.py`.
 - `onnxruntime`: the UNet exported once with `torch.onnx.export` (a dynamic row axis) and cached
   on disk under a key of the weights' fingerprint, the shapes, opset and versions, so new
   weights never reuse an old export; run by onnxruntime's CPU provider with torch's thread count.
-  The exported graph looks its timestep-dependent FiLM terms up in a table precomputed for
-  every training timestep (`FilmTableUnet`): at one row per call the step encoder and the
-  per-block FiLM layers were a tenth of the graph's time.
 - `compile`: `torch.compile(dynamic=True)`; the first calls pay the compilation.
 - `cuda_graph`: one CUDA graph per row bucket (powers of two up to `max_rows`), captured on first
   use; a call is padded to its bucket (rows are independent in the UNet: GroupNorm and convs
@@ -65,42 +62,14 @@ class EagerRuntime:
                 return self.model(x, t, cond).float()
 
 
-class FilmTableUnet(nn.Module):
-    """A ConditionalUnet1D with the conditioning rearranged for export, same function: block
-    i's FiLM layer is `Linear(Mish([step_emb(t), c]))` = `W_t Mish(step_emb(t)) + W_c Mish(c)
-    + b`, and the first term depends on the timestep alone, so it is tabulated for all
-    `num_timesteps` training timesteps; every block's `W_c` is one matrix product. Differs from
-    the module by float rounding only (~1e-7)."""
-
-    def __init__(self, model: nn.Module, num_timesteps: int):
-        super().__init__()
-        self.model = model
-        blocks = model.film_blocks()
-        linears = [block.film[1] for block in blocks]
-        step_dim = model.step_encoder[-1].out_features
-        with torch.no_grad():
-            step = torch.nn.functional.mish(model.step_encoder(torch.arange(num_timesteps)))
-            weight = torch.cat([linear.weight for linear in linears])  # (F, step_dim + Dc)
-            bias = torch.cat([linear.bias for linear in linears])
-            self.register_buffer("step_table", step @ weight[:, :step_dim].T + bias)  # (T, F)
-            self.register_buffer("cond_weight", weight[:, step_dim:].T.contiguous())  # (Dc, F)
-        self.sizes = [linear.out_features for linear in linears]
-        self.input_dim, self.global_cond_dim = model.input_dim, model.global_cond_dim
-
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, global_cond: torch.Tensor
-                ) -> torch.Tensor:
-        films = self.step_table[timestep] + torch.nn.functional.mish(global_cond) @ self.cond_weight
-        return self.model.trunk(sample, films.split(self.sizes, dim=1))
-
-
-def export_key(model: nn.Module, horizon: int, num_timesteps: int | None = None) -> str:
+def export_key(model: nn.Module, horizon: int) -> str:
     """What an ONNX export depends on: the weights (names, dtypes, bytes), the input shapes,
-    the FiLM table's size, the opset and the torch / onnxruntime versions."""
+    the opset and the torch / onnxruntime versions."""
     from policy.checkpoint import weights_fingerprint
 
     digest = hashlib.sha256(weights_fingerprint(model.state_dict()).encode())
     dims = (model.input_dim, model.global_cond_dim, horizon, ONNX_OPSET, torch.__version__,
-            _onnxruntime().__version__, ("film_table", num_timesteps))
+            _onnxruntime().__version__)
     digest.update(repr(dims).encode())
     return digest.hexdigest()[:24]
 
@@ -142,23 +111,18 @@ def export_onnx(model: nn.Module, horizon: int, path: Path) -> Path:
 
 
 class OnnxRuntime:
-    """The UNet exported once (cached on disk by `export_key`) and run by onnxruntime; with
-    `num_timesteps` (the training timesteps) the FiLM-table form `FilmTableUnet` is exported,
-    and a timestep outside [0, num_timesteps) is refused."""
+    """The UNet exported once (cached on disk by `export_key`) and run by onnxruntime."""
 
     name = "onnxruntime"
 
     def __init__(self, model: nn.Module, horizon: int, cache_dir: Path | None = None,
-                 spinning: bool = False, num_timesteps: int | None = None):
+                 spinning: bool = False):
         ort = _onnxruntime()
         cache_dir = Path(cache_dir or DEFAULT_CACHE).expanduser()
-        self.num_timesteps = num_timesteps
-        key = export_key(model, horizon, num_timesteps)
-        self.path = cache_dir / "onnx" / f"unet_{key}.onnx"
+        self.path = cache_dir / "onnx" / f"unet_{export_key(model, horizon)}.onnx"
         self.exported = not self.path.is_file()
         if self.exported:
-            graph = model if num_timesteps is None else FilmTableUnet(model, num_timesteps)
-            export_onnx(graph.eval(), horizon, self.path)
+            export_onnx(model, horizon, self.path)
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
         options.inter_op_num_threads = 1
@@ -171,11 +135,6 @@ class OnnxRuntime:
                                             providers=["CPUExecutionProvider"])
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        if self.num_timesteps is not None and not bool(
-                ((t >= 0) & (t < self.num_timesteps)).all()):
-            raise ValueError(f"runtime=onnxruntime: timesteps must lie in [0, "
-                             f"{self.num_timesteps}) (the training timesteps); got "
-                             f"{sorted(set(t.tolist()))}")
         out = self.session.run(None, {
             "sample": x.detach().cpu().float().contiguous().numpy(),
             "timestep": t.detach().cpu().long().contiguous().numpy(),
@@ -269,11 +228,9 @@ class CudaGraphRuntime:
 def make_runtime(
     model: nn.Module, kind: str = "eager", horizon: int = 16, precision: str = "float32",
     cache_dir: Path | None = None, max_rows: int = 1024, spinning: bool = False,
-    num_timesteps: int | None = None,
 ) -> Denoiser:
     """The runtime `kind` (RUNTIMES) over `model`; RuntimeUnavailable if this machine lacks
-    what it needs, ValueError for an unknown kind or precision. `num_timesteps`: the training
-    timesteps, for onnxruntime's FiLM table (None: export the module as it is)."""
+    what it needs, ValueError for an unknown kind or precision."""
     if kind not in RUNTIMES:
         raise ValueError(f"runtime must be one of {list(RUNTIMES)}; got {kind!r}")
     if precision != "float32" and kind != "eager":
@@ -284,7 +241,7 @@ def make_runtime(
     if kind == "eager":
         return EagerRuntime(model, precision)
     if kind == "onnxruntime":
-        return OnnxRuntime(model, horizon, cache_dir, spinning, num_timesteps)
+        return OnnxRuntime(model, horizon, cache_dir, spinning)
     if kind == "compile":
         return CompiledRuntime(model)
     return CudaGraphRuntime(model, horizon, max_rows)

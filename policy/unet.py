@@ -61,12 +61,11 @@ class ConditionalResidualBlock1D(nn.Module):
             else nn.Identity()
         )
 
-    def forward(self, x: torch.Tensor, film: torch.Tensor) -> torch.Tensor:
-        """x (B, C_in, H) and this block's FiLM parameters `film` = self.film(cond) (B,
-        film_out) -> (B, C_out, H)."""
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """x (B, C_in, H), cond (B, cond_dim) -> (B, C_out, H)."""
         if not self.cond_predict_scale:
-            return self.conv2(self.conv1(x) + film[:, :, None]) + self.residual(x)
-        scale, bias = film[:, :, None].chunk(2, dim=1)
+            return self.conv2(self.conv1(x) + self.film(cond)[:, :, None]) + self.residual(x)
+        scale, bias = self.film(cond)[:, :, None].chunk(2, dim=1)
         out = self.conv2(scale * self.conv1(x) + bias)
         return out + self.residual(x)
 
@@ -151,33 +150,20 @@ class ConditionalUnet1D(nn.Module):
             nn.Conv1d(down_dims[0], self.output_dim, 1),
         )
 
-    def film_blocks(self) -> list[ConditionalResidualBlock1D]:
-        """The conditioned blocks in the order `trunk` applies them."""
-        blocks = [block for res1, res2, _ in self.down for block in (res1, res2)]
-        blocks += list(self.mid)
-        blocks += [block for res1, res2, _ in self.up for block in (res1, res2)]
-        return blocks
-
     def forward(
         self, sample: torch.Tensor, timestep: torch.Tensor, global_cond: torch.Tensor
     ) -> torch.Tensor:
         """sample (B, H, Da), timestep (B,) long, global_cond (B, Dc) -> (B, H, output_dim)."""
         cond = torch.cat([self.step_encoder(timestep), global_cond], dim=-1)
-        return self.trunk(sample, [block.film(cond) for block in self.film_blocks()])
-
-    def trunk(self, sample: torch.Tensor, films: Sequence[torch.Tensor]) -> torch.Tensor:
-        """The network given each block's FiLM parameters (`film_blocks` order): what depends
-        on the condition only enters here, so a runtime may compute it another way."""
-        film = iter(films)
         x = sample.transpose(1, 2)
         skips = []  # as in DP, the top level's skip is never popped: up levels = levels - 1
         for res1, res2, downsample in self.down:
-            x = res2(res1(x, next(film)), next(film))
+            x = res2(res1(x, cond), cond)
             skips.append(x)
             x = downsample(x)
         for res in self.mid:
-            x = res(x, next(film))
+            x = res(x, cond)
         for res1, res2, upsample in self.up:
             x = torch.cat([x, skips.pop()], dim=1)
-            x = upsample(res2(res1(x, next(film)), next(film)))
+            x = upsample(res2(res1(x, cond), cond))
         return self.final(x).transpose(1, 2)

@@ -13,7 +13,6 @@ from picard_sampler import DDIMSchedule, DDPMSchedule, Sampler, exact_errors
 from picard_sampler.samplers import _FiniteGuard
 from policy.runtime import (
     CudaGraphRuntime,
-    FilmTableUnet,
     OnnxRuntime,
     RuntimeUnavailable,
     make_runtime,
@@ -42,34 +41,13 @@ def inputs(rows: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.
 @pytest.mark.skipif(not HAS_ORT, reason="onnxruntime not installed")
 @pytest.mark.parametrize("rows", [1, 7, 48])
 @pytest.mark.parametrize("spinning", [False, True])
-@pytest.mark.parametrize("num_timesteps", [None, 100])
-def test_onnxruntime_matches_eager(tmp_path, rows: int, spinning: bool, num_timesteps) -> None:
+def test_onnxruntime_matches_eager(tmp_path, rows: int, spinning: bool) -> None:
     model = tiny_unet()
     runtime = make_runtime(model, "onnxruntime", horizon=H, cache_dir=tmp_path,
-                           spinning=spinning, num_timesteps=num_timesteps)
+                           spinning=spinning)
     x, t, c = inputs(rows)
     with torch.no_grad():
         torch.testing.assert_close(runtime(x, t, c), model(x, t, c), rtol=0, atol=1e-5)
-
-
-@pytest.mark.parametrize("cond_predict_scale", [True, False])
-def test_film_table_form_is_the_same_function(cond_predict_scale: bool) -> None:
-    torch.manual_seed(0)
-    model = ConditionalUnet1D(DA, DC, down_dims=(16, 32), n_groups=4, diffusion_step_embed_dim=16,
-                              cond_predict_scale=cond_predict_scale).eval()
-    x, t, c = inputs(9)
-    with torch.no_grad():
-        torch.testing.assert_close(FilmTableUnet(model, 100)(x, t, c), model(x, t, c),
-                                   rtol=0, atol=1e-5)
-
-
-@pytest.mark.skipif(not HAS_ORT, reason="onnxruntime not installed")
-def test_onnxruntime_refuses_timesteps_outside_its_table(tmp_path) -> None:
-    runtime = make_runtime(tiny_unet(), "onnxruntime", horizon=H, cache_dir=tmp_path,
-                           num_timesteps=50)
-    x, t, c = inputs(2)
-    with pytest.raises(ValueError, match=r"timesteps must lie in \[0, 50\)"):
-        runtime(x, torch.tensor([3, 50]), c)
 
 
 def test_spinning_is_an_onnxruntime_option_only() -> None:
