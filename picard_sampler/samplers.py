@@ -335,6 +335,10 @@ def _picard_iterate(
     elif propagator is not None:
         raise ValueError(f"a propagator is used by update=parareal only; got update={update!r}")
 
+    err_scale = schedule.table("error_std", noise) ** 2 * elems
+    tol2 = tol * tol
+    trail = [1] * (noise.dim() - 2)
+
     def coarse_step(j: torch.Tensor, x: torch.Tensor, base_only: torch.Tensor) -> torch.Tensor:
         """G_j(x) for slots j (N,): the propagator's M_j x where the round's map is the base
         model's (`base_only`), else a_j x (a PCM round, whose outputs were trained for it)."""
@@ -343,10 +347,6 @@ def _picard_iterate(
             return scaled
         linear = (propagator[j] @ x.reshape(x.shape[0], -1, 1)).view_as(x)
         return torch.where(base_only.view(-1, *trail), linear, scaled)
-
-    err_scale = schedule.table("error_std", noise) ** 2 * elems
-    tol2 = tol * tol
-    trail = [1] * (noise.dim() - 2)
 
     begin = torch.zeros(B, dtype=torch.long, device=device)  # slots < begin are final
     age = torch.zeros(T, B, dtype=torch.long, device=device)  # rounds each slot was evaluated
@@ -575,7 +575,9 @@ def pcm_sample(
     may pass the convergence test, so the result is the sequential sample of the base model
     whatever the PCM learned; the PCM only moves the early iterates closer to it.
     ``pcm_sees_noise``: call the PCM as ``denoiser_pcm(x, t, cond, noise_path)`` with each
-    slot's ``noise_path`` row (a noise-aware PCM for stochastic DDPM).
+    slot's ``noise_path`` row (a noise-aware PCM for stochastic DDPM). ``update="parareal"``
+    walks base-model slots with ``propagator`` and PCM slots with the scan's a_j (the walk the
+    PCM was trained for; docs/design.md §4.10).
     """
     path = noise_path(schedule, noise) if pcm_sees_noise else None
 
