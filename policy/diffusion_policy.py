@@ -236,7 +236,8 @@ class DiffusionPolicy(nn.Module):
         """The attached propagator of `schedule`, or a ValueError that says how to fit one."""
         from policy.propagator import schedule_key
 
-        found = self.__dict__.get("_propagators", {}).get(schedule_key(schedule))
+        key = schedule_key(schedule)
+        found = self.__dict__.get("_propagators", {}).get(key)
         if found is None:
             raise ValueError(
                 f"sampler.update=parareal needs a linear propagator fitted for this policy and "
@@ -244,7 +245,9 @@ class DiffusionPolicy(nn.Module):
                 f"one with `python scripts/fit_propagator.py CHECKPOINT --schedules "
                 f"{schedule.name}-{schedule.num_inference_steps}` (it writes propagators.pt "
                 f"beside the checkpoint, which load_policy attaches), or use update=scan")
-        return found.to(self.device)
+        if found.device != self.device:  # moved once, not on every chunk
+            found = self.__dict__["_propagators"][key] = found.to(self.device)
+        return found
 
     @property
     def pcm_sees_noise(self) -> bool:
