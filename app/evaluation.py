@@ -265,8 +265,7 @@ def build_sampler(sampler_cfg: Mapping[str, Any] | DictConfig, policy: Diffusion
         sampler = policy.sampler_from_config(plain(sampler_cfg), key)
     except ValueError as e:
         raise ConfigError(str(e)) from e
-    if (sampler.method != "sequential" and sampler.update == "parareal"
-            and not policy.has_propagator(sampler.schedule)):
+    if sampler.needs_propagator and not policy.has_propagator(sampler.schedule):
         steps = f"{sampler.schedule.name}-{sampler.num_steps}"
         warnings.warn(
             f"{key}.update=parareal: no linear propagator is fitted for this policy and "

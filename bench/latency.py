@@ -92,8 +92,7 @@ def time_chunks(policy: DiffusionPolicy, sampler: Sampler, noise: torch.Tensor,
     """Wall times (ms) of `n_chunks` sampler calls after `warmup` untimed ones; the last
     call's (sample, stats)."""
     pcm = policy.pcm_denoiser if policy.pcm is not None else None
-    parareal = sampler.method != "sequential" and sampler.update == "parareal"
-    propagator = policy.propagator_for(sampler.schedule) if parareal else None
+    propagator = policy.propagator_for(sampler.schedule) if sampler.needs_propagator else None
     times, result = [], None
     for i in range(warmup + n_chunks):
         if noise.is_cuda:
@@ -140,7 +139,7 @@ def measure_model(name: str, policy: DiffusionPolicy, args: argparse.Namespace,
                     **({"window": spec["window"], "tol": args.tol,
                         "update": spec.get("update", "scan")}
                        if spec["method"] != "sequential" else {}))
-                if sampler.update == "parareal" and not policy.has_propagator(sampler.schedule):
+                if sampler.needs_propagator and not policy.has_propagator(sampler.schedule):
                     continue  # random weights have no fitted propagator (design §4.10)
                 noise = torch.randn(sampler.noise_shape(batch, policy.horizon, policy.action_dim),
                                     generator=torch.Generator().manual_seed(7)).to(device)

@@ -24,6 +24,8 @@ import torch
 
 from picard_sampler.schedules import Schedule
 
+FD_STEP = 1e-3  # forward-difference step of the fit, in normalized action units
+
 
 def check_propagator(propagator: Any, schedule: Schedule, noise: torch.Tensor) -> torch.Tensor:
     """``propagator`` as a (T, E, E) tensor on the noise's device and dtype, or a ValueError
@@ -49,7 +51,7 @@ def fit_linear_propagator(
     schedule: Schedule,
     noise: torch.Tensor,
     cond: Any = None,
-    fd_step: float = 1e-3,
+    fd_step: float = FD_STEP,
     max_rows: int = 4096,
 ) -> torch.Tensor:
     """The mean Jacobian of each step's map ``x -> step_mean(denoiser(x), x)`` along the
@@ -57,14 +59,12 @@ def fit_linear_propagator(
     E = H * D, by forward differences of size ``fd_step`` (E + 1 rows per sample and step,
     batched up to ``max_rows`` rows per call). Clipping of x0 and any other nonlinearity of the
     step are averaged in; the injected noise does not depend on x and drops out."""
-    from picard_sampler.samplers import _take_cond  # the samplers' own row selection
+    from picard_sampler.samplers import _check_noise, _take_cond  # the samplers' own
 
     if not fd_step > 0:
         raise ValueError(f"fd_step must be > 0; got {fd_step!r}")
+    _check_noise(schedule, noise)
     T, B = schedule.num_inference_steps, noise.shape[1]
-    if noise.dim() < 3 or noise.shape[0] != T + 1:
-        raise ValueError(f"noise must have shape (T+1, B, ...) with T+1 = {T + 1}; got "
-                         f"{tuple(noise.shape)}")
     event = noise.shape[2:]
     elems = noise[0, 0].numel()
     basis = fd_step * torch.eye(elems, dtype=noise.dtype, device=noise.device).view(elems, *event)

@@ -662,6 +662,12 @@ class Sampler:
         return self.schedule.num_inference_steps
 
     @property
+    def needs_propagator(self) -> bool:
+        """Whether a call takes a ``propagator``: a Picard or PCM sampler with
+        ``update="parareal"`` (the sequential sampler has no rounds to speed up)."""
+        return self.method != "sequential" and self.update == "parareal"
+
+    @property
     def label(self) -> str:
         """A short label for tables, e.g. 'picard DDPM-100 (window 16, tol 0.1, scan)'."""
         label = f"{self.method} {self.schedule.name.upper()}-{self.num_steps}"

@@ -295,11 +295,11 @@ class DiffusionPolicy(nn.Module):
             if tuple(noise.shape) != shape:
                 raise ValueError(f"noise: expected shape {shape}, got {tuple(noise.shape)}")
         pcm = self.pcm_denoiser if self.pcm is not None else None
-        parareal = sampler.method != "sequential" and sampler.update == "parareal"
         naction, stats = sampler(
             self.denoiser, noise.to(self.device), cond, init=init, denoiser_pcm=pcm,
             pcm_sees_noise=self.pcm_sees_noise, budget_s=budget_s, clock=clock, inpaint=inpaint,
-            propagator=self.propagator_for(sampler.schedule) if parareal else None,
+            propagator=(self.propagator_for(sampler.schedule) if sampler.needs_propagator
+                        else None),
         )
         start = self.n_obs_steps - 1
         action = self.normalizer.unnormalize("action", naction)

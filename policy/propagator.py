@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from picard_sampler import Schedule, fit_linear_propagator
+from picard_sampler.parareal import FD_STEP
 
 FILENAME = "propagators.pt"
 FORMAT = "picard-policy propagators v1"
@@ -40,7 +41,7 @@ def base_fingerprint(policy: Any) -> str:
 
 
 def fit_propagator(policy: Any, schedule: Schedule, cond: torch.Tensor, seed: int = 0,
-                   fd_step: float = 1e-3) -> torch.Tensor:
+                   fd_step: float = FD_STEP) -> torch.Tensor:
     """The (T, E, E) propagator of `policy` under `schedule`, calibrated on encoded
     observations `cond` (B, Dc) with noise drawn from `seed` (through the policy's runtime)."""
     noise = torch.randn((schedule.num_inference_steps + 1, cond.shape[0], policy.horizon,
@@ -53,7 +54,7 @@ def save_propagators(path: str | Path, policy: Any,
                      entries: Mapping[str, Mapping[str, Any]]) -> Path:
     """Write `entries` ({schedule_key: {"propagator", "schedule", "calibration"}}) for the
     policy's base weights to `path` atomically, merged with the entries already there for the
-    same weights (a file for other weights is replaced only when it has none of them)."""
+    same weights (a file fitted for other weights, or unreadable, is replaced)."""
     from policy.checkpoint import atomic_torch_save
 
     path = Path(path)
