@@ -54,7 +54,7 @@ from envs.realtime import (
     timed_requests,
 )
 from envs.rollout import VECTOR_KINDS, RolloutResult, rollout
-from picard_sampler import Sampler
+from picard_sampler import GUIDANCE_CLIP, INPAINT_METHODS, Sampler
 from picard_sampler.runinfo import run_info
 from policy.checkpoint import PCM_KEY
 from policy.chunking import (
@@ -111,6 +111,9 @@ def check_eval_config(cfg: DictConfig) -> None:
         ("realtime.ensemble_decay", is_number(rt.ensemble_decay, 0), "a number >= 0"),
         ("realtime.soft_mask", is_number(rt.soft_mask, 0) and rt.soft_mask <= 1,
          "a number in [0, 1]"),
+        ("realtime.inpaint_method", rt.inpaint_method in INPAINT_METHODS,
+         f"one of {list(INPAINT_METHODS)}"),
+        ("realtime.guidance_clip", is_number(rt.guidance_clip, 0, strict=True), "a number > 0"),
         ("deadline_ms", not (rt.enabled and cfg.deadline_ms is not None),
          "null with realtime.enabled=true (the deadline is realtime.lead_steps ticks at "
          "realtime.control_hz)"),
@@ -135,6 +138,8 @@ class Realtime:
     delay_ms: float = 0.0
     ensemble_decay: float = 0.01
     soft_mask: float = 0.0
+    inpaint_method: str = "replace"
+    guidance_clip: float = GUIDANCE_CLIP
 
 
 def realtime_settings(cfg: DictConfig, dims: tuple[int, int, int]) -> Realtime | None:
@@ -159,7 +164,7 @@ def realtime_settings(cfg: DictConfig, dims: tuple[int, int, int]) -> Realtime |
         )
     return Realtime(float(rt.control_hz), rt.clock, lead, float(rt.budget_margin_ms),
                     rt.handoff, float(rt.delay_ms), float(rt.ensemble_decay),
-                    float(rt.soft_mask))
+                    float(rt.soft_mask), rt.inpaint_method, float(rt.guidance_clip))
 
 
 # ------------------------------------------------------------------------ checkpoint, env
@@ -359,9 +364,12 @@ def evaluate(
     env = plain(env)
     max_steps = env["max_steps"] if max_steps is None else max_steps
     try:
+        inpaint = ({"inpaint_method": realtime.inpaint_method,
+                    "guidance_clip": realtime.guidance_clip}
+                   if realtime is not None and realtime.handoff == "inpaint" else {})
         chunk_policy = ChunkPolicy(policy, sampler, noise_seed, resolve_warm_start(warm_start),
                                    exact_err_every, full_horizon=realtime is not None,
-                                   clock=clock)
+                                   clock=clock, **inpaint)
     except ValueError as e:
         raise ConfigError(str(e)) from e
     dims = (policy.n_obs_steps, policy.n_action_steps, policy.horizon)

@@ -30,6 +30,7 @@ import numpy as np
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
+from picard_sampler import GUIDANCE_CLIP
 from policy.chunking import ChunkPolicy
 from policy.diffusion_policy import DiffusionPolicy
 from serving.protocol import (
@@ -88,10 +89,12 @@ class PolicyServer:
         self, policy: DiffusionPolicy, sampler: Any, metadata: Mapping[str, Any], *,
         noise_seed: int = 0, warm_start: str = "none", max_batch: int = 8,
         max_clients: int = 16, max_episodes_per_client: int = 8,
-        max_message_bytes: int = 4 * 2**20,
+        max_message_bytes: int = 4 * 2**20, inpaint_method: str = "replace",
+        guidance_clip: float = GUIDANCE_CLIP,
     ):
         self.policy = policy
-        self.chunks = ChunkPolicy(policy, sampler, noise_seed, warm_start, full_horizon=True)
+        self.chunks = ChunkPolicy(policy, sampler, noise_seed, warm_start, full_horizon=True,
+                                  inpaint_method=inpaint_method, guidance_clip=guidance_clip)
         self.max_batch = max_batch
         self.max_clients = max_clients
         self.max_episodes_per_client = max_episodes_per_client
@@ -386,6 +389,7 @@ def run_server(server: PolicyServer, host: str, port: int,
 def check_serve_config(cfg: Any) -> None:
     """Reject values serve_policy.py cannot use, naming the key and what is allowed."""
     from app.config import DEVICE_ALLOWED, device_ok, is_int, is_number, raise_first_failure
+    from picard_sampler import INPAINT_METHODS
     from policy.chunking import WARM_STARTS
 
     raise_first_failure(cfg, [
@@ -394,6 +398,9 @@ def check_serve_config(cfg: Any) -> None:
         ("port", is_int(cfg.port, 0) and cfg.port <= 65535, "an int in [0, 65535]"),
         ("noise_seed", is_int(cfg.noise_seed, 0), "an int >= 0"),
         ("warm_start", cfg.warm_start in WARM_STARTS, f"one of {list(WARM_STARTS)}"),
+        ("inpaint_method", cfg.inpaint_method in INPAINT_METHODS,
+         f"one of {list(INPAINT_METHODS)}"),
+        ("guidance_clip", is_number(cfg.guidance_clip, 0, strict=True), "a number > 0"),
         ("control_hz", is_number(cfg.control_hz, 0, strict=True), "a number > 0"),
         ("max_batch", is_int(cfg.max_batch, 1), "an int >= 1"),
         ("max_clients", is_int(cfg.max_clients, 1), "an int >= 1"),
@@ -413,7 +420,7 @@ def run_serve(cfg: Any) -> None:
     import os
     from pathlib import Path
 
-    from app.config import configure_torch, plain
+    from app.config import ConfigError, configure_torch, plain
     from app.evaluation import (
         build_sampler,
         check_pcm_weights,
@@ -438,13 +445,18 @@ def run_serve(cfg: Any) -> None:
         "sampler": {"label": sampler.label, **sampler.config}, "runtime": plain(cfg.runtime),
         "env": env, "control_hz": float(cfg.control_hz), "noise_seed": cfg.noise_seed,
         "warm_start": cfg.warm_start, "device": str(device),
+        "inpaint": {"method": cfg.inpaint_method, "guidance_clip": float(cfg.guidance_clip)},
     }
-    server = PolicyServer(
-        policy, sampler, metadata, noise_seed=cfg.noise_seed, warm_start=cfg.warm_start,
-        max_batch=cfg.max_batch, max_clients=cfg.max_clients,
-        max_episodes_per_client=cfg.max_episodes_per_client,
-        max_message_bytes=int(cfg.max_message_mb * 2**20),
-    )
+    try:
+        server = PolicyServer(
+            policy, sampler, metadata, noise_seed=cfg.noise_seed, warm_start=cfg.warm_start,
+            max_batch=cfg.max_batch, max_clients=cfg.max_clients,
+            max_episodes_per_client=cfg.max_episodes_per_client,
+            max_message_bytes=int(cfg.max_message_mb * 2**20),
+            inpaint_method=cfg.inpaint_method, guidance_clip=float(cfg.guidance_clip),
+        )
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
 
     def on_ready(port: int) -> None:
         print(f"serving {cfg.checkpoint} with {sampler.label} on ws://{cfg.host}:{port} "

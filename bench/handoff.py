@@ -11,6 +11,8 @@ Cells are kept under --runs-dir and reused, so a killed run resumes where it sto
     python bench/handoff.py --task pusht --out bench/results/handoff_pusht.json --episodes 50
     python bench/handoff.py --task lift --out bench/results/handoff_lift.json --episodes 20 \
         --delays 0 200 500
+    python bench/handoff.py --task pusht --handoffs inpaint --inpaint-methods guide \
+        --out bench/results/handoff_pusht_guide.json       # RTC's guidance (runtime eager)
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from app.config import compose_config
 from app.evaluation import run_eval
 from app.report import write_results
 from envs.realtime import HANDOFFS
+from picard_sampler import INPAINT_METHODS
 
 TASKS = {  # checkpoint and control rate (PushT's physics ticks 10 Hz, robosuite's 20 Hz)
     "pusht": ("checkpoints/pusht_lowdim/policy.ckpt", 10),
@@ -44,15 +47,23 @@ def realised_delay_ticks(requests: list[dict[str, Any]]) -> float | None:
     return float(np.mean(ticks)) if ticks else None
 
 
-def method_name(handoff: str, soft_mask: float | None) -> str:
-    """A row's method: the hand-off, with the inpaint soft-mask scale."""
-    return handoff if soft_mask is None else f"{handoff} soft {soft_mask:g}"
+def method_name(handoff: str, soft_mask: float | None, inpaint_method: str = "replace") -> str:
+    """A row's method: the hand-off, with the inpaint method (when it guides) and soft-mask
+    scale."""
+    if soft_mask is None:
+        return handoff
+    guide = " guide" if inpaint_method == "guide" else ""
+    return f"{handoff}{guide} soft {soft_mask:g}"
 
 
 def cell(task: str, handoff: str, soft_mask: float | None, delay_ms: float, episodes: int,
-         runs_dir: Path, sampler: str, runtime: str, quick: bool) -> dict[str, Any]:
-    """One (hand-off, delay) eval; reuses a finished run of the same overrides."""
+         runs_dir: Path, sampler: str, runtime: str, quick: bool,
+         inpaint_method: str = "replace") -> dict[str, Any]:
+    """One (hand-off, delay) eval; reuses a finished run of the same overrides. Guided
+    inpainting differentiates the UNet, so its cells run on runtime eager."""
     checkpoint, hz = TASKS[task]
+    if inpaint_method == "guide":
+        runtime = "eager"
     overrides = [
         f"checkpoint={checkpoint}", f"sampler={sampler}", f"runtime={runtime}",
         "realtime.enabled=true", f"realtime.control_hz={hz}", f"realtime.handoff={handoff}",
@@ -61,7 +72,9 @@ def cell(task: str, handoff: str, soft_mask: float | None, delay_ms: float, epis
     ] + (["max_steps=48"] if quick else [])
     if soft_mask is not None:
         overrides.append(f"realtime.soft_mask={soft_mask:g}")
-    method = method_name(handoff, soft_mask)
+    if inpaint_method != "replace":
+        overrides.append(f"realtime.inpaint_method={inpaint_method}")
+    method = method_name(handoff, soft_mask, inpaint_method)
     out_dir = runs_dir / f"{task}_{method.replace(' ', '_')}_{delay_ms:g}ms_{episodes}ep"
     done = out_dir / "results.json"
     if done.is_file() and json.loads(done.read_text())["overrides"] == overrides:
@@ -70,7 +83,8 @@ def cell(task: str, handoff: str, soft_mask: float | None, delay_ms: float, epis
         results = run_eval(compose_config("eval", overrides), out_dir, overrides)
     return {
         "task": task, "method": method, "handoff": handoff, "soft_mask": soft_mask,
-        "delay_ms": delay_ms, "control_hz": hz,
+        "inpaint_method": inpaint_method if handoff == "inpaint" else None,
+        "runtime": runtime, "delay_ms": delay_ms, "control_hz": hz,
         **{k: results["metrics"].get(k) for k in ROW_METRICS},
         "realised_delay_ticks": realised_delay_ticks(results["requests"]),
         "n_episodes": results["n_episodes"], "overrides": overrides,
@@ -132,6 +146,10 @@ def main() -> None:
     parser.add_argument("--handoffs", nargs="+", default=list(HANDOFFS), choices=HANDOFFS)
     parser.add_argument("--soft-masks", type=float, nargs="+", default=[0, 0.5, 1],
                         help="realtime.soft_mask values of the inpaint rows")
+    parser.add_argument("--inpaint-methods", nargs="+", default=["replace"],
+                        choices=list(INPAINT_METHODS),
+                        help="realtime.inpaint_method values of the inpaint rows (guide runs "
+                             "on runtime eager)")
     parser.add_argument("--sampler", default="sequential_ddim16", help="conf/sampler choice")
     parser.add_argument("--runtime", default="onnxruntime", help="conf/runtime choice")
     parser.add_argument("--runs-dir", type=Path, default=Path("runs/bench_handoff"))
@@ -149,12 +167,13 @@ def main() -> None:
         ) + f" --out {args.out}" + (" --quick" if args.quick else ""),
     }
     rows: list[dict[str, Any]] = []
-    methods = [(h, s) for h in args.handoffs
+    methods = [(h, s, m) for h in args.handoffs
+               for m in (args.inpaint_methods if h == "inpaint" else ["replace"])
                for s in (args.soft_masks if h == "inpaint" else [None])]
     for delay in args.delays:
-        for handoff, soft_mask in methods:
+        for handoff, soft_mask, inpaint_method in methods:
             rows.append(cell(args.task, handoff, soft_mask, delay, episodes, args.runs_dir,
-                             args.sampler, args.runtime, args.quick))
+                             args.sampler, args.runtime, args.quick, inpaint_method))
             row = rows[-1]
             print(f"{args.task} {row['method']:16s} {delay:5g} ms: score "
                   f"{row['mean_score']:.3f} jerk {row['boundary_jerk']:.2f} / "

@@ -4,7 +4,7 @@ Knows nothing about robots or configs: a denoiser callable, a schedule and pre-d
 a sample and its statistics out.
 """
 
-from picard_sampler.inpaint import Inpaint
+from picard_sampler.inpaint import GUIDANCE_CLIP, INPAINT_METHODS, Inpaint
 from picard_sampler.metrics import EXACT_RULE, exact_errors, is_exact, percentile
 from picard_sampler.parareal import fit_linear_propagator
 from picard_sampler.samplers import (
@@ -31,6 +31,8 @@ from picard_sampler.schedules import (
 __all__ = [
     "DDIMSchedule",
     "EXACT_RULE",
+    "GUIDANCE_CLIP",
+    "INPAINT_METHODS",
     "Inpaint",
     "DDPMSchedule",
     "SAMPLER_METHODS",

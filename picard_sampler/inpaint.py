@@ -9,6 +9,17 @@ so the constraint is a deterministic function of (target, weight, noise)); after
 Chunking). Because ``g_j`` is again a fixed function of (x, step, noise), Picard iteration and
 PCM sampling converge to the sequential sample *with the constraint*: exactness is unchanged
 (docs/design.md §4.8).
+
+``method="guide"`` leaves the steps alone and instead guides the model output towards the
+target (pseudoinverse guidance, as Real-Time Chunking uses it): with ``x0`` the output's
+clean-sample estimate and ``g = J^T W (target - x0)``, ``J = d x0 / d x`` (one vector-Jacobian
+product through the denoiser, so it needs a differentiable one: eager PyTorch), the output
+becomes ``eps' = eps - share * g / sqrt(1 - abar)``; ``share = 1`` is the full pseudoinverse
+correction (``x0`` moves by ``g / sqrt(abar)``), and RTC's clip of the guidance weight at
+``beta`` becomes ``share = min(1, beta * sqrt(abar (1 - abar)))`` in diffusion terms. The
+guided output is again a fixed function of (x, t, cond, target, weight), so every sampler still
+converges to the sequential sample with the same guidance; the target is approached, not met
+exactly (docs/design.md §4.8).
 """
 
 from __future__ import annotations
@@ -19,16 +30,31 @@ import torch
 
 from picard_sampler.schedules import Schedule
 
+INPAINT_METHODS = ("replace", "guide")
+GUIDANCE_CLIP = 5.0
+"""Largest guidance weight of ``method="guide"`` (Real-Time Chunking's beta): the natural
+weight grows without bound at both ends of sampling."""
+
 
 @dataclass
 class Inpaint:
     """Known values ``target`` (B, *event) and their weights ``weight`` in [0, 1] (broadcastable
-    to ``target``: e.g. (B, H, 1) for per-action-step weights). Entries of weight 0 are free."""
+    to ``target``: e.g. (B, H, 1) for per-action-step weights). Entries of weight 0 are free.
+    ``method``: "replace" (after each step) or "guide" (the model output, ``guidance_clip``
+    its largest weight); see the module docstring."""
 
     target: torch.Tensor
     weight: torch.Tensor
+    method: str = "replace"
+    guidance_clip: float = GUIDANCE_CLIP
 
     def __post_init__(self) -> None:
+        if self.method not in INPAINT_METHODS:
+            raise ValueError(f"Inpaint method must be one of {list(INPAINT_METHODS)}; "
+                             f"got {self.method!r}")
+        clip = self.guidance_clip
+        if isinstance(clip, bool) or not isinstance(clip, int | float) or not clip > 0:
+            raise ValueError(f"Inpaint guidance_clip must be a number > 0; got {clip!r}")
         if not isinstance(self.target, torch.Tensor) or not isinstance(self.weight, torch.Tensor):
             raise TypeError("Inpaint target and weight must be tensors")
         try:
@@ -53,12 +79,20 @@ class Inpaint:
 
     def to(self, like: torch.Tensor) -> Inpaint:
         """On ``like``'s device and dtype."""
-        return Inpaint(self.target.to(like), self.weight.to(like))
+        return Inpaint(self.target.to(like), self.weight.to(like), self.method,
+                       self.guidance_clip)
+
+    @property
+    def guides(self) -> bool:
+        """Whether the constraint acts on the model output (guidance), not on the steps."""
+        return self.method == "guide"
 
     def apply(self, schedule: Schedule, x_next: torch.Tensor, step: torch.Tensor,
               sample: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """The constrained result of steps ``step`` (N,) for samples ``sample`` (N,), whose
-        unconstrained results are ``x_next`` (N, *event)."""
+        unconstrained results are ``x_next`` (N, *event); unchanged when guiding."""
+        if self.guides:
+            return x_next
         trail = [1] * (x_next.dim() - 1)
         scale = schedule.table("sqrt_ac_prev", x_next)[step].view(-1, *trail)
         spread = schedule.table("sqrt_1m_ac_prev", x_next)[step].view(-1, *trail)
@@ -66,5 +100,28 @@ class Inpaint:
         return torch.lerp(x_next, known, self.weight[sample])
 
     def keep(self, sample: torch.Tensor) -> torch.Tensor:
-        """1 - weight of ``sample`` (N,): the share of a step's x-coefficient left after it."""
+        """1 - weight of ``sample`` (N,): the share of a step's x-coefficient left after it
+        (all of it when guiding: the steps are not changed)."""
+        if self.guides:
+            return torch.ones_like(self.weight[sample])
         return 1.0 - self.weight[sample]
+
+    def guided_output(self, schedule: Schedule, out: torch.Tensor, x: torch.Tensor,
+                      step: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        """The guided model output for rows at steps ``step`` (N,) of samples ``sample`` (N,):
+        ``out`` must have been computed from ``x`` with autograd recording (the caller's
+        job); returns a detached tensor."""
+        if not out.requires_grad:
+            raise ValueError(
+                "inpaint method 'guide' needs a differentiable denoiser (eager PyTorch); this one "
+                "returned an output without a gradient (an exported or captured runtime?)")
+        x0 = schedule.predict_x0(out, x, step)
+        residual = (self.weight[sample] * (self.target[sample] - x0)).detach()
+        (pull,) = torch.autograd.grad(x0, x, grad_outputs=residual)
+        trail = [1] * (x.dim() - 1)
+        signal = schedule.table("sqrt_ac_t", x)[step].view(-1, *trail)
+        spread = schedule.table("sqrt_1m_ac_t", x)[step].view(-1, *trail)
+        # the share of the full pseudoinverse correction: weight / natural weight, both in the
+        # flow-matching time RTC clips them in (natural weight 1 / sqrt(abar (1 - abar)))
+        share = (self.guidance_clip * signal * spread).clamp(max=1.0)
+        return (out - share / spread * pull).detach()

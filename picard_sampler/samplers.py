@@ -111,6 +111,15 @@ def _take_cond(cond: Any, sample_idx: torch.Tensor) -> Any:
     raise TypeError(f"cond must be a tensor, a dict of tensors or None; got {type(cond).__name__}")
 
 
+def _clone_cond(cond: Any) -> Any:
+    """A copy of the conditioning made outside inference mode, so autograd may save it."""
+    if isinstance(cond, torch.Tensor):
+        return cond.clone()
+    if isinstance(cond, dict):
+        return {k: _clone_cond(v) for k, v in cond.items()}
+    return cond
+
+
 class _FiniteGuard:
     """Where the denoiser's outputs are checked for NaN/inf: at once on the CPU (cheap), once
     per sampler call on an accelerator (a check per call would sync the host every call);
@@ -203,10 +212,11 @@ def sequential_sample(
     timesteps = schedule.timesteps.to(noise.device)
     noise_std = schedule.table("noise_std", noise)
     samples = torch.arange(B, device=noise.device)
+    evaluate = _guided(_base_evaluator(denoiser), schedule, inpaint)
     for i in range(T):
         idx = torch.full((B,), i, device=noise.device, dtype=torch.long)
         x = trajectory[i]
-        out = _call_denoiser(denoiser, x, timesteps[idx], cond)
+        out, _ = evaluate(x, timesteps[idx], cond, idx, samples, idx)
         x_next = schedule.step_mean(out, x, idx) + noise_std[i] * noise[i + 1]
         if inpaint is not None:
             x_next = inpaint.apply(schedule, x_next, idx, samples, noise)
@@ -236,6 +246,30 @@ Evaluator = Callable[
     [torch.Tensor, torch.Tensor, Any, torch.Tensor, torch.Tensor, torch.Tensor],
     tuple[torch.Tensor, torch.Tensor],
 ]
+
+
+def _base_evaluator(denoiser: Denoiser) -> Evaluator:
+    """The evaluator of a plain denoiser: every output is the base model's."""
+    def evaluate(x, t, c, slot, sample, age):
+        return _call_denoiser(denoiser, x, t, c), torch.ones_like(slot, dtype=torch.bool)
+
+    return evaluate
+
+
+def _guided(evaluate: Evaluator, schedule: Schedule, inpaint: Inpaint | None) -> Evaluator:
+    """``evaluate`` with its outputs guided towards ``inpaint``'s target when it guides
+    (picard_sampler.inpaint); ``evaluate`` itself otherwise. The gradient is taken outside
+    inference mode on copies of the inputs, whatever mode the caller runs in."""
+    if inpaint is None or not inpaint.guides:
+        return evaluate
+
+    def guided(x, t, c, slot, sample, age):
+        with torch.inference_mode(False), torch.enable_grad():
+            x = x.detach().clone().requires_grad_(True)
+            out, exact = evaluate(x, t.clone(), _clone_cond(c), slot, sample, age)
+            return inpaint.guided_output(schedule, out, x, slot, sample), exact
+
+    return guided
 
 
 def _validate_picard_args(
@@ -303,6 +337,7 @@ def _picard_iterate(
     ``(1 - W) a_j``, so the fixed point is the constrained sequential sample (design §4.8)."""
     _check_noise(schedule, noise)
     inpaint = _prepare_inpaint(inpaint, noise)
+    evaluate = _guided(evaluate, schedule, inpaint)
     p = _validate_picard_args(schedule, window, tol, update, max_rounds)
     _validate_accel(accel, accel_memory, p, schedule.num_inference_steps)
     anderson = Anderson(accel_memory) if accel == "anderson" else None
@@ -502,11 +537,8 @@ def picard_sample(
     picard_sampler.parareal, docs/design.md §4.10).
     """
 
-    def evaluate(x, t, c, slot, sample, age):
-        return _call_denoiser(denoiser, x, t, c), torch.ones_like(slot, dtype=torch.bool)
-
     return _picard_iterate(
-        evaluate,
+        _base_evaluator(denoiser),
         schedule,
         noise,
         cond,

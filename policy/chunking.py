@@ -20,7 +20,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from picard_sampler import Sampler, SampleStats, exact_errors, percentile
+from picard_sampler import (
+    GUIDANCE_CLIP,
+    INPAINT_METHODS,
+    Sampler,
+    SampleStats,
+    exact_errors,
+    percentile,
+)
 from policy.diffusion_policy import DiffusionPolicy
 
 WARM_STARTS = ("none", "reuse", "shift")
@@ -106,14 +113,28 @@ class ChunkPolicy:
     `exact_err_every`-th call (0: never) also runs the sequential sampler on the same noise.
     Idle envs (`on_reset(i, None)`) are not sampled. `full_horizon` returns the whole (H) chunk
     instead of the Ta executed steps (what a real-time controller needs); `clock` is what
-    latencies and time budgets are measured on.
+    latencies and time budgets are measured on. A call's `prefix` becomes an inpainting
+    constraint applied by `inpaint_method` ("replace", or "guide" with `guidance_clip`: needs
+    runtime eager; picard_sampler.inpaint).
     """
 
     def __init__(
         self, policy: DiffusionPolicy, sampler: Sampler, noise_seed: int,
         warm_start: str | bool = "none", exact_err_every: int = 0, full_horizon: bool = False,
-        clock: Callable[[], float] | None = None,
+        clock: Callable[[], float] | None = None, inpaint_method: str = "replace",
+        guidance_clip: float = GUIDANCE_CLIP,
     ):
+        if inpaint_method not in INPAINT_METHODS:
+            raise ValueError(f"inpaint_method must be one of {list(INPAINT_METHODS)}; got "
+                             f"{inpaint_method!r}")
+        if inpaint_method == "guide" and policy.runtime != "eager":
+            raise ValueError(f"inpaint_method=guide differentiates the denoiser and needs "
+                             f"runtime=eager; got runtime={policy.runtime}")
+        if isinstance(guidance_clip, bool) or not isinstance(guidance_clip, int | float) \
+                or not guidance_clip > 0:
+            raise ValueError(f"guidance_clip must be a number > 0; got {guidance_clip!r}")
+        self.inpaint_method = inpaint_method
+        self.guidance_clip = float(guidance_clip)
         self.policy = policy
         self.sampler = sampler
         self.noise_seed = noise_seed
@@ -205,7 +226,8 @@ class ChunkPolicy:
             actions = np.asarray(prefix.actions)
             if not subset:
                 actions, weights = actions[rows], weights if weights.ndim == 1 else weights[rows]
-            inpaint = self.policy.constraint_for(actions, weights)
+            inpaint = self.policy.constraint_for(actions, weights, self.inpaint_method,
+                                                 self.guidance_clip)
         noise = torch.stack([self._noise(row) for row in rows], dim=1).to(self.policy.device)
         warm = self.warm_start != "none" and self.sampler.method != "sequential"
         init = self._initial_trajectory(rows, noise) if warm else None

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from picard_sampler import (
+    GUIDANCE_CLIP,
     TRAINING_SETTINGS,
     Inpaint,
     Sampler,
@@ -306,9 +307,14 @@ class DiffusionPolicy(nn.Module):
         return action[:, start : start + self.n_action_steps], stats
 
     def constraint_for(self, actions: np.ndarray | torch.Tensor,
-                       weights: np.ndarray | torch.Tensor) -> Inpaint:
+                       weights: np.ndarray | torch.Tensor, method: str = "replace",
+                       guidance_clip: float = GUIDANCE_CLIP) -> Inpaint:
         """An inpainting constraint from raw-unit actions (B, H, Da) on the chunk's timeline and
-        per-step weights in [0, 1] ((H,) for every row, or (B, H)); see picard_sampler.inpaint."""
+        per-step weights in [0, 1] ((H,) for every row, or (B, H)), applied by replacement or
+        guidance (`method`; guidance needs runtime eager); see picard_sampler.inpaint."""
+        if method == "guide" and self.runtime != "eager":
+            raise ValueError(f"inpainting by guidance differentiates the denoiser and needs "
+                             f"runtime=eager; got runtime={self.runtime}")
         actions = torch.as_tensor(np.asarray(actions), dtype=torch.float32, device=self.device)
         expected = (self.horizon, self.action_dim)
         if actions.dim() != 3 or tuple(actions.shape[1:]) != expected:
@@ -320,7 +326,8 @@ class DiffusionPolicy(nn.Module):
         if tuple(weights.shape) != tuple(actions.shape[:2]):
             raise ValueError(f"prefix weights must have shape ({self.horizon},) or "
                              f"{tuple(actions.shape[:2])}; got {tuple(weights.shape)}")
-        return Inpaint(self.normalizer.normalize("action", actions), weights[..., None])
+        return Inpaint(self.normalizer.normalize("action", actions), weights[..., None], method,
+                       guidance_clip)
 
     # ---------------------------------------------------------------------- samplers
     @property

@@ -43,7 +43,8 @@ class RuntimeUnavailable(RuntimeError):
 
 
 class EagerRuntime:
-    """The module itself, under inference_mode (and autocast for a reduced `precision`)."""
+    """The module itself, under inference_mode (and autocast for a reduced `precision`); the
+    only runtime that can differentiate the denoiser (when the caller enables gradients)."""
 
     name = "eager"
 
@@ -54,7 +55,9 @@ class EagerRuntime:
         self.precision = precision
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
+        # inference mode unless the caller records gradients (inpainting guidance takes a
+        # vector-Jacobian product through the denoiser: picard_sampler.inpaint)
+        with torch.inference_mode(not torch.is_grad_enabled()):
             dtype = PRECISIONS[self.precision]
             if dtype is None:
                 return self.model(x, t, cond)

@@ -267,3 +267,25 @@ def test_a_chunk_still_missing_when_the_episode_ends_is_a_miss() -> None:
     missing = controller.requests[-1]
     assert (missing.request_tick, missing.late, missing.delivered) == (4, True, False)
     assert summarize_realtime(records, controller.requests)["deadline_miss_rate"] == 1.0
+
+
+# ------------------------------------------------------------------------ guided inpainting
+@pytest.mark.usefixtures("one_thread")
+def test_guided_inpainting_runs_realtime_exactly_and_refuses_exported_runtimes(
+    eval_cfg, tmp_path: Path
+) -> None:
+    """realtime.inpaint_method=guide: each chunk is guided towards its prefix, Picard still
+    gives the guided sequential chunk (exact_err against it), and a runtime that cannot be
+    differentiated is a one-line config error."""
+    from app.config import ConfigError
+
+    guide = ("sampler=picard_ddim16", "sampler.tol=0.01", "n_envs=1", "n_episodes=1",
+             "realtime.enabled=true", "realtime.handoff=inpaint", "realtime.inpaint_method=guide")
+    results = evaluation.run_eval(eval_cfg(*guide), tmp_path / "guide")
+    timed = [r for r in results["requests"] if not r["startup"]]
+    assert timed and all(r["frozen_steps"] >= TO for r in timed)
+    assert results["metrics"]["exact_err_max"] < 0.05
+    assert results["config"]["realtime"]["inpaint_method"] == "guide"
+    with pytest.raises(ConfigError, match="needs runtime=eager; got runtime=onnxruntime") as e:
+        evaluation.run_eval(eval_cfg(*guide, "runtime=onnxruntime"), tmp_path / "ort")
+    assert "\n" not in str(e.value)

@@ -186,6 +186,25 @@ def test_bad_server_config_is_one_line(tmp_path: Path) -> None:
     assert result.stderr.strip().splitlines()[-1].startswith("config error: port")
 
 
+def test_guided_prefixes_need_an_eager_server(local: ChunkPolicy) -> None:
+    """serve_policy.py inpaint_method=guide: a server whose runtime cannot be differentiated
+    refuses to start, naming the runtime (run_serve turns it into a config error)."""
+    from app.config import compose_config
+    from app.serving import check_serve_config
+
+    guided = PolicyServer(local.policy, local.sampler, {}, inpaint_method="guide")
+    assert guided.chunks.inpaint_method == "guide"
+    runtime = local.policy.__dict__.get("_runtime")
+    try:
+        local.policy.use_runtime("compile")
+        with pytest.raises(ValueError, match="needs runtime=eager; got runtime=compile"):
+            PolicyServer(local.policy, local.sampler, {}, inpaint_method="guide")
+    finally:
+        local.policy.__dict__["_runtime"] = runtime
+    with pytest.raises(Exception, match=r"inpaint_method must be one of \['replace', 'guide'\]"):
+        check_serve_config(compose_config("serve", ["inpaint_method=nudge"]))
+
+
 def test_waiting_requests_are_sampled_in_one_call(local: ChunkPolicy) -> None:
     """Requests that queue while the worker is busy go into ONE sampler call; their chunks
     equal the one-by-one chunks up to float rounding (docs/design.md §9)."""
