@@ -449,6 +449,8 @@ def summarize(
         "held_step_rate": None,
         "boundary_jerk": None,
         "within_chunk_jerk": None,
+        "prefix_err_max": None,
+        "prefix_err_mean": None,
     }
     if result.realtime is not None:
         steps = [call.record for call in result.rollout.policy_calls]

@@ -28,7 +28,7 @@ from app.config import compose_config
 from app.evaluation import run_eval
 from app.report import write_results
 from envs.realtime import HANDOFFS
-from picard_sampler import INPAINT_METHODS
+from picard_sampler import GUIDANCE_CLIP, INPAINT_METHODS
 
 TASKS = {  # checkpoint and control rate (PushT's physics ticks 10 Hz, robosuite's 20 Hz)
     "pusht": ("checkpoints/pusht_lowdim/policy.ckpt", 10),
@@ -37,6 +37,7 @@ TASKS = {  # checkpoint and control rate (PushT's physics ticks 10 Hz, robosuite
 ROW_METRICS = (
     "mean_score", "success_rate", "boundary_jerk", "within_chunk_jerk", "held_step_rate",
     "deadline_miss_rate", "mean_steps", "latency_ms_p50", "latency_ms_p99", "n_timed_requests",
+    "prefix_err_max", "prefix_err_mean",
 )
 
 
@@ -47,18 +48,21 @@ def realised_delay_ticks(requests: list[dict[str, Any]]) -> float | None:
     return float(np.mean(ticks)) if ticks else None
 
 
-def method_name(handoff: str, soft_mask: float | None, inpaint_method: str = "replace") -> str:
-    """A row's method: the hand-off, with the inpaint method (when it guides) and soft-mask
-    scale."""
+def method_name(handoff: str, soft_mask: float | None, inpaint_method: str = "replace",
+                guidance_clip: float = GUIDANCE_CLIP) -> str:
+    """A row's method: the hand-off, with the inpaint method (when it guides: and its clip
+    when not RTC's) and soft-mask scale."""
     if soft_mask is None:
         return handoff
-    guide = " guide" if inpaint_method == "guide" else ""
+    guide = ""
+    if inpaint_method == "guide":
+        guide = " guide" if guidance_clip == GUIDANCE_CLIP else f" guide clip {guidance_clip:g}"
     return f"{handoff}{guide} soft {soft_mask:g}"
 
 
 def cell(task: str, handoff: str, soft_mask: float | None, delay_ms: float, episodes: int,
          runs_dir: Path, sampler: str, runtime: str, quick: bool,
-         inpaint_method: str = "replace") -> dict[str, Any]:
+         inpaint_method: str = "replace", guidance_clip: float = GUIDANCE_CLIP) -> dict[str, Any]:
     """One (hand-off, delay) eval; reuses a finished run of the same overrides. Guided
     inpainting differentiates the UNet, so its cells run on runtime eager."""
     checkpoint, hz = TASKS[task]
@@ -74,7 +78,9 @@ def cell(task: str, handoff: str, soft_mask: float | None, delay_ms: float, epis
         overrides.append(f"realtime.soft_mask={soft_mask:g}")
     if inpaint_method != "replace":
         overrides.append(f"realtime.inpaint_method={inpaint_method}")
-    method = method_name(handoff, soft_mask, inpaint_method)
+        if guidance_clip != GUIDANCE_CLIP:
+            overrides.append(f"realtime.guidance_clip={guidance_clip:g}")
+    method = method_name(handoff, soft_mask, inpaint_method, guidance_clip)
     out_dir = runs_dir / f"{task}_{method.replace(' ', '_')}_{delay_ms:g}ms_{episodes}ep"
     done = out_dir / "results.json"
     if done.is_file() and json.loads(done.read_text())["overrides"] == overrides:
@@ -84,6 +90,7 @@ def cell(task: str, handoff: str, soft_mask: float | None, delay_ms: float, epis
     return {
         "task": task, "method": method, "handoff": handoff, "soft_mask": soft_mask,
         "inpaint_method": inpaint_method if handoff == "inpaint" else None,
+        "guidance_clip": guidance_clip if inpaint_method == "guide" else None,
         "runtime": runtime, "delay_ms": delay_ms, "control_hz": hz,
         **{k: results["metrics"].get(k) for k in ROW_METRICS},
         "realised_delay_ticks": realised_delay_ticks(results["requests"]),
@@ -150,6 +157,8 @@ def main() -> None:
                         choices=list(INPAINT_METHODS),
                         help="realtime.inpaint_method values of the inpaint rows (guide runs "
                              "on runtime eager)")
+    parser.add_argument("--guidance-clip", type=float, default=GUIDANCE_CLIP,
+                        help="realtime.guidance_clip of the guide rows (RTC's beta)")
     parser.add_argument("--sampler", default="sequential_ddim16", help="conf/sampler choice")
     parser.add_argument("--runtime", default="onnxruntime", help="conf/runtime choice")
     parser.add_argument("--runs-dir", type=Path, default=Path("runs/bench_handoff"))
@@ -173,7 +182,8 @@ def main() -> None:
     for delay in args.delays:
         for handoff, soft_mask, inpaint_method in methods:
             rows.append(cell(args.task, handoff, soft_mask, delay, episodes, args.runs_dir,
-                             args.sampler, args.runtime, args.quick, inpaint_method))
+                             args.sampler, args.runtime, args.quick, inpaint_method,
+                             args.guidance_clip))
             row = rows[-1]
             print(f"{args.task} {row['method']:16s} {delay:5g} ms: score "
                   f"{row['mean_score']:.3f} jerk {row['boundary_jerk']:.2f} / "

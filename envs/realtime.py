@@ -108,8 +108,11 @@ class ChunkRequest:
     """One chunk request as the robot saw it: asked at `request_tick`, ready at `ready_tick`
     (None: never delivered), `late` (after its due tick), `anytime` (on time but unconverged),
     `startup` (an episode's awaited first chunk, outside the deadline), chunk_fn's `latency_ms`
-    (plus any injected delay) and `converged`, its info as `chunk`, and `frozen_steps` (the
-    inpaint prefix's committed steps, 0 without one)."""
+    (plus any injected delay) and `converged`, its info as `chunk`, `frozen_steps` (the
+    inpaint prefix's committed steps, 0 without one) and `prefix_err` (the largest |chunk -
+    prefix| over those steps, env action units; None without a prefix: how far the delivered
+    chunk strays from what the robot committed to, 0 up to float rounding for an exact
+    replacement, a measured bound for guidance)."""
 
     request_tick: int
     latency_ms: float = 0.0
@@ -121,12 +124,13 @@ class ChunkRequest:
     delivered: bool = True
     startup: bool = False
     frozen_steps: int = 0
+    prefix_err: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Flat JSON-able fields: the chunk info's scalars, then the request's own."""
         own = {k: getattr(self, k) for k in (
             "latency_ms", "request_tick", "converged", "ready_tick", "late", "anytime",
-            "delivered", "startup", "frozen_steps")}
+            "delivered", "startup", "frozen_steps", "prefix_err")}
         return {**record_dict(self.chunk), **own}
 
 
@@ -154,6 +158,7 @@ class _Request:
     record: ChunkRequest
     future: Future | None = None
     chunks: np.ndarray | None = None
+    prefix: Prefix | None = None
     index: int = HOLD_SOURCE  # its position in the controller's `requests` once delivered
 
     @property
@@ -285,6 +290,7 @@ class RealtimeController:
         prefix = self._prefix() if self.handoff == "inpaint" else None
         if prefix is not None:
             request.record.frozen_steps = prefix.frozen
+            request.prefix = prefix
         if self.clock_mode == "wall":
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chunk")
@@ -302,6 +308,10 @@ class RealtimeController:
     def _finish(self, request: _Request, chunks: np.ndarray, info: Any, latency_s: float) -> None:
         request.chunks = chunks
         record = request.record
+        if request.prefix is not None:
+            committed = request.prefix.weights >= 1
+            record.prefix_err = float(np.abs(
+                chunks[:, committed] - request.prefix.actions[:, committed]).max(initial=0.0))
         record.chunk = info
         record.latency_ms = float(_info_field(info, "latency_ms", latency_s * 1e3))
         if not record.startup:  # the injected delay (already slept on the wall clock)
@@ -522,12 +532,16 @@ def summarize_realtime(steps: list[ControlStep], requests: list[ChunkRequest],
     """The real-time metrics of docs/design.md §5: deadline_miss_rate (late or never delivered)
     and anytime_rate (on time but unconverged) over timed requests; held_step_rate (held ticks /
     ticks) over the controller's steps; skipped_requests; with the controller's `episodes`, the
-    boundary and within-chunk jerk (jerk_metrics)."""
+    boundary and within-chunk jerk (jerk_metrics); with inpaint prefixes, prefix_err_max /
+    prefix_err_mean (ChunkRequest.prefix_err) over the requests that carried one."""
     timed = timed_requests(requests)
     ticks = sum(s.ticks for s in steps)
     jerk = jerk_metrics(episodes or [])
+    prefix_errs = [r.prefix_err for r in requests if r.prefix_err is not None]
     return {
         **jerk,
+        "prefix_err_max": max(prefix_errs) if prefix_errs else None,
+        "prefix_err_mean": float(np.mean(prefix_errs)) if prefix_errs else None,
         "deadline_miss_rate": float(np.mean([r.late for r in timed])) if timed else None,
         "anytime_rate": float(np.mean([r.anytime for r in timed])) if timed else None,
         "held_step_rate": sum(s.held_steps for s in steps) / ticks if ticks else None,

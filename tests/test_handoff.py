@@ -102,6 +102,16 @@ def test_inpaint_prefix_commits_the_executed_past_and_the_ticks_inference_takes(
     # so the chunk taking over at tick 7 continues what was executed: no jump at the boundary
     assert executed[:7] == [0, 1, 2, 3, 4, 5, 6]
     assert executed[7] == 107  # the unconstrained part is the new chunk's own plan
+    assert ctl.requests[0].prefix_err is None and ctl.requests[1].prefix_err == 0.0
+    metrics = summarize_realtime([], ctl.requests, ctl.episodes)
+    assert metrics["prefix_err_max"] == 0.0
+    # a chunk_fn that ignores the prefix: the record says by how much
+    loose = controller("inpaint", 0.25, FakeClock(), soft_mask=0.0)
+    plan = offset_chunks(0.25, loose.clock)
+    loose.chunk_fn = lambda obs, budget_s, prefix=None: plan(obs, budget_s)
+    run(loose, 4)
+    assert loose.requests[1].prefix_err == OFFSET
+    assert summarize_realtime([], loose.requests, loose.episodes)["prefix_err_max"] == OFFSET
     soft = controller("inpaint", 0.25, FakeClock(), soft_mask=1.0)
     soft_seen: list[Any] = []
     soft.chunk_fn = offset_chunks(0.25, soft.clock, soft_seen)
