@@ -124,4 +124,6 @@ class Inpaint:
         # the share of the full pseudoinverse correction: weight / natural weight, both in the
         # flow-matching time RTC clips them in (natural weight 1 / sqrt(abar (1 - abar)))
         share = (self.guidance_clip * signal * spread).clamp(max=1.0)
-        return (out - share / spread * pull).detach()
+        if schedule.prediction_type == "sample":  # the output is x0: x0 += share g / sqrt(abar)
+            return (out + share / signal * pull).detach()
+        return (out - share / spread * pull).detach()  # the same move of x0, through eps
