@@ -103,7 +103,7 @@ def measure_variant(variant: str, rows_list: list[int], calls: int, threads: int
                     if variant == "eager_bf16":
                         with torch.autocast("cpu", dtype=torch.bfloat16):
                             return model(*x).float()
-                    return (compiled or model)(*x)
+                    return (model if compiled is None else compiled)(*x)
         start = time.perf_counter()
         first = call()
         first_s = time.perf_counter() - start
