@@ -109,7 +109,10 @@ def time_chunks(policy: DiffusionPolicy, sampler: Sampler, noise: torch.Tensor,
 
 
 def runtime_options(runtime: str, args: argparse.Namespace) -> dict[str, Any]:
-    """The options of `runtime` for this run (onnxruntime: its export cache and spinning)."""
+    """The options of `runtime` for this run (onnxruntime: its export cache and spinning;
+    eager: a reduced `--precision`, autocast)."""
+    if runtime == "eager" and args.precision != "float32":
+        return {"precision": args.precision}
     if runtime != "onnxruntime":
         return {}
     return {"cache_dir": args.cache_dir, "spinning": args.ort_spinning}
@@ -153,7 +156,7 @@ def measure_model(name: str, policy: DiffusionPolicy, args: argparse.Namespace,
                 n_chunks = max(1, args.chunks // (4 if "full" in label and batch > 1 else 1))
                 times, (_, stats) = time_chunks(policy, sampler, noise, cond, n_chunks,
                                                 args.warmup)
-                if runtime == "eager":
+                if runtime == "eager" and args.precision == "float32":
                     eager_results[label] = stats.sample
                 reference_same = eager_results.get(label)
                 errors = exact_errors(stats.sample, references[key])
@@ -221,6 +224,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--ort-spinning", action="store_true",
                         help="runtime=onnxruntime with spinning=true (threads busy-wait)")
+    parser.add_argument("--precision", default="float32",
+                        choices=["float32", "bfloat16", "float16"],
+                        help="eager rows under autocast to this dtype (exact_err shows the cost)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--cache-dir", type=Path, default=Path("~/.cache/picard-policy"))
     parser.add_argument("--quick", action="store_true",
