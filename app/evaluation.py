@@ -114,6 +114,10 @@ def check_eval_config(cfg: DictConfig) -> None:
         ("realtime.inpaint_method", rt.inpaint_method in INPAINT_METHODS,
          f"one of {list(INPAINT_METHODS)}"),
         ("realtime.guidance_clip", is_number(rt.guidance_clip, 0, strict=True), "a number > 0"),
+        ("realtime.model_latency_ms", rt.model_latency_ms is None or is_number(
+            rt.model_latency_ms, 0), "null or a number >= 0"),
+        ("realtime.model_latency_ms", rt.model_latency_ms is None or rt.clock == "simulated",
+         "null with realtime.clock=wall (a modelled latency needs the simulated clock)"),
         ("deadline_ms", not (rt.enabled and cfg.deadline_ms is not None),
          "null with realtime.enabled=true (the deadline is realtime.lead_steps ticks at "
          "realtime.control_hz)"),
@@ -140,6 +144,7 @@ class Realtime:
     soft_mask: float = 0.0
     inpaint_method: str = "replace"
     guidance_clip: float = GUIDANCE_CLIP
+    model_latency_ms: float | None = None
 
 
 def realtime_settings(cfg: DictConfig, dims: tuple[int, int, int]) -> Realtime | None:
@@ -164,7 +169,8 @@ def realtime_settings(cfg: DictConfig, dims: tuple[int, int, int]) -> Realtime |
         )
     return Realtime(float(rt.control_hz), rt.clock, lead, float(rt.budget_margin_ms),
                     rt.handoff, float(rt.delay_ms), float(rt.ensemble_decay),
-                    float(rt.soft_mask), rt.inpaint_method, float(rt.guidance_clip))
+                    float(rt.soft_mask), rt.inpaint_method, float(rt.guidance_clip),
+                    None if rt.model_latency_ms is None else float(rt.model_latency_ms))
 
 
 # ------------------------------------------------------------------------ checkpoint, env
@@ -413,6 +419,8 @@ def evaluate_realtime(
         sleep=sleep, handoff=realtime.handoff, delay_s=realtime.delay_ms / 1e3,
         ensemble_decay=realtime.ensemble_decay, soft_mask=realtime.soft_mask,
         rate_action_dims=rate_action_dims,
+        model_latency_s=(None if realtime.model_latency_ms is None
+                         else realtime.model_latency_ms / 1e3),
     )
 
     def both_on_reset(env_index: int, seed: int | None) -> None:
@@ -431,8 +439,9 @@ def evaluate_realtime(
         controller.close()
     settings = {"control_hz": controller.control_hz, "clock": controller.clock_mode,
                 "lead_steps": controller.lead_steps, "deadline_ms": controller.deadline_s * 1e3,
-                "budget_ms": controller.budget_s * 1e3, "handoff": controller.handoff,
-                "delay_ms": controller.delay_s * 1e3}
+                "budget_ms": None if controller.budget_s is None else controller.budget_s * 1e3,
+                "handoff": controller.handoff, "delay_ms": controller.delay_s * 1e3,
+                "model_latency_ms": realtime.model_latency_ms}
     return EvalResult(result, controller.requests, settings, controller.episodes)
 
 

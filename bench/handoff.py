@@ -13,6 +13,7 @@ Cells are kept under --runs-dir and reused, so a killed run resumes where it sto
         --delays 0 200 500
     python bench/handoff.py --task pusht --handoffs inpaint --inpaint-methods guide \
         --out bench/results/handoff_pusht_guide.json       # RTC's guidance (runtime eager)
+    python bench/handoff.py --task pusht --model-latency-ms 50 ...   # every method, same ticks
 """
 
 from __future__ import annotations
@@ -62,9 +63,11 @@ def method_name(handoff: str, soft_mask: float | None, inpaint_method: str = "re
 
 def cell(task: str, handoff: str, soft_mask: float | None, delay_ms: float, episodes: int,
          runs_dir: Path, sampler: str, runtime: str, quick: bool,
-         inpaint_method: str = "replace", guidance_clip: float = GUIDANCE_CLIP) -> dict[str, Any]:
+         inpaint_method: str = "replace", guidance_clip: float = GUIDANCE_CLIP,
+         model_latency_ms: float | None = None) -> dict[str, Any]:
     """One (hand-off, delay) eval; reuses a finished run of the same overrides. Guided
-    inpainting differentiates the UNet, so its cells run on runtime eager."""
+    inpainting differentiates the UNet, so its cells run on runtime eager. With
+    `model_latency_ms` every request takes exactly that (+ the delay) on the simulated clock."""
     checkpoint, hz = TASKS[task]
     if inpaint_method == "guide":
         runtime = "eager"
@@ -81,7 +84,12 @@ def cell(task: str, handoff: str, soft_mask: float | None, delay_ms: float, epis
         if guidance_clip != GUIDANCE_CLIP:
             overrides.append(f"realtime.guidance_clip={guidance_clip:g}")
     method = method_name(handoff, soft_mask, inpaint_method, guidance_clip)
-    out_dir = runs_dir / f"{task}_{method.replace(' ', '_')}_{delay_ms:g}ms_{episodes}ep"
+    modelled = ""
+    if model_latency_ms is not None:
+        overrides.append(f"realtime.model_latency_ms={model_latency_ms:g}")
+        modelled = f"_model{model_latency_ms:g}ms"
+    out_dir = (runs_dir /
+               f"{task}_{method.replace(' ', '_')}_{delay_ms:g}ms{modelled}_{episodes}ep")
     done = out_dir / "results.json"
     if done.is_file() and json.loads(done.read_text())["overrides"] == overrides:
         results = json.loads(done.read_text())
@@ -91,7 +99,8 @@ def cell(task: str, handoff: str, soft_mask: float | None, delay_ms: float, epis
         "task": task, "method": method, "handoff": handoff, "soft_mask": soft_mask,
         "inpaint_method": inpaint_method if handoff == "inpaint" else None,
         "guidance_clip": guidance_clip if inpaint_method == "guide" else None,
-        "runtime": runtime, "delay_ms": delay_ms, "control_hz": hz,
+        "runtime": runtime, "delay_ms": delay_ms, "model_latency_ms": model_latency_ms,
+        "control_hz": hz,
         **{k: results["metrics"].get(k) for k in ROW_METRICS},
         "realised_delay_ticks": realised_delay_ticks(results["requests"]),
         "n_episodes": results["n_episodes"], "overrides": overrides,
@@ -159,6 +168,9 @@ def main() -> None:
                              "on runtime eager)")
     parser.add_argument("--guidance-clip", type=float, default=GUIDANCE_CLIP,
                         help="realtime.guidance_clip of the guide rows (RTC's beta)")
+    parser.add_argument("--model-latency-ms", type=float, default=None,
+                        help="realtime.model_latency_ms: every request takes this (+ the delay) "
+                             "instead of its measured latency")
     parser.add_argument("--sampler", default="sequential_ddim16", help="conf/sampler choice")
     parser.add_argument("--runtime", default="onnxruntime", help="conf/runtime choice")
     parser.add_argument("--runs-dir", type=Path, default=Path("runs/bench_handoff"))
@@ -168,11 +180,14 @@ def main() -> None:
     meta = {
         "benchmark": "handoff", "task": args.task, "sampler": args.sampler,
         "runtime": args.runtime, "n_episodes": episodes, "threads": 1,
-        "clock": "simulated (measured inference latency + injected delay; env steps cost no "
-                 "time)",
+        "clock": ("simulated (measured inference latency + injected delay; env steps cost no "
+                  "time)" if args.model_latency_ms is None else
+                  f"simulated ({args.model_latency_ms:g} ms modelled inference latency + "
+                  f"injected delay; env steps cost no time)"),
         "command": "python bench/handoff.py " + " ".join(
             f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-            for k, v in vars(args).items() if k not in ("quick", "runs_dir", "out")
+            for k, v in vars(args).items()
+            if k not in ("quick", "runs_dir", "out") and v is not None
         ) + f" --out {args.out}" + (" --quick" if args.quick else ""),
     }
     rows: list[dict[str, Any]] = []
@@ -183,7 +198,7 @@ def main() -> None:
         for handoff, soft_mask, inpaint_method in methods:
             rows.append(cell(args.task, handoff, soft_mask, delay, episodes, args.runs_dir,
                              args.sampler, args.runtime, args.quick, inpaint_method,
-                             args.guidance_clip))
+                             args.guidance_clip, args.model_latency_ms))
             row = rows[-1]
             print(f"{args.task} {row['method']:16s} {delay:5g} ms: score "
                   f"{row['mean_score']:.3f} jerk {row['boundary_jerk']:.2f} / "

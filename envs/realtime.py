@@ -37,8 +37,13 @@ How a new chunk takes over from the one being executed is the *hand-off* (HANDOF
 Holding sends the last action with the env's rate dims (``rate_action_dims``, e.g. OSC pose
 deltas) set to 0, so a delta-action robot stands still instead of repeating its last motion.
 ``delay_s`` adds a fixed extra latency to every timed request (an experiment's injected
-inference delay; slept in the worker on the wall clock). The executed actions and which chunk
-drove each tick are kept per episode for the boundary / within-chunk jerk (`jerk_metrics`).
+inference delay; slept in the worker on the wall clock). ``model_latency_s`` (simulated clock
+only) replaces the measured latency of every timed request by that number: the schedule then
+no longer depends on the machine's speed or load (same seeds, same actions, however busy the
+machine), and a method that costs more compute is compared at the same delay as one that costs
+less; the anytime budget is off then (it is wall time), so Picard / PCM run to their stopping
+rule. The executed actions and which chunk drove each tick are kept per episode for the
+boundary / within-chunk jerk (`jerk_metrics`).
 
 Diffusion-agnostic: `chunk_fn(obs, budget_s) -> (chunks (B, H, Da), info)` is any chunking
 policy (called as `chunk_fn(obs, budget_s, prefix)` with the ``inpaint`` hand-off); `budget_s`
@@ -193,6 +198,7 @@ class RealtimeController:
         ensemble_decay: float = 0.01,
         soft_mask: float = 0.0,
         rate_action_dims: Sequence[int] = (),
+        model_latency_s: float | None = None,
     ):
         max_lead = max_lead_steps(horizon, n_obs_steps, n_action_steps)
         if max_lead < 1:
@@ -212,6 +218,10 @@ class RealtimeController:
             raise ValueError(f"handoff must be one of {list(HANDOFFS)}; got {handoff!r}")
         if not 0 <= soft_mask <= 1:
             raise ValueError(f"soft_mask must be in [0, 1]; got {soft_mask}")
+        if model_latency_s is not None and not (model_latency_s >= 0
+                                                and clock_mode == "simulated"):
+            raise ValueError(f"model_latency_s must be None or >= 0 with the simulated clock; "
+                             f"got {model_latency_s} with clock {clock_mode!r}")
         if not delay_s >= 0 or not ensemble_decay >= 0:
             raise ValueError(f"delay_s and ensemble_decay must be >= 0; got {delay_s}, "
                              f"{ensemble_decay}")
@@ -227,7 +237,9 @@ class RealtimeController:
         self.soft_mask = float(soft_mask)
         self.rate_action_dims = list(rate_action_dims)
         self.deadline_s = lead_steps / self.control_hz
-        self.budget_s = max(self.deadline_s - budget_margin_s - self.delay_s, 1e-4)
+        self.model_latency_s = model_latency_s
+        self.budget_s = (None if model_latency_s is not None
+                         else max(self.deadline_s - budget_margin_s - self.delay_s, 1e-4))
         self.clock_mode = clock_mode
         self.clock = clock
         self.sleep = sleep
@@ -314,6 +326,8 @@ class RealtimeController:
                 chunks[:, committed] - request.prefix.actions[:, committed]).max(initial=0.0))
         record.chunk = info
         record.latency_ms = float(_info_field(info, "latency_ms", latency_s * 1e3))
+        if self.model_latency_s is not None and not record.startup:
+            record.latency_ms = self.model_latency_s * 1e3  # the modelled, not the measured
         if not record.startup:  # the injected delay (already slept on the wall clock)
             record.latency_ms += self.delay_s * 1e3
         # the next prefix expects what this request took (with the delay it will get)

@@ -70,6 +70,10 @@ def one_line_error(result: subprocess.CompletedProcess) -> str:
         ("realtime.inpaint_method=nudge",
          "realtime.inpaint_method must be one of ['replace', 'guide']"),
         ("realtime.guidance_clip=0", "realtime.guidance_clip must be a number > 0"),
+        ("realtime.model_latency_ms=-1",
+         "realtime.model_latency_ms must be null or a number >= 0"),
+        ("realtime.model_latency_ms=100 realtime.clock=wall",
+         "realtime.model_latency_ms must be null with realtime.clock=wall"),
         ("server=nowhere", "server must be null or HOST:PORT"),
         ("sampler.accel=nesterov", "sampler: accel must be one of ['none', 'anderson']"),
         ("deadline_ms=fast", "deadline_ms must be null or a number > 0"),
@@ -83,7 +87,7 @@ def test_eval_config_values_and_types_are_one_line_errors(
     eval_cfg, tmp_path: Path, override: str, message: str
 ) -> None:
     with pytest.raises(ConfigError) as error:
-        evaluation.run_eval(eval_cfg(override), tmp_path / "run")
+        evaluation.run_eval(eval_cfg(*override.split()), tmp_path / "run")
     assert message in str(error.value) and "\n" not in str(error.value)
 
 

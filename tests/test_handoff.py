@@ -134,6 +134,33 @@ def test_injected_delay_adds_ticks_and_shrinks_the_budget() -> None:
         controller("blend", 0.0, FakeClock())
 
 
+def test_a_modelled_latency_fixes_the_schedule_whatever_inference_took() -> None:
+    """model_latency_s: every timed request is ready after the modelled latency (plus the
+    injected delay), so two runs whose inference took different times execute the same
+    actions; the sampler gets no time budget."""
+    runs = []
+    for latencies in ([0.05, 0.35, 0.6, 0.01, 0.2, 0.4], [0.3, 0.02, 0.05, 0.5, 0.1, 0.25]):
+        clock, budgets, pending = FakeClock(), [], list(latencies)
+        plan = offset_chunks(0.0, clock)
+
+        def chunk_fn(obs, budget_s, pending=pending, clock=clock, budgets=budgets, plan=plan):
+            clock.advance(pending.pop(0))
+            budgets.append(budget_s)
+            return plan(obs, budget_s)
+
+        ctl = controller("skip", 0.0, clock, chunk_fn, model_latency_s=0.15, delay_s=0.1)
+        executed, _ = run(ctl, 5)
+        timed = [r for r in ctl.requests if not r.startup]
+        assert all(r.ready_tick - r.request_tick == 3 for r in timed)  # 150 + 100 ms
+        assert all(r.latency_ms == pytest.approx(250) for r in timed)
+        assert budgets and all(b is None for b in budgets)
+        runs.append(executed)
+    assert runs[0] == runs[1]
+    with pytest.raises(ValueError, match="model_latency_s must be None or >= 0 with the "
+                                         "simulated clock"):
+        controller("skip", 0.0, FakeClock(), clock_mode="wall", model_latency_s=0.1)
+
+
 def test_jerk_separates_boundaries_from_within_chunk_ticks() -> None:
     actions = np.array([0, 1, 2, 3, 10, 11, 12, 12, 12, 13], float)[:, None, None]
     sources = np.array([0, 0, 0, 0, 1, 1, 1, HOLD_SOURCE, HOLD_SOURCE, 2])

@@ -289,3 +289,15 @@ def test_guided_inpainting_runs_realtime_exactly_and_refuses_exported_runtimes(
     with pytest.raises(ConfigError, match="needs runtime=eager; got runtime=onnxruntime") as e:
         evaluation.run_eval(eval_cfg(*guide, "runtime=onnxruntime"), tmp_path / "ort")
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_modelled_latency_reaches_the_controller(eval_cfg, tmp_path: Path) -> None:
+    cfg = eval_cfg("sampler=picard_ddim16", "n_envs=1", "n_episodes=1", "realtime.enabled=true",
+                   "realtime.model_latency_ms=250")
+    results = evaluation.run_eval(cfg, tmp_path / "run")
+    timed = [r for r in results["requests"] if not r["startup"]]
+    assert timed and all(r["ready_tick"] - r["request_tick"] == 3 for r in timed)
+    settings = results["realtime"]
+    assert settings["model_latency_ms"] == 250 and settings["budget_ms"] is None
+    assert results["metrics"]["anytime_rate"] == 0  # no time budget: every chunk converged
