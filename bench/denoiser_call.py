@@ -21,7 +21,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -50,24 +49,15 @@ def inputs(model: torch.nn.Module, rows: int, horizon: int) -> tuple[torch.Tenso
             torch.randn(rows, model.global_cond_dim, generator=g))
 
 
-def onnx_session(model: torch.nn.Module, example: tuple[torch.Tensor, ...], dynamic: bool,
-                 threads: int, folder: Path) -> Any:
-    """An onnxruntime session of the UNet exported with a dynamic or a fixed row axis."""
-    import onnxruntime as ort
+def onnx_session(model: torch.nn.Module, horizon: int, rows: int | None, folder: Path) -> Any:
+    """An onnxruntime session of the UNet exported with a dynamic row axis (`rows` None, the
+    runtime's export) or for `rows` fixed rows; threads spin as onnxruntime's default does."""
+    from policy.runtime import export_onnx
+    from policy.runtime import onnx_session as runtime_session
 
-    from policy.runtime import ONNX_OPSET
-
-    path = folder / f"unet_{'dynamic' if dynamic else example[0].shape[0]}.onnx"
-    rows = {0: "rows"}
-    axes = {"sample": rows, "timestep": rows, "global_cond": rows, "eps": rows}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, example, str(path), input_names=["sample", "timestep",
-                          "global_cond"], output_names=["eps"], opset_version=ONNX_OPSET,
-                          dynamo=False, dynamic_axes=axes if dynamic else None)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    path = folder / f"unet_{'dynamic' if rows is None else rows}.onnx"
+    export_onnx(model, horizon, path, rows)
+    return runtime_session(path, spinning=True)
 
 
 def measure_variant(variant: str, rows_list: list[int], calls: int, threads: int) -> list[dict]:
@@ -85,13 +75,13 @@ def measure_variant(variant: str, rows_list: list[int], calls: int, threads: int
         compiled = torch.compile(model, dynamic=variant == "compile_dynamic")
     session = None
     if variant == "onnxruntime_dynamic":
-        session = onnx_session(model, inputs(model, 2, policy.horizon), True, threads, folder)
+        session = onnx_session(model, policy.horizon, None, folder)
     for rows in rows_list:
         x = inputs(model, rows, policy.horizon)
         with torch.inference_mode():
             reference = model(*x)
         if variant == "onnxruntime_static":
-            session = onnx_session(model, x, False, threads, folder)
+            session = onnx_session(model, policy.horizon, rows, folder)
         if session is not None:
             feeds = {"sample": x[0].numpy(), "timestep": x[1].numpy(), "global_cond": x[2].numpy()}
 

@@ -87,14 +87,18 @@ def _onnxruntime() -> Any:
     return onnxruntime
 
 
-def export_onnx(model: nn.Module, horizon: int, path: Path) -> Path:
-    """Export the UNet to `path` (atomically) with a dynamic row axis."""
+def export_onnx(model: nn.Module, horizon: int, path: Path, rows: int | None = None) -> Path:
+    """Export the UNet to `path` (atomically) with a dynamic row axis, or for exactly `rows`
+    rows per call (bench/denoiser_call.py compares the two)."""
     from policy.checkpoint import atomic_write
 
     model = model.eval()
-    example = (torch.zeros(2, horizon, model.input_dim), torch.zeros(2, dtype=torch.long),
-               torch.zeros(2, model.global_cond_dim))
-    rows = {0: "rows"}
+    n = 2 if rows is None else rows
+    example = (torch.zeros(n, horizon, model.input_dim), torch.zeros(n, dtype=torch.long),
+               torch.zeros(n, model.global_cond_dim))
+    row_axis = {0: "rows"}
+    dynamic_axes = None if rows is not None else {
+        "sample": row_axis, "timestep": row_axis, "global_cond": row_axis, "eps": row_axis}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.export")
     try:
@@ -103,14 +107,27 @@ def export_onnx(model: nn.Module, horizon: int, path: Path) -> Path:
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             torch.onnx.export(
                 model, example, str(tmp), input_names=["sample", "timestep", "global_cond"],
-                output_names=["eps"], dynamic_axes={"sample": rows, "timestep": rows,
-                                                    "global_cond": rows, "eps": rows},
-                opset_version=ONNX_OPSET, dynamo=False,
+                output_names=["eps"], dynamic_axes=dynamic_axes, opset_version=ONNX_OPSET,
+                dynamo=False,
             )
         data = tmp.read_bytes()
     finally:
         tmp.unlink(missing_ok=True)
     return atomic_write(path, lambda f: f.write(data))
+
+
+def onnx_session(path: Path, spinning: bool = False) -> Any:
+    """An onnxruntime CPU session on the model at `path`, with torch's thread count."""
+    ort = _onnxruntime()
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    # By default no busy-waiting between calls: spinning threads steal the cores from the envs
+    # and from any PyTorch work beside it (a run that alternated the two was 10x slower).
+    # `spinning=True` lets them spin: faster calls when ORT has the cores alone.
+    options.add_session_config_entry("session.intra_op.allow_spinning",
+                                     "1" if spinning else "0")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 class OnnxRuntime:
@@ -120,22 +137,13 @@ class OnnxRuntime:
 
     def __init__(self, model: nn.Module, horizon: int, cache_dir: Path | None = None,
                  spinning: bool = False):
-        ort = _onnxruntime()
         cache_dir = Path(cache_dir or DEFAULT_CACHE).expanduser()
+        # export_key needs onnxruntime's version: no onnxruntime, RuntimeUnavailable here
         self.path = cache_dir / "onnx" / f"unet_{export_key(model, horizon)}.onnx"
         self.exported = not self.path.is_file()
         if self.exported:
             export_onnx(model, horizon, self.path)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()
-        options.inter_op_num_threads = 1
-        # By default no busy-waiting between calls: spinning threads steal the cores from the
-        # envs and from any PyTorch work beside it (a run that alternated the two was 10x
-        # slower). `spinning=True` lets them spin: faster calls when ORT has the cores alone.
-        options.add_session_config_entry("session.intra_op.allow_spinning",
-                                         "1" if spinning else "0")
-        self.session = ort.InferenceSession(str(self.path), options,
-                                            providers=["CPUExecutionProvider"])
+        self.session = onnx_session(self.path, spinning)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         out = self.session.run(None, {
