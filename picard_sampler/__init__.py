@@ -4,7 +4,7 @@ Knows nothing about robots or configs: a denoiser callable, a schedule and pre-d
 a sample and its statistics out.
 """
 
-from picard_sampler.inpaint import GUIDANCE_CLIP, INPAINT_METHODS, Inpaint
+from picard_sampler.inpaint import GUIDANCE_CLIP, INPAINT_METHODS, Inpaint, check_inpaint_method
 from picard_sampler.metrics import EXACT_RULE, exact_errors, is_exact, percentile
 from picard_sampler.parareal import fit_linear_propagator
 from picard_sampler.samplers import (
@@ -34,6 +34,7 @@ __all__ = [
     "GUIDANCE_CLIP",
     "INPAINT_METHODS",
     "Inpaint",
+    "check_inpaint_method",
     "DDPMSchedule",
     "SAMPLER_METHODS",
     "SCHEDULES",

@@ -25,6 +25,7 @@ exactly (docs/design.md §4.8).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -34,6 +35,17 @@ INPAINT_METHODS = ("replace", "guide")
 GUIDANCE_CLIP = 5.0
 """Largest guidance weight of ``method="guide"`` (Real-Time Chunking's beta): the natural
 weight grows without bound at both ends of sampling."""
+
+
+def check_inpaint_method(method: Any, guidance_clip: Any) -> None:
+    """Raise ValueError naming what is wrong with an inpainting `method` (INPAINT_METHODS) or
+    `guidance_clip` (a number > 0)."""
+    if method not in INPAINT_METHODS:
+        raise ValueError(f"inpaint method must be one of {list(INPAINT_METHODS)}; got "
+                         f"{method!r}")
+    clip = guidance_clip
+    if isinstance(clip, bool) or not isinstance(clip, int | float) or not clip > 0:
+        raise ValueError(f"inpaint guidance_clip must be a number > 0; got {clip!r}")
 
 
 @dataclass
@@ -49,12 +61,7 @@ class Inpaint:
     guidance_clip: float = GUIDANCE_CLIP
 
     def __post_init__(self) -> None:
-        if self.method not in INPAINT_METHODS:
-            raise ValueError(f"Inpaint method must be one of {list(INPAINT_METHODS)}; "
-                             f"got {self.method!r}")
-        clip = self.guidance_clip
-        if isinstance(clip, bool) or not isinstance(clip, int | float) or not clip > 0:
-            raise ValueError(f"Inpaint guidance_clip must be a number > 0; got {clip!r}")
+        check_inpaint_method(self.method, self.guidance_clip)
         if not isinstance(self.target, torch.Tensor) or not isinstance(self.weight, torch.Tensor):
             raise TypeError("Inpaint target and weight must be tensors")
         try:

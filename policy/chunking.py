@@ -22,7 +22,6 @@ import torch
 
 from picard_sampler import (
     GUIDANCE_CLIP,
-    INPAINT_METHODS,
     Sampler,
     SampleStats,
     exact_errors,
@@ -124,15 +123,7 @@ class ChunkPolicy:
         clock: Callable[[], float] | None = None, inpaint_method: str = "replace",
         guidance_clip: float = GUIDANCE_CLIP,
     ):
-        if inpaint_method not in INPAINT_METHODS:
-            raise ValueError(f"inpaint_method must be one of {list(INPAINT_METHODS)}; got "
-                             f"{inpaint_method!r}")
-        if inpaint_method == "guide" and policy.runtime != "eager":
-            raise ValueError(f"inpaint_method=guide differentiates the denoiser and needs "
-                             f"runtime=eager; got runtime={policy.runtime}")
-        if isinstance(guidance_clip, bool) or not isinstance(guidance_clip, int | float) \
-                or not guidance_clip > 0:
-            raise ValueError(f"guidance_clip must be a number > 0; got {guidance_clip!r}")
+        policy.check_inpaint_method(inpaint_method, guidance_clip)  # before any episode
         self.inpaint_method = inpaint_method
         self.guidance_clip = float(guidance_clip)
         self.policy = policy

@@ -24,6 +24,7 @@ from picard_sampler import (
     Sampler,
     SampleStats,
     Schedule,
+    check_inpaint_method,
     schedule_like,
 )
 from policy.normalizer import LinearNormalizer
@@ -306,15 +307,22 @@ class DiffusionPolicy(nn.Module):
         action = self.normalizer.unnormalize("action", naction)
         return action[:, start : start + self.n_action_steps], stats
 
+    def check_inpaint_method(self, method: str, guidance_clip: float = GUIDANCE_CLIP) -> None:
+        """Raise ValueError unless this policy can inpaint by `method` with `guidance_clip`:
+        valid values (picard_sampler.check_inpaint_method), and for guidance a denoiser that
+        can be differentiated (runtime eager)."""
+        check_inpaint_method(method, guidance_clip)
+        if method == "guide" and self.runtime != "eager":
+            raise ValueError(f"inpaint_method=guide differentiates the denoiser and needs "
+                             f"runtime=eager; got runtime={self.runtime}")
+
     def constraint_for(self, actions: np.ndarray | torch.Tensor,
                        weights: np.ndarray | torch.Tensor, method: str = "replace",
                        guidance_clip: float = GUIDANCE_CLIP) -> Inpaint:
         """An inpainting constraint from raw-unit actions (B, H, Da) on the chunk's timeline and
         per-step weights in [0, 1] ((H,) for every row, or (B, H)), applied by replacement or
         guidance (`method`; guidance needs runtime eager); see picard_sampler.inpaint."""
-        if method == "guide" and self.runtime != "eager":
-            raise ValueError(f"inpainting by guidance differentiates the denoiser and needs "
-                             f"runtime=eager; got runtime={self.runtime}")
+        self.check_inpaint_method(method, guidance_clip)
         actions = torch.as_tensor(np.asarray(actions), dtype=torch.float32, device=self.device)
         expected = (self.horizon, self.action_dim)
         if actions.dim() != 3 or tuple(actions.shape[1:]) != expected:
