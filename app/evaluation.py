@@ -190,6 +190,9 @@ def load_checkpoint_and_policy(
     except (ValueError, FileNotFoundError, KeyError) as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         raise ConfigError(str(message)) from e
+    except OSError as e:  # unreadable file or folder
+        raise ConfigError(f"checkpoint {e.filename or path} cannot be read: "
+                          f"{e.strerror or e}") from e
     return record, policy
 
 
@@ -202,7 +205,34 @@ def resolve_env(env_cfg: DictConfig | None, checkpoint_config: Mapping[str, Any]
         source = (checkpoint_config.get("imported_from") or {}).get("format", "this")
         raise ConfigError(f"env must be set (env=<name>, e.g. env=pusht_lowdim): a {source} "
                           "checkpoint does not name one of our envs")
-    return dict(checkpoint_config["env"])
+    return checked_checkpoint_env(checkpoint_config["env"])
+
+
+def our_env_ids() -> list[str]:
+    """The gymnasium ids (with their "envs:" prefix) of the envs this package registers."""
+    import envs  # noqa: F401  (registers them)
+
+    return sorted(f"envs:{env_id}" for env_id, spec in gym.registry.items()
+                  if isinstance(spec.entry_point, str) and spec.entry_point.startswith("envs."))
+
+
+def checked_checkpoint_env(env: Any) -> dict[str, Any]:
+    """A checkpoint's stored env config, taken as data: plain values only and the id of one of
+    our envs (a file must not make gym.make import a module of its choosing)."""
+    from policy.safe_config import CheckpointError, check_plain
+
+    try:
+        check_plain(env, "checkpoint", "config.env")
+    except CheckpointError as e:
+        raise ConfigError(str(e)) from e
+    allowed = our_env_ids()
+    if not isinstance(env, Mapping) or env.get("id") not in allowed:
+        got = env.get("id") if isinstance(env, Mapping) else env
+        raise ConfigError(f"the checkpoint's config.env.id {got!r:.80} is not one of our envs "
+                          f"({', '.join(allowed)}); pass env=<name> to choose one")
+    if not isinstance(env.get("kwargs") or {}, Mapping):
+        raise ConfigError("the checkpoint's config.env.kwargs is not a mapping")
+    return dict(env)
 
 
 def make_env_factory(env: Mapping[str, Any], max_steps: int, render: bool) -> Callable[[], gym.Env]:

@@ -2,7 +2,8 @@
 
 A checkpoint holds the policy weights (normalizer included), the EMA weights, optimizer and LR
 scheduler state, step/epoch, all RNG states and the resolved config, from which `load_policy`
-rebuilds the policy with `hydra.utils.instantiate`. A policy with a Picard Consistency Model
+rebuilds the policy through the allow-list of `policy.safe_config` (a file's config is data:
+nothing it names is imported or instantiated). A policy with a Picard Consistency Model
 attached (`DiffusionPolicy.attach_pcm`) stores the PCM under the key "pcm" (`PCM_KEY`):
 `{"config": constructor args, "model": raw weights, "ema": EMA weights}`, the base weights
 staying under "model" / "ema" as for any policy; `load_policy` re-attaches it. `export_pcm`
@@ -20,7 +21,6 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import hydra
 import numpy as np
 import torch
 from torch import nn
@@ -28,6 +28,7 @@ from torch import nn
 from policy.diffusion_policy import DiffusionPolicy
 from policy.ema import EMA
 from policy.pcm import build_pcm
+from policy.safe_config import CheckpointError, build_policy, check_pcm_config, check_weights
 
 FORMAT = "picard-policy-checkpoint/1"
 PCM_KEY = "pcm"
@@ -273,17 +274,68 @@ def weights_fingerprint(weights: Mapping[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint written by `save_checkpoint`; clear errors if missing or unreadable."""
-    path = Path(path)
+MAX_PICKLE_BYTES = 64 * 2**20
+"""Largest pickle (data.pkl) a checkpoint may hold: ours are ~100 kB, weights are separate."""
+
+
+def check_torch_zip(path: Path, what: str = "checkpoint") -> None:
+    """A torch zip checkpoint's entries against its size before anything is read: stored (not
+    compressed) entries only, as torch writes them, so no entry inflates beyond the file, and a
+    pickle of at most MAX_PICKLE_BYTES. CheckpointError naming the file otherwise."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise CheckpointError(f"{what} {path} is corrupt or unreadable (not a torch zip file: "
+                              f"{e})") from e
+    size = path.stat().st_size
+    for entry in entries:
+        if entry.compress_type != zipfile.ZIP_STORED or entry.file_size > size:
+            raise CheckpointError(
+                f"{what} {path}: entry {entry.filename!r} declares {entry.file_size} bytes "
+                f"in a {size}-byte file (torch writes stored entries; refusing to inflate it)")
+        if entry.filename.endswith(".pkl") and entry.file_size > MAX_PICKLE_BYTES:
+            raise CheckpointError(f"{what} {path}: its pickle is {entry.file_size} bytes "
+                                  f"(at most {MAX_PICKLE_BYTES})")
+
+
+def check_regular_file(path: Path, what: str = "checkpoint") -> None:
+    """FileNotFoundError if `path` does not exist, CheckpointError if it is not a regular file
+    (a FIFO or device would block or stream forever)."""
+    if not path.exists():
+        raise FileNotFoundError(f"{what} not found: {path}")
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise CheckpointError(f"{what} {path} is not a regular file")
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint written by `save_checkpoint` (torch's weights-only unpickler: tensors
+    and plain containers only); CheckpointError naming the file if it is missing a piece,
+    corrupt or not ours."""
+    path = Path(path)
+    check_regular_file(path)
+    check_torch_zip(path)
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises several types for truncated or foreign files
-        raise ValueError(f"checkpoint {path} is corrupt or unreadable: {e}") from e
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"checkpoint {path} is corrupt or unreadable: {reason}") from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a picard-policy checkpoint (expected format {FORMAT})")
+        raise CheckpointError(f"{path} is not a picard-policy checkpoint (expected format "
+                              f"{FORMAT})")
+    for key, kinds in (("config", dict), ("ema", dict | None), ("model", dict | None)):
+        if not isinstance(ckpt.get(key), kinds):
+            raise CheckpointError(f"checkpoint {path}: '{key}' is missing or a "
+                                  f"{type(ckpt.get(key)).__name__}, not a mapping")
+    if ckpt["ema"] is not None and not isinstance(ckpt["ema"].get("model"), dict):
+        raise CheckpointError(f"checkpoint {path}: 'ema.model' is missing or not a mapping")
+    if not isinstance(ckpt["config"].get("policy"), dict):
+        raise CheckpointError(f"checkpoint {path}: config.policy is missing or not a mapping")
+    if PCM_KEY in ckpt and not (isinstance(ckpt[PCM_KEY], dict)
+                                and isinstance(ckpt[PCM_KEY].get("config"), dict)):
+        raise CheckpointError(f"checkpoint {path}: '{PCM_KEY}' must be a mapping with a config")
     return ckpt
 
 
@@ -307,11 +359,35 @@ def policy_from_checkpoint(
         return _load_pcm_only(path, ckpt, use_ema, map_location)
     if not use_ema and ckpt["model"] is None:
         raise ValueError(f"{path} is an exported checkpoint: it holds only the EMA weights")
-    policy = hydra.utils.instantiate(ckpt["config"]["policy"], _convert_="all")
+    part = "ema" if use_ema else "model"
+    base = ckpt["ema"]["model"] if use_ema else ckpt["model"]
+    policy = build_policy(ckpt["config"]["policy"], str(path), weights=base)
     if PCM_KEY in ckpt:
-        policy.attach_pcm(build_pcm(policy, **ckpt[PCM_KEY]["config"]))
-    policy.load_state_dict(policy_weights(ckpt, "ema" if use_ema else "model"))
+        policy.attach_pcm(_checked_pcm(policy, ckpt[PCM_KEY], part, path))
     return policy.to(map_location).eval()
+
+
+def _checked_pcm(policy: DiffusionPolicy, entry: Mapping[str, Any], part: str, path: Path
+                 ) -> nn.Module:
+    """The PCM of a checkpoint's `PCM_KEY` entry for `policy`: config and `part` weights
+    checked (names, shapes, dtypes, finite) before they are loaded."""
+    config = check_pcm_config(entry.get("config"), str(path))
+    try:
+        pcm = build_pcm(policy, **config)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: pcm.config: {str(e).splitlines()[0]}") from e
+    weights = entry.get(part)
+    if not isinstance(weights, Mapping):
+        raise CheckpointError(f"{path}: pcm.{part} is missing or not a mapping of weights")
+    check_pcm_weights(weights, pcm, str(path))
+    pcm.load_state_dict({k: v.float() if v.is_floating_point() else v
+                         for k, v in weights.items()})
+    return pcm.eval()
+
+
+def check_pcm_weights(weights: Mapping[str, Any], pcm: nn.Module, where: str) -> None:
+    """A PCM's weights against the built PCM (names, shapes, float dtypes, finite)."""
+    check_weights(weights, pcm.state_dict(), where, prefix="pcm.")
 
 
 def _load_pcm_only(
@@ -320,8 +396,8 @@ def _load_pcm_only(
     """`load_policy` for a file written by `export_pcm`: its base, then its PCM."""
     if not use_ema:
         raise ValueError(f"{path} is an exported PCM: it holds only the EMA weights")
-    if "base_checkpoint" not in ckpt or PCM_KEY not in ckpt:
-        raise ValueError(f"{path} holds no base weights and names no base checkpoint")
+    if not isinstance(ckpt.get("base_checkpoint"), str) or PCM_KEY not in ckpt:
+        raise CheckpointError(f"{path} holds no base weights and names no base checkpoint")
     base_path = (path.parent / ckpt["base_checkpoint"]).resolve()
     if not base_path.is_file():
         raise FileNotFoundError(
@@ -337,8 +413,6 @@ def _load_pcm_only(
             f"base checkpoint {base_path} is not the one the PCM in {path} was trained on "
             "(the weights' fingerprint differs): retrain or re-export the PCM"
         )
-    policy = load_policy(base_path, use_ema=True, map_location=map_location)
-    pcm = build_pcm(policy, **ckpt[PCM_KEY]["config"])
-    pcm.load_state_dict(ckpt[PCM_KEY]["ema"])  # copies cast float16 back to float32
-    policy.attach_pcm(pcm.to(map_location).eval())
-    return policy
+    policy = policy_from_checkpoint(base_path, base, use_ema=True)
+    policy.attach_pcm(_checked_pcm(policy, ckpt[PCM_KEY], "ema", path))
+    return policy.to(map_location).eval()

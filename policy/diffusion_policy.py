@@ -32,6 +32,10 @@ from policy.normalizer import LinearNormalizer
 Obs = torch.Tensor | np.ndarray | Mapping[str, torch.Tensor | np.ndarray]
 
 
+class NonFiniteChunkError(ValueError):
+    """A sampled chunk holds NaN or inf: never returned, let alone as converged."""
+
+
 class DiffusionPolicy(nn.Module):
     """Diffusion Policy (Chi et al. 2023) with global FiLM conditioning on To observation steps.
 
@@ -285,7 +289,8 @@ class DiffusionPolicy(nn.Module):
         one from raw actions); every sampler then returns the constrained sequential chunk.
         `update="parareal"` samplers get the attached propagator (`attach_propagators`).
         Returns actions (B, Ta, Da) in raw units and the sampler's SampleStats, whose `sample`
-        is the whole normalized chunk (B, H, Da).
+        is the whole normalized chunk (B, H, Da); a chunk with NaN or inf raises
+        NonFiniteChunkError instead.
         """
         cond = self.encode_obs(self.check_obs(obs))
         B = cond.shape[0]
@@ -305,6 +310,10 @@ class DiffusionPolicy(nn.Module):
         )
         start = self.n_obs_steps - 1
         action = self.normalizer.unnormalize("action", naction)
+        if not bool(torch.isfinite(action).all()):
+            raise NonFiniteChunkError(
+                "the policy produced an action chunk with NaN or inf (not returned; its weights "
+                "or normaliser statistics are broken, or the sampler diverged)")
         return action[:, start : start + self.n_action_steps], stats
 
     def check_inpaint_method(self, method: str, guidance_clip: float = GUIDANCE_CLIP) -> None:

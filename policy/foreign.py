@@ -20,6 +20,7 @@ import _compat_pickle
 import ast
 import io
 import json
+import math
 import operator
 import pickle
 import re
@@ -43,11 +44,15 @@ _ALLOWED_GLOBALS = {
     ("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_parameter"),
     ("torch._utils", "_rebuild_parameter_with_state"), ("torch", "Size"), ("torch", "device"),
     ("torch", "dtype"), ("torch.nn.parameter", "Parameter"), ("pathlib", "PosixPath"),
-    ("pathlib", "WindowsPath"), ("pathlib", "Path"),
+    ("pathlib", "WindowsPath"), ("pathlib", "Path"), ("pathlib", "PurePosixPath"),
     ("omegaconf.dictconfig", "DictConfig"), ("omegaconf.listconfig", "ListConfig"),
     ("omegaconf.base", "ContainerMetadata"), ("omegaconf.base", "Metadata"),
+    *(("omegaconf.nodes", node) for node in (
+        "AnyNode", "StringNode", "IntegerNode", "FloatNode", "BooleanNode", "BytesNode",
+        "PathNode", "ValueNode", "InterpolationResultNode")),
 }
-_ALLOWED_MODULE_PREFIXES = ("omegaconf.nodes",)  # AnyNode, StringNode, IntegerNode, ...
+"""Exactly the (module, name) pairs a DP workspace checkpoint needs; a dotted name (a method or
+attribute reached through an allowed class, e.g. `Path.write_text`) never matches."""
 _DILL_TYPES = {"dict": dict, "list": list, "tuple": tuple, "set": set, "frozenset": frozenset,
                "int": int, "float": float, "str": str, "bool": bool, "bytes": bytes,
                "NoneType": type(None), "object": object}
@@ -70,7 +75,7 @@ class AllowListUnpickler(pickle.Unpickler):
         module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         if (module, name) == ("dill._dill", "_load_type"):
             return _dill_load_type
-        if (module, name) in _ALLOWED_GLOBALS or module.startswith(_ALLOWED_MODULE_PREFIXES):
+        if (module, name) in _ALLOWED_GLOBALS:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(
             f"refusing to unpickle {module}.{name}: not one of the classes a Diffusion Policy "
@@ -92,21 +97,105 @@ def safe_torch_load(path: str | Path) -> Any:
 _ARITHMETIC = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
                ast.Div: operator.truediv, ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod,
                ast.Pow: operator.pow, ast.USub: operator.neg, ast.UAdd: operator.pos}
+MAX_EXPRESSION = 200
+"""Longest `${eval:...}` expression evaluated (DP's are ~30 characters)."""
+MAX_MAGNITUDE = 1e15
+"""Largest |value| of any operand or intermediate result of an expression."""
 
 
 def safe_arithmetic(expression: str) -> int | float:
     """DP's `${eval:...}` config resolver for what its configs use it for (arithmetic on
-    numbers), without Python's eval."""
-    def value(node: ast.AST) -> int | float:
-        if isinstance(node, ast.Constant) and isinstance(node.value, int | float):
-            return node.value
-        if isinstance(node, ast.BinOp) and type(node.op) in _ARITHMETIC:
-            return _ARITHMETIC[type(node.op)](value(node.left), value(node.right))
-        if isinstance(node, ast.UnaryOp) and type(node.op) in _ARITHMETIC:
-            return _ARITHMETIC[type(node.op)](value(node.operand))
-        raise ValueError(f"refusing to evaluate {expression!r}: only arithmetic on numbers")
+    numbers), without Python's eval and bounded: at most MAX_EXPRESSION characters, operands
+    and every intermediate result within MAX_MAGNITUDE, exponents within 64 (so `9**9**9`
+    is refused at once instead of hanging). ValueError naming the expression otherwise."""
+    text = str(expression)
+    if len(text) > MAX_EXPRESSION:
+        raise ValueError(f"refusing to evaluate an expression of {len(text)} characters "
+                         f"(at most {MAX_EXPRESSION})")
 
-    return value(ast.parse(str(expression), mode="eval").body)
+    def bounded(result: Any) -> int | float:
+        if isinstance(result, complex) or abs(result) > MAX_MAGNITUDE:
+            raise ValueError(f"refusing to evaluate {text!r}: a value exceeds {MAX_MAGNITUDE:g}")
+        return result
+
+    def value(node: ast.AST) -> int | float:
+        if (isinstance(node, ast.Constant) and isinstance(node.value, int | float)
+                and not isinstance(node.value, bool)):
+            return bounded(node.value)
+        if isinstance(node, ast.BinOp) and type(node.op) in _ARITHMETIC:
+            left, right = value(node.left), value(node.right)
+            if isinstance(node.op, ast.Pow) and abs(right) > 64:
+                raise ValueError(f"refusing to evaluate {text!r}: exponent {right} beyond 64")
+            try:
+                return bounded(_ARITHMETIC[type(node.op)](left, right))
+            except (ZeroDivisionError, OverflowError) as e:
+                raise ValueError(f"refusing to evaluate {text!r}: {e}") from e
+        if isinstance(node, ast.UnaryOp) and type(node.op) in _ARITHMETIC:
+            return bounded(_ARITHMETIC[type(node.op)](value(node.operand)))
+        raise ValueError(f"refusing to evaluate {text!r}: only arithmetic on numbers")
+
+    try:
+        tree = ast.parse(text, mode="eval")
+    except SyntaxError as e:
+        raise ValueError(f"refusing to evaluate {text!r}: not an arithmetic expression") from e
+    return value(tree.body)
+
+
+_REFERENCE = re.compile(r"\$\{([A-Za-z_][\w.]*)\}")
+_EVAL = re.compile(r"^\$\{eval:(['\"])(.*)\1\}$", re.DOTALL)
+
+
+def resolve_config(value: Any, root: Mapping[str, Any], where: str, path: str,
+                   depth: int = 0) -> Any:
+    """A DP config subtree with its interpolations resolved the safe way: `${a.b}` references
+    to other keys of the same config and `${eval:'...'}` arithmetic (`safe_arithmetic`) only;
+    any other resolver (`oc.env`, `oc.decode`, `now`, ...) is refused, naming the key, so
+    nothing outside the file (an environment variable, a clock) gets into the policy."""
+    if depth > 32:
+        raise ValueError(f"{where}: cfg.{path}: interpolations nest too deeply (a cycle?)")
+    if isinstance(value, Mapping):
+        return {k: resolve_config(v, root, where, f"{path}.{k}", depth) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [resolve_config(v, root, where, f"{path}[{i}]", depth)
+                for i, v in enumerate(value)]
+    if not isinstance(value, str) or "${" not in value:
+        return value
+    whole = _REFERENCE.fullmatch(value)
+    if whole:
+        return resolve_config(_lookup(root, whole.group(1), where, path), root, where, path,
+                              depth + 1)
+
+    def substitute(text: str) -> str:
+        return _REFERENCE.sub(lambda m: str(resolve_config(
+            _lookup(root, m.group(1), where, path), root, where, path, depth + 1)), text)
+
+    evaluated = _EVAL.match(value)
+    if evaluated:
+        inner = substitute(evaluated.group(2))
+        if "${" not in inner:
+            try:
+                return safe_arithmetic(inner)
+            except ValueError as e:
+                raise ValueError(f"{where}: cfg.{path}: {e}") from e
+    else:
+        text = substitute(value)
+        if "${" not in text:
+            return text
+    resolver = re.search(r"\$\{([^:}]*)", value)
+    raise ValueError(f"{where}: cfg.{path} = {value[:80]!r} uses the resolver or interpolation "
+                     f"{resolver.group(1) if resolver else '?'!r}; only ${{key}} references and "
+                     "${eval:'arithmetic'} are resolved from a file")
+
+
+def _lookup(root: Mapping[str, Any], dotted: str, where: str, path: str) -> Any:
+    """root[a][b] for 'a.b'; ValueError naming the key when it is missing."""
+    node: Any = root
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            raise ValueError(f"{where}: cfg.{path} refers to ${{{dotted}}}, which the config "
+                             "does not have")
+        node = node[part]
+    return node
 
 
 # ------------------------------------------------------------------------------- the result
@@ -120,12 +209,12 @@ class Imported:
     source: dict[str, Any] = field(default_factory=dict)
 
     def build(self, map_location: str | torch.device = "cpu") -> Any:
-        """The DiffusionPolicy, weights loaded strictly, in eval mode."""
-        import hydra
+        """The DiffusionPolicy (built from the allow-list, `policy.safe_config`), weights
+        checked and loaded strictly, in eval mode."""
+        from policy.safe_config import build_policy
 
-        policy = hydra.utils.instantiate(self.config, _convert_="all")
-        policy.load_state_dict(self.weights)
-        return policy.to(map_location).eval()
+        where = str(self.source.get("path", "imported policy"))
+        return build_policy(self.config, where, weights=self.weights).to(map_location).eval()
 
 
 # ------------------------------------------------------------------------------- UNet keys
@@ -207,14 +296,27 @@ def _training_settings(source: Mapping[str, Any], what: str) -> dict[str, Any]:
     _require(beta_schedule in ("linear", "squaredcos_cap_v2"),
              f"{what}: beta_schedule {beta_schedule!r} is not supported")
     return {
-        "num_train_timesteps": int(source.get("num_train_timesteps", 1000)),
+        "num_train_timesteps": _int_field(source, "num_train_timesteps", what, "", 1000),
         "beta_schedule": beta_schedule,
-        "beta_start": float(source.get("beta_start", 1e-4)),
-        "beta_end": float(source.get("beta_end", 0.02)),
+        "beta_start": _float_field(source, "beta_start", what, 1e-4),
+        "beta_end": _float_field(source, "beta_end", what, 0.02),
         "clip_sample": bool(source.get("clip_sample", True)),
-        "clip_sample_range": float(source.get("clip_sample_range", 1.0)),
+        "clip_sample_range": _float_field(source, "clip_sample_range", what, 1.0),
         "prediction_type": "epsilon",
     }
+
+
+def _float_field(config: Mapping[str, Any], key: str, where: str, default: float) -> float:
+    """config[key] as a finite float; ValueError naming the field otherwise."""
+    value = config.get(key, default)
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: {key} must be a number; got {value!r:.60}") from None
+    _require(math.isfinite(number), f"{where}: {key} must be finite; got {value!r:.60}")
+    return number
 
 
 def _linear_normalizer(key: str, scale: torch.Tensor, offset: torch.Tensor, low: torch.Tensor,
@@ -230,20 +332,32 @@ DP_LOWDIM_POLICY = "DiffusionUnetLowdimPolicy"
 
 def import_diffusion_policy(path: str | Path) -> Imported:
     """A real-stanford/diffusion_policy workspace checkpoint (low-dim UNet policy with global
-    conditioning; EMA weights when the run kept them)."""
-    from omegaconf import OmegaConf
+    conditioning; EMA weights when the run kept them). Its config is read as data: only the
+    policy, training and task sections, interpolations resolved by `resolve_config`."""
+    from omegaconf import DictConfig, OmegaConf
 
     path = Path(path)
+    from policy.checkpoint import check_regular_file, check_torch_zip
+
+    check_regular_file(path)
+    check_torch_zip(path)
     try:
         payload = safe_torch_load(path)
     except pickle.UnpicklingError as e:
         raise ValueError(f"{path}: {e}") from e
+    except Exception as e:  # torch raises several types for truncated or foreign files
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path} is corrupt or unreadable: {reason}") from e
     _require(isinstance(payload, dict) and {"cfg", "state_dicts"} <= set(payload),
              f"{path} is not a Diffusion Policy workspace checkpoint (no cfg / state_dicts)")
-    if not OmegaConf.has_resolver("eval"):
-        OmegaConf.register_new_resolver("eval", safe_arithmetic)
-    cfg = OmegaConf.to_container(payload["cfg"], resolve=True)
-    policy_cfg = cfg.get("policy") or {}
+    _require(isinstance(payload["cfg"], DictConfig | dict),
+             f"{path}: cfg is a {type(payload['cfg']).__name__}, not a config")
+    raw = (OmegaConf.to_container(payload["cfg"], resolve=False)
+           if isinstance(payload["cfg"], DictConfig) else payload["cfg"])
+    where = str(path)
+    cfg = {key: resolve_config(raw.get(key), raw, where, key)
+           for key in ("policy", "training", "task")}
+    policy_cfg = _section(cfg, "policy", where)
     kind = str(policy_cfg.get("_target_", "")).rsplit(".", 1)[-1]
     _require(kind == DP_LOWDIM_POLICY,
              f"{path}: the Diffusion Policy class {kind or '?'} is not importable yet (only "
@@ -252,22 +366,31 @@ def import_diffusion_policy(path: str | Path) -> Imported:
                         ("pred_action_steps_only", False), ("oa_step_convention", True)):
         _require(bool(policy_cfg.get(key, wanted)) == wanted,
                  f"{path}: policy.{key}={policy_cfg.get(key)} is not supported (needs {wanted})")
-    model = policy_cfg["model"]
+    model = _section(policy_cfg, "model", where, "policy.")
     _require(model.get("local_cond_dim") is None, f"{path}: local conditioning is not supported")
-    scheduler = policy_cfg["noise_scheduler"]
+    scheduler = _section(policy_cfg, "noise_scheduler", where, "policy.")
     scheduler_class = str(scheduler.get("_target_", "")).rsplit(".", 1)[-1]
     kinds = {"DDPMScheduler": "ddpm", "DDIMScheduler": "ddim"}
     _require(scheduler_class in kinds, f"{path}: noise_scheduler {scheduler_class} is not "
                                        "supported (DDPMScheduler or DDIMScheduler)")
     settings = _training_settings(scheduler, f"{path}: noise_scheduler")
-    obs_dim, action_dim = int(policy_cfg["obs_dim"]), int(policy_cfg["action_dim"])
-    n_obs_steps = int(policy_cfg["n_obs_steps"])
-    _require(int(model["global_cond_dim"]) == obs_dim * n_obs_steps,
+    obs_dim = _int_field(policy_cfg, "obs_dim", where, "policy.")
+    action_dim = _int_field(policy_cfg, "action_dim", where, "policy.")
+    n_obs_steps = _int_field(policy_cfg, "n_obs_steps", where, "policy.")
+    _require(_int_field(model, "global_cond_dim", where, "policy.model.")
+             == obs_dim * n_obs_steps,
              f"{path}: model.global_cond_dim {model['global_cond_dim']} != obs_dim x n_obs_steps")
 
     states = payload["state_dicts"]
-    use_ema = bool((cfg.get("training") or {}).get("use_ema", False)) and "ema_model" in states
+    _require(isinstance(states, dict) and "model" in states,
+             f"{path}: state_dicts has no 'model' weights")
+    training = cfg.get("training") if isinstance(cfg.get("training"), dict) else {}
+    use_ema = bool(training.get("use_ema", False)) and "ema_model" in states
     weights = states["ema_model" if use_ema else "model"]
+    _require(isinstance(weights, dict) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in weights.items()),
+        f"{path}: state_dicts.{'ema_model' if use_ema else 'model'} is not a mapping of names "
+        "to tensors")
     converted = rename_unet_keys(weights, "model.")
     for key in ("obs", "action"):
         stats = f"normalizer.params_dict.{key}"
@@ -277,11 +400,16 @@ def import_diffusion_policy(path: str | Path) -> Imported:
             weights[f"{stats}.input_stats.min"], weights[f"{stats}.input_stats.max"]))
     config = {
         "_target_": "policy.diffusion_policy.DiffusionPolicy",
-        "horizon": int(policy_cfg["horizon"]), "n_obs_steps": n_obs_steps,
-        "n_action_steps": int(policy_cfg["n_action_steps"]), "action_dim": action_dim,
-        "model": _unet_config(model["down_dims"], model.get("kernel_size", 5),
-                              model.get("n_groups", 8), model["diffusion_step_embed_dim"],
-                              model.get("cond_predict_scale", False)),
+        "horizon": _int_field(policy_cfg, "horizon", where, "policy."),
+        "n_obs_steps": n_obs_steps,
+        "n_action_steps": _int_field(policy_cfg, "n_action_steps", where, "policy."),
+        "action_dim": action_dim,
+        "model": _unet_config(_int_list(model, "down_dims", where, "policy.model."),
+                              _int_field(model, "kernel_size", where, "policy.model.", 5),
+                              _int_field(model, "n_groups", where, "policy.model.", 8),
+                              _int_field(model, "diffusion_step_embed_dim", where,
+                                         "policy.model."),
+                              bool(model.get("cond_predict_scale", False))),
         "obs_encoder": {"_target_": "policy.encoders.LowDimObsEncoder", "obs_dim": obs_dim},
         "normalizer": {"_target_": "policy.normalizer.LinearNormalizer"},
         **_schedules(kinds[scheduler_class], settings, policy_cfg.get("num_inference_steps")),
@@ -289,8 +417,46 @@ def import_diffusion_policy(path: str | Path) -> Imported:
     source = {"format": "diffusion_policy", "path": str(path),
               "weights": "ema_model" if use_ema else "model",
               "step": _pickled_int((payload.get("pickles") or {}).get("global_step")),
-              "task": (cfg.get("task") or {}).get("name"), "policy_class": kind}
+              "task": _task_name(cfg.get("task")), "policy_class": kind}
     return Imported(config, converted, source)
+
+
+def _section(config: Mapping[str, Any], key: str, where: str, prefix: str = ""
+             ) -> dict[str, Any]:
+    """config[key] as a mapping; ValueError naming the field when missing or not a mapping."""
+    value = config.get(key)
+    _require(isinstance(value, Mapping), f"{where}: {prefix}{key} is missing or not a mapping")
+    return dict(value)
+
+
+def _int_field(config: Mapping[str, Any], key: str, where: str, prefix: str = "",
+               default: int | None = None) -> int:
+    """config[key] as an int (an integral float or numeric string too); ValueError naming the
+    field when missing or not a number."""
+    value = config.get(key, default)
+    try:
+        number = float(value) if isinstance(value, str) else value
+        if isinstance(number, bool) or not isinstance(number, int | float) or (
+                number != int(number)):
+            raise TypeError
+        return int(number)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"{where}: {prefix}{key} must be an integer; got {value!r:.60}"
+                         ) from None
+
+
+def _int_list(config: Mapping[str, Any], key: str, where: str, prefix: str = "") -> list[int]:
+    """config[key] as a list of ints; ValueError naming the field otherwise."""
+    value = config.get(key)
+    _require(isinstance(value, list | tuple) and 0 < len(value) <= 16,
+             f"{where}: {prefix}{key} must be a list of integers; got {value!r:.60}")
+    return [_int_field({key: v}, key, where, prefix) for v in value]
+
+
+def _task_name(task: Any) -> str | None:
+    """A DP config's task.name when it is a string (it is only recorded)."""
+    name = task.get("name") if isinstance(task, Mapping) else None
+    return name if isinstance(name, str) else None
 
 
 def _pickled_int(data: Any) -> int:
@@ -319,22 +485,26 @@ def _lerobot_statistics(folder: Path, config: Mapping[str, Any], weights: Mappin
                         ) -> tuple[dict[str, dict[str, torch.Tensor]], float, str]:
     """Per-feature statistics {feature: {min, max, mean, std}}, the normaliser's eps and the
     layout ("processor" files of LeRobot >= 0.4, or "buffers" in the weights of older ones)."""
-    from safetensors.torch import load_file
 
     processors = sorted(folder.glob("policy_preprocessor_step_*_normalizer_processor.safetensors"))
     if processors:
-        flat = load_file(str(processors[0]))
+        flat = _load_safetensors(processors[0])
         for post in folder.glob("policy_postprocessor_step_*_unnormalizer_processor.safetensors"):
-            flat = {**load_file(str(post)), **flat}
+            flat = {**_load_safetensors(post), **flat}
         stats: dict[str, dict[str, torch.Tensor]] = {}
         for key, value in flat.items():
-            feature, stat = key.rsplit(".", 1)
+            feature, _, stat = key.rpartition(".")
             stats.setdefault(feature, {})[stat] = value
         eps = 1e-8
         preprocessor = folder / "policy_preprocessor.json"
         if preprocessor.is_file():
-            for step in json.loads(preprocessor.read_text()).get("steps", []):
-                eps = float((step.get("config") or {}).get("eps", eps))
+            steps = _read_json(preprocessor).get("steps", [])
+            _require(isinstance(steps, list), f"{preprocessor}: steps must be a list")
+            for step in steps:
+                step_config = step.get("config") if isinstance(step, Mapping) else None
+                if isinstance(step_config, Mapping) and "eps" in step_config:
+                    eps = _float_field(step_config, "eps", str(preprocessor), eps)
+        _require(0 < eps < 1, f"{preprocessor}: eps must be in (0, 1); got {eps}")
         return stats, eps, "processor"
     stats = {}
     features = {**config.get("input_features", {}), **config.get("output_features", {})}
@@ -387,15 +557,17 @@ def import_lerobot(folder: str | Path) -> Imported:
     """A LeRobot diffusion pretrained-model folder (`config.json` + `model.safetensors`, the
     normaliser statistics in its pre/post-processor files or, in LeRobot <= 0.3, in the
     weights), for state / environment-state observations."""
-    from safetensors.torch import load_file
 
     folder = Path(folder)
     where = str(folder)
-    config = json.loads((folder / "config.json").read_text())
+    config = _read_json(folder / "config.json")
     _require(config.get("type", "diffusion") == "diffusion",
              f"{where}: LeRobot policy type {config.get('type')!r} is not a diffusion policy")
-    weights = load_file(str(folder / "model.safetensors"))
+    weights = _load_safetensors(folder / "model.safetensors")
     inputs = config.get("input_features") or {}
+    _require(isinstance(inputs, Mapping) and all(
+        isinstance(v, Mapping) for v in inputs.values()),
+        f"{folder / 'config.json'}: input_features must map feature names to {{type, shape}}")
     visual = [k for k, v in inputs.items() if v.get("type") == "VISUAL"]
     _require(not visual, f"{where}: LeRobot policies with cameras ({visual}) are not importable "
                          "yet (the ResNet encoder does not map yet)")
@@ -406,9 +578,15 @@ def import_lerobot(folder: str | Path) -> Imported:
                           "know")
     ordered = state + env  # LeRobot's per-step global condition: [state, images, env state]
     _require(bool(ordered), f"{where}: the policy has no state or environment-state inputs")
-    action_shape = (config.get("output_features") or {}).get("action", {}).get("shape")
-    _require(action_shape is not None and len(action_shape) == 1,
+    outputs = config.get("output_features") or {}
+    action = outputs.get("action") if isinstance(outputs, Mapping) else None
+    action_shape = action.get("shape") if isinstance(action, Mapping) else None
+    _require(isinstance(action_shape, list | tuple) and len(action_shape) == 1,
              f"{where}: the output feature 'action' must be a vector")
+    for feature in ordered:
+        shape = inputs[feature].get("shape")
+        _require(isinstance(shape, list | tuple) and len(shape) == 1,
+                 f"{where}: input feature {feature} must have a 1-D shape; got {shape!r:.60}")
     kind = str(config.get("noise_scheduler_type", "DDPM")).lower()
     _require(kind in ("ddpm", "ddim"), f"{where}: noise_scheduler_type {kind!r} is not supported")
     settings = _training_settings(config, where)
@@ -426,14 +604,20 @@ def import_lerobot(folder: str | Path) -> Imported:
                                                  layout, where))
     _require(any(k.startswith("normalizer.action_") for k in converted),
              f"{where}: the action has no normalisation (IDENTITY); not supported")
-    obs_dims = {_identifier(k): int(inputs[k]["shape"][0]) for k in ordered}
+    obs_dims = {_identifier(k): _int_field({k: inputs[k]["shape"][0]}, k, where,
+                                           "input_features.") for k in ordered}
     model_config = {
         "_target_": "policy.diffusion_policy.DiffusionPolicy",
-        "horizon": int(config["horizon"]), "n_obs_steps": int(config["n_obs_steps"]),
-        "n_action_steps": int(config["n_action_steps"]), "action_dim": int(action_shape[0]),
-        "model": _unet_config(config["down_dims"], config.get("kernel_size", 5),
-                              config.get("n_groups", 8), config["diffusion_step_embed_dim"],
-                              config.get("use_film_scale_modulation", True)),
+        "horizon": _int_field(config, "horizon", where),
+        "n_obs_steps": _int_field(config, "n_obs_steps", where),
+        "n_action_steps": _int_field(config, "n_action_steps", where),
+        "action_dim": _int_field({"action": action_shape[0]}, "action", where,
+                                 "output_features."),
+        "model": _unet_config(_int_list(config, "down_dims", where),
+                              _int_field(config, "kernel_size", where, "", 5),
+                              _int_field(config, "n_groups", where, "", 8),
+                              _int_field(config, "diffusion_step_embed_dim", where),
+                              bool(config.get("use_film_scale_modulation", True))),
         "obs_encoder": {"_target_": "policy.encoders.ConcatObsEncoder", "obs_dims": obs_dims,
                         "aliases": _lerobot_aliases(ordered)},
         "normalizer": {"_target_": "policy.normalizer.LinearNormalizer"},
@@ -442,6 +626,38 @@ def import_lerobot(folder: str | Path) -> Imported:
     source = {"format": "lerobot", "path": where, "layout": layout, "step": 0,
               "features": ordered}
     return Imported(model_config, converted, source)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from `path`; ValueError naming the file when it is unreadable, not JSON or
+    not an object (at most 16 MB: a LeRobot config is a few kB)."""
+    from policy.checkpoint import check_regular_file
+
+    check_regular_file(path, "file")
+    if path.stat().st_size > 16 * 2**20:
+        raise ValueError(f"{path} is {path.stat().st_size} bytes; a config is at most 16 MB")
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    _require(isinstance(value, dict), f"{path} must hold a JSON object, not a "
+                                      f"{type(value).__name__}")
+    return value
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file (its header checked against the file size by safetensors itself);
+    ValueError naming the file when it is truncated or malformed."""
+    from safetensors.torch import load_file
+
+    from policy.checkpoint import check_regular_file
+
+    check_regular_file(path, "file")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own SafetensorError and OSError
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path} is not a readable safetensors file: {reason}") from e
 
 
 # --------------------------------------------------------------------------------- detection
@@ -454,8 +670,9 @@ def detect_format(path: str | Path) -> str:
             return "lerobot"
         raise ValueError(f"{path} is a folder but not a LeRobot pretrained model (no config.json "
                          "+ model.safetensors)")
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+    from policy.checkpoint import check_regular_file
+
+    check_regular_file(path)
     if not zipfile.is_zipfile(path):
         raise ValueError(f"{path} is neither a picard-policy nor a Diffusion Policy checkpoint "
                          "(not a torch zip file)")

@@ -71,20 +71,54 @@ def save_propagators(path: str | Path, policy: Any,
 
 
 def _read(path: Path, fingerprint: str) -> Mapping[str, Any]:
+    from policy.checkpoint import check_regular_file, check_torch_zip
+
+    check_regular_file(path, "propagator file")
+    check_torch_zip(path, "propagator file")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated or foreign files raise several types
-        raise ValueError(f"propagator file {path} is corrupt or unreadable: {e}") from e
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"propagator file {path} is corrupt or unreadable: {reason}") from e
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path} is not a propagator file (expected format {FORMAT!r})")
     if payload.get("base_fingerprint") != fingerprint:
         raise ValueError(f"propagator file {path} was fitted for other base weights than this "
                          f"policy's; refit it with scripts/fit_propagator.py")
+    if not isinstance(payload.get("entries"), dict):
+        raise ValueError(f"propagator file {path}: 'entries' is not a mapping")
     return payload["entries"]
 
 
+MAX_PROPAGATOR_ENTRY = 1e3
+"""Largest |entry| of a fitted propagator: it maps x_t to x_{t-1} (the shipped ones stay below
+1); beyond this the file is not a propagator of a diffusion step."""
+
+
 def load_propagators(path: str | Path, policy: Any) -> dict[str, torch.Tensor]:
-    """{schedule_key: (T, E, E) tensor} from a file fitted for this policy's base weights; a
-    ValueError that names the file when it is unreadable or belongs to other weights."""
-    entries = _read(Path(path), base_fingerprint(policy))
-    return {key: entry["propagator"].float() for key, entry in entries.items()}
+    """{schedule_key: (T, E, E) tensor} from a file fitted for this policy's base weights,
+    each checked: a float (T, E, E) tensor with E = horizon x action_dim and T the key's
+    step count, finite, entries within MAX_PROPAGATOR_ENTRY. A ValueError that names the file
+    and the entry when it is unreadable, malformed or belongs to other weights."""
+    path = Path(path)
+    entries = _read(path, base_fingerprint(policy))
+    size = policy.horizon * policy.action_dim
+    checked = {}
+    for key, entry in entries.items():
+        name = f"propagator file {path}: entry {str(key)[:60]!r}"
+        steps = str(key).split("-")
+        tensor = entry.get("propagator") if isinstance(entry, Mapping) else None
+        if len(steps) != 3 or not steps[1].isdigit():
+            raise ValueError(f"{name} is not a schedule key (name-steps-hash)")
+        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+            raise ValueError(f"{name} holds no float 'propagator' tensor")
+        expected = (int(steps[1]), size, size)
+        if tuple(tensor.shape) != expected:
+            raise ValueError(f"{name} has shape {tuple(tensor.shape)}; this policy needs "
+                             f"{expected}")
+        if not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{name} holds NaN or inf")
+        if float(tensor.abs().max()) > MAX_PROPAGATOR_ENTRY:
+            raise ValueError(f"{name} has entries beyond {MAX_PROPAGATOR_ENTRY:g} in magnitude")
+        checked[str(key)] = tensor.float()
+    return checked
