@@ -8,7 +8,8 @@
 
 A thin Hydra entry over `app.training.run_training`: one training loop, the stage (dp, pcm)
 supplies the policy, data, loss and checkpoint config. Config errors print one line and exit
-with status 1; SIGINT/SIGTERM finish the current step, write `latest.ckpt` and stop.
+with status 1; SIGINT/SIGTERM finish the current step, write `latest.ckpt` and exit with status
+130.
 """
 
 from __future__ import annotations
@@ -26,8 +27,13 @@ CHECKED_GROUPS = ("env", "policy", "pcm", "experiment", "debug")
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def hydra_main(cfg: DictConfig) -> None:
-    """Hydra entry: train into `run_dir`."""
-    run_entry(lambda: run_training(cfg))
+    """Hydra entry: train into `run_dir`; a run stopped by a signal exits with status 130 (it
+    did not finish: a job scheduler must not take it for done)."""
+    summary = run_entry(lambda: run_training(cfg))
+    if summary and summary.get("stopped_early"):
+        print(f"stopped by a signal at step {summary['step']} of {summary['total_steps']}; "
+              "latest.ckpt is written: continue with resume=true", file=sys.stderr)
+        sys.exit(130)
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ import os
 import re
 import signal
 import sys
+import tempfile
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -188,12 +189,20 @@ def run_dir_of(cfg: DictConfig, key: str) -> Path | None:
 
 
 def check_run_dir(path: Path) -> None:
-    """A run dir that cannot be created (a file in its way) is one line, before Hydra tries."""
+    """A run dir that cannot be created is one line, before Hydra tries: a file in its way, or
+    a nearest existing folder where nothing can be made (read-only, /proc, immutable), found by
+    making and removing a probe folder there (permissions alone do not tell, e.g. for root)."""
     for parent in [path, *path.parents]:
-        if parent.exists():
-            if not parent.is_dir():
-                raise ConfigError(f"output folder {path} cannot be created: {parent} is a file")
-            return
+        if not parent.exists():
+            continue
+        if not parent.is_dir():
+            raise ConfigError(f"output folder {path} cannot be created: {parent} is a file")
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".picard_probe_", dir=parent))
+        except OSError as e:
+            raise ConfigError(f"output folder {path} cannot be created: nothing can be written "
+                              f"in {parent} ({e.strerror})") from e
+        return
 
 
 def precheck_or_exit(argv: Sequence[str], config_name: str, groups: Sequence[str],
@@ -283,6 +292,37 @@ def script_errors(output: Path) -> Iterator[None]:
         sys.exit(f"error: cannot write {e.filename or output}: {e.strerror}")
 
 
+RUN_LOCK = ".run.lock"
+"""The file a run holds an exclusive lock on for as long as it writes into its folder."""
+_CLAIMED: dict[Path, int] = {}
+"""Folders this process holds (their lock file descriptors stay open until it exits)."""
+
+
+def claim_output_dir(path: Path) -> None:
+    """Take `path` for this process with an exclusive, non-blocking flock on its RUN_LOCK: two
+    runs started at once into one folder cannot both write results (the second is refused in
+    one line). The lock goes with the process, however it ends; a folder this process already
+    holds is kept."""
+    import fcntl
+
+    key = path.resolve()
+    if key in _CLAIMED:
+        return
+    try:
+        fd = os.open(path / RUN_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise ConfigError(f"output folder {path} is not writable: {e.strerror}") from e
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigError(f"output folder {path} is in use by another run right now: pick "
+                          "another folder (hydra.run.dir=...)") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _CLAIMED[key] = fd
+
+
 def prepare_output_dir(path: Path, overwrite: bool, results_name: str | None = "results.json"
                        ) -> None:
     """Create the output folder, remove temporary files that killed runs left there, refuse a
@@ -293,6 +333,7 @@ def prepare_output_dir(path: Path, overwrite: bool, results_name: str | None = "
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"output folder {path} cannot be created: {e.strerror}") from e
+    claim_output_dir(path)
     clean_stale_temp_files(path)
     if results_name is not None:
         check_results_free(path, overwrite, results_name)

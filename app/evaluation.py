@@ -55,6 +55,7 @@ from envs.realtime import (
 )
 from envs.rollout import VECTOR_KINDS, RolloutResult, rollout
 from picard_sampler import GUIDANCE_CLIP, INPAINT_METHODS, Sampler
+from picard_sampler.metrics import EXACT_RULE, is_exact
 from picard_sampler.runinfo import run_info
 from policy.checkpoint import PCM_KEY
 from policy.chunking import (
@@ -68,13 +69,18 @@ from policy.diffusion_policy import DiffusionPolicy
 from policy.loading import load_with_metadata
 from policy.runtime import RuntimeUnavailable
 
-
 # ----------------------------------------------------------------------------- config, setup
+MAX_EPISODES = 100_000
+"""Most episodes one eval runs (each keeps its record in results.json; 10**9 would exhaust
+memory long before it finished)."""
+
+
 def check_eval_config(cfg: DictConfig) -> None:
     """Reject values an eval run cannot use, naming the key and what is allowed."""
     rt = cfg.realtime
     raise_first_failure(cfg, [
-        ("n_episodes", is_int(cfg.n_episodes, 1), "an int >= 1"),
+        ("n_episodes", is_int(cfg.n_episodes, 1) and cfg.n_episodes <= MAX_EPISODES,
+         f"an int in [1, {MAX_EPISODES}]"),
         ("n_envs", is_int(cfg.n_envs, 1), "an int >= 1"),
         ("checkpoint", isinstance(cfg.checkpoint, str) and bool(cfg.checkpoint),
          "a path (a checkpoint file or a LeRobot folder)"),
@@ -328,7 +334,9 @@ def check_pcm_weights(sampler: Sampler, checkpoint: Mapping[str, Any], path: str
             f"sampler=pcm needs PCM weights under the checkpoint key '{PCM_KEY}', "
             f"which {path} does not have: train a PCM for this policy or pick another sampler"
         )
-    trained = (checkpoint.get("config") or {}).get("pcm", {}).get("schedule") or {}
+    pcm_config = (checkpoint.get("config") or {}).get("pcm")
+    trained = pcm_config.get("schedule") if isinstance(pcm_config, Mapping) else None
+    trained = trained if isinstance(trained, Mapping) else {}  # data from the file: only read
     name = str(trained.get("_target_", "")).rsplit(".", 1)[-1]
     steps = trained.get("num_inference_steps")
     if name and (name, steps) != (type(sampler.schedule).__name__, sampler.num_steps):
@@ -603,6 +611,19 @@ def _run_remote(cfg: DictConfig) -> _Run:
                 meta["runtime"], {**meta["checkpoint"], "server": cfg.server})
 
 
+def exactness_warning(metrics: Mapping[str, Any]) -> str | None:
+    """A warning line when the measured exact_err breaks the exactness rule (EXACT_RULE): the
+    sampler's `converged` then only means it met its own tolerance, not that its chunks are
+    the sequential ones (e.g. a loose sampler.tol)."""
+    err_max, err_mean = metrics.get("exact_err_max"), metrics.get("exact_err_mean")
+    if err_max is None or is_exact(err_max, err_mean):
+        return None
+    return (f"warning: NOT EXACT: exact_err max {err_max:.3g} / mean {err_mean:.3g} breaks the "
+            f"exactness rule (max <= {EXACT_RULE['exact_err_max']}, mean <= "
+            f"{EXACT_RULE['exact_err_mean']}); converged_rate counts chunks that met "
+            "sampler.tol, not chunks equal to sequential sampling: tighten sampler.tol")
+
+
 def _report(cfg: DictConfig, out_dir: Path, overrides: Sequence[str], device: torch.device,
             run: _Run) -> dict[str, Any]:
     """Summarize a finished run and write results.json, plots, video and wandb."""
@@ -641,6 +662,9 @@ def _report(cfg: DictConfig, out_dir: Path, overrides: Sequence[str], device: to
     if cfg.logger.wandb:
         log_to_wandb(cfg.logger, out_dir, results, images)
     print(format_report(results))
+    not_exact = exactness_warning(metrics)
+    if not_exact:
+        print(not_exact)
     print(f"results: {out_dir / 'results.json'}")
     if rollout_result.interrupted:
         raise KeyboardInterrupt(f"interrupted; results so far in {out_dir / 'results.json'}")

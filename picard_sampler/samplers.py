@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -282,8 +283,9 @@ def _validate_picard_args(
         window = T
     if not _is_int(window) or window < 1:
         raise ValueError(f"window must be a positive int or None (= all {T} steps); got {window!r}")
-    if not _is_number(tol) or not tol >= 0:
-        raise ValueError(f"tol must be a number >= 0; got {tol!r}")
+    if not _is_number(tol) or not 0 <= tol < math.inf:
+        raise ValueError(f"tol must be a finite number >= 0 (inf would stop after one round, "
+                         f"never exact); got {tol!r}")
     if max_rounds is not None and (not _is_int(max_rounds) or max_rounds < 1):
         raise ValueError(f"max_rounds must be a positive int or None; got {max_rounds!r}")
     return min(window, T)
