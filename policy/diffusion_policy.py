@@ -290,9 +290,33 @@ class DiffusionPolicy(nn.Module):
         `update="parareal"` samplers get the attached propagator (`attach_propagators`).
         Returns actions (B, Ta, Da) in raw units and the sampler's SampleStats, whose `sample`
         is the whole normalized chunk (B, H, Da); a chunk with NaN or inf raises
-        NonFiniteChunkError instead.
+        NonFiniteChunkError instead. The observation encoder runs once (`encode`), whatever
+        the sampler: the samplers see only its global condition (`sample_chunk`).
         """
-        cond = self.encode_obs(self.check_obs(obs))
+        return self.sample_chunk(self.encode(obs), sampler, noise, generator, init, budget_s,
+                                 clock, inpaint)
+
+    @torch.inference_mode()
+    def encode(self, obs: Obs) -> torch.Tensor:
+        """Checked raw observations -> the UNet's global condition (B, To * F): the one
+        observation-encoder call of a chunk (an image encoder costs several UNet calls)."""
+        return self.encode_obs(self.check_obs(obs))
+
+    @torch.inference_mode()
+    def sample_chunk(
+        self,
+        cond: torch.Tensor,
+        sampler: Sampler,
+        noise: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        init: torch.Tensor | None = None,
+        budget_s: float | None = None,
+        clock: Callable[[], float] | None = None,
+        inpaint: Inpaint | None = None,
+    ) -> tuple[torch.Tensor, SampleStats]:
+        """`predict_action` for an already encoded condition `cond` (B, To * F) from `encode`:
+        a caller that samples one observation twice (the exactness check's sequential
+        reference) encodes it once."""
         B = cond.shape[0]
         shape = sampler.noise_shape(B, self.horizon, self.action_dim)
         if noise is None:
