@@ -6,7 +6,10 @@
 
 A thin Hydra entry over `app.serving.run_serve` (the protocol: serving/protocol.py; the robot
 side: serving.PolicyClient, no torch needed). Config errors print one line and exit with status
-1; SIGTERM or Ctrl-C closes every connection, finishes the sampler call in flight and exits 0.
+1; SIGTERM or Ctrl-C closes every connection, finishes the sampler call in flight and exits 0
+(in bounded time, whatever the clients do); should the inference thread ever die, the server
+stops with one `error:` line and status 1 rather than leave robots waiting (docs/design.md §11,
+"What serving guarantees").
 """
 
 from __future__ import annotations

@@ -5,18 +5,24 @@ and serves any number of connections (up to `max_clients`). Each connection may 
 episodes at once (`reset` -> an episode id); an episode keeps its own state on the server: its
 noise generator (seeded by the server's noise seed and the episode's seed, so a chunk equals
 the in-process chunk of eval_policy.py for the same seeds), its warm-start trajectory and the
-committed prefix it sends. Requests are checked on arrival (obs shape, dtype and finiteness,
-prefix, deadline, episode ownership) and a bad one gets an `error` reply while everyone else is
-served. One inference thread takes every request waiting when it becomes free (up to
-`max_batch`) and samples them in ONE sampler call; a request's `deadline_ms` becomes the
-anytime samplers' budget (the smallest of the batch, less the time already spent queueing).
-The protocol is serving/protocol.py; the design and its reasons are docs/design.md §11.
+committed prefix it sends. Requests are checked on arrival (message, episode ownership, obs
+layout, prefix, deadline) and a bad one gets an `error` reply while everyone else is served.
+One inference thread takes every request waiting when it becomes free (up to `max_batch`),
+checks and normalises each observation with the policy's own `check_obs` (so requests sending
+an array and requests sending {key: array} share a call) and samples them in ONE sampler call;
+a request's `deadline_ms` becomes the anytime samplers' budget (the smallest of the batch, less
+the time already spent queueing). A chunk that is not finite is never sent: its request gets an
+error. Nothing a client sends stops the inference thread, silent connections are closed after
+`idle_timeout_s`, and a stop (SIGTERM) ends every state within bounded time. The protocol is
+serving/protocol.py; the design, its guarantees and their reasons are docs/design.md §11.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import logging
 import queue
 import secrets
 import signal
@@ -27,21 +33,60 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from websockets.asyncio.server import ServerConnection, serve
+import torch
+from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
 
 from picard_sampler import GUIDANCE_CLIP
 from policy.chunking import ChunkPolicy
 from policy.diffusion_policy import DiffusionPolicy
 from serving.protocol import (
+    CLOSE_IDLE,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_MAX_MESSAGE_ITEMS,
+    MAX_ID_CHARS,
     PROTOCOL_VERSION,
     REQUEST_TYPES,
     ProtocolError,
     pack,
+    short_repr,
+    type_name,
     unpack,
 )
 
 CLOSE_SERVER_FULL = 1013  # websocket close code "try again later"
+CLOSE_TIMEOUT_S = 2.0  # a peer that does not answer our close frame is dropped after this
+HANDSHAKE_TIMEOUT_S = 10.0  # a TCP connection must finish its websocket handshake in this time
+INLINE_DECODE_BYTES = 64 * 2**10  # larger messages are decoded off the event loop
+DECODE_THREADS = 2
+STOP_GRACE_S = 30.0  # a stop waits this long for the sampler call in flight, then exits anyway
+NON_FINITE_CHUNK = ("inference gave a chunk with NaN or inf, so none is sent (are the "
+                    "checkpoint's weights and action statistics finite?)")
+
+log = logging.getLogger(__name__)
+
+
+class _OneLineLog(logging.Filter):
+    """websockets logs a failed handshake (a port scanner, an HTTP client, garbage bytes) as an
+    ERROR with a traceback: make every such record one WARNING line naming the exception."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            error = record.exc_info[1]
+            record.msg = f"{record.getMessage()}: {type(error).__name__}: {_one_line(error)}"
+            record.args = None
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+_ws_log = logging.getLogger(f"{__name__}.websockets")
+_ws_log.addFilter(_OneLineLog())
+
+
+class InferenceThreadDied(RuntimeError):
+    """The inference thread stopped (never by a request: a BaseException in the sampler)."""
 
 
 @dataclass
@@ -57,12 +102,14 @@ class _Job:
     """An accepted infer request waiting for (or in) a sampler call."""
 
     slot: int
-    obs: Any  # (To, ...) or {key: (To, ...)}
+    obs: Any  # (1, To, ...) or {key: (1, To, ...)}, as sent
     deadline_s: float | None
     prefix: tuple[np.ndarray, np.ndarray] | None
     received: float
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
+    checked: dict[str, torch.Tensor] | None = None  # the policy's layout, set by the worker
+    answered: bool = False  # set by the worker when it hands over a result or an error
 
 
 @dataclass
@@ -75,11 +122,23 @@ class BatchRecord:
     rounds: int
 
 
+class _ClientGone(Exception):
+    """The connection closed while its request waited for a sampler call."""
+
+
 @dataclass(eq=False)
 class _Connection:
-    """A client's episodes (id -> ChunkPolicy slot)."""
+    """A client's episodes (id -> ChunkPolicy slot) and its request waiting for a call."""
 
     episodes: dict[str, int] = field(default_factory=dict)
+    waiting: asyncio.Future | None = None
+    gone: bool = False
+
+    def leave(self, _: Any = None) -> None:
+        """The connection closed: its waiting request has nobody to answer."""
+        self.gone = True
+        if self.waiting is not None and not self.waiting.done():
+            self.waiting.set_exception(_ClientGone())
 
 
 class PolicyServer:
@@ -89,8 +148,10 @@ class PolicyServer:
         self, policy: DiffusionPolicy, sampler: Any, metadata: Mapping[str, Any], *,
         noise_seed: int = 0, warm_start: str = "none", max_batch: int = 8,
         max_clients: int = 16, max_episodes_per_client: int = 8,
-        max_message_bytes: int = 4 * 2**20, inpaint_method: str = "replace",
-        guidance_clip: float = GUIDANCE_CLIP,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        max_message_items: int = DEFAULT_MAX_MESSAGE_ITEMS, idle_timeout_s: float = 60.0,
+        ping_interval_s: float | None = 20.0, ping_timeout_s: float | None = 20.0,
+        inpaint_method: str = "replace", guidance_clip: float = GUIDANCE_CLIP,
     ):
         self.policy = policy
         self.chunks = ChunkPolicy(policy, sampler, noise_seed, warm_start, full_horizon=True,
@@ -99,10 +160,15 @@ class PolicyServer:
         self.max_clients = max_clients
         self.max_episodes_per_client = max_episodes_per_client
         self.max_message_bytes = max_message_bytes
+        self.max_message_items = max_message_items
+        self.idle_timeout_s = float(idle_timeout_s)
+        self.ping_interval_s = ping_interval_s
+        self.ping_timeout_s = ping_timeout_s
         self.metadata = {
             **metadata, "protocol": PROTOCOL_VERSION, "max_batch": max_batch,
-            "max_message_bytes": max_message_bytes,
+            "max_message_bytes": max_message_bytes, "max_message_items": max_message_items,
             "max_episodes_per_client": max_episodes_per_client,
+            "idle_timeout_s": self.idle_timeout_s,
             "obs_spec": {key: [policy.n_obs_steps, *shape]
                          for key, shape in policy.obs_encoder.obs_shapes.items()},
             "obs_aliases": dict(getattr(policy.obs_encoder, "aliases", {})),
@@ -111,15 +177,19 @@ class PolicyServer:
         }
         self.batches: list[BatchRecord] = []
         self._connections: set[_Connection] = set()
-        self._free_slots = list(range(max_clients * max_episodes_per_client))[::-1]
+        self._free_slots: list[int] = []
+        self._next_slot = 0
         # Slots in a sampler call are "busy"; an episode that ends meanwhile is released by the
-        # worker after the call. The lock guards only this bookkeeping, never a sampler call,
-        # so the event loop never waits for inference (ChunkPolicy touches a slot's own state
-        # only, and a busy slot is never reset).
+        # worker after the call. The lock guards only this bookkeeping and the queue's door,
+        # never a sampler call, so the event loop never waits for inference (ChunkPolicy
+        # touches a slot's own state only, and a busy slot is never reset).
         self._lock = threading.Lock()
         self._busy: set[int] = set()
         self._release_after: set[int] = set()
         self._jobs: queue.Queue[_Job | None] = queue.Queue()
+        self._closed_reason: str | None = None  # set: no job is queued any more (and why)
+        self.worker_error: str | None = None  # why the inference thread died, if it did
+        self._worker_died: Callable[[], None] = lambda: None
         self._worker = threading.Thread(target=self._work, name="policy-server-infer",
                                         daemon=True)
 
@@ -127,76 +197,163 @@ class PolicyServer:
     async def serve(self, host: str, port: int, stop: asyncio.Event,
                     on_ready: Callable[[int], None] | None = None) -> None:
         """Listen on host:port (0: a free port) until `stop` is set, then close every
-        connection, finish the sampler call in flight and return."""
-        self._worker.start()
-        try:
-            async with serve(self._handle_connection, host, port,
-                             max_size=self.max_message_bytes, compression=None,
-                             max_queue=4) as server:
-                bound = server.sockets[0].getsockname()[1] if server.sockets else port
-                if on_ready is not None:
-                    on_ready(bound)
-                await stop.wait()
-                server.close()
-                await server.wait_closed()
-        finally:
-            self._jobs.put(None)
-            self._worker.join()
+        connection, finish the sampler call in flight (up to STOP_GRACE_S) and return. Raises
+        InferenceThreadDied (after the same clean-up) if the inference thread stopped."""
+        loop = asyncio.get_running_loop()
+        died = asyncio.Event()
 
-    async def _handle_connection(self, ws: ServerConnection) -> None:
+        def worker_died() -> None:
+            with contextlib.suppress(RuntimeError):  # the event loop is already gone
+                loop.call_soon_threadsafe(died.set)
+
+        self._worker_died = worker_died
+        decoder = concurrent.futures.ThreadPoolExecutor(DECODE_THREADS, "policy-server-decode")
+        self._worker.start()
+        server: Server | None = None
+        try:
+            server = await serve(
+                lambda ws: self._handle_connection(ws, decoder), host, port,
+                max_size=self.max_message_bytes, compression=None, max_queue=2,
+                open_timeout=min(HANDSHAKE_TIMEOUT_S, self.idle_timeout_s),
+                close_timeout=CLOSE_TIMEOUT_S, ping_interval=self.ping_interval_s,
+                ping_timeout=self.ping_timeout_s, logger=_ws_log)
+            bound = server.sockets[0].getsockname()[1] if server.sockets else port
+            if on_ready is not None:
+                on_ready(bound)
+            waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(died.wait())]
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for wait in waits:
+                    wait.cancel()
+        finally:
+            self._close_queue("the server is shutting down")
+            if server is not None:
+                server.close()  # 1001 to every connection; handlers return at once
+                for connection, task in list(server.handlers.items()):
+                    if connection.state is State.CONNECTING:  # no handshake yet: not a client
+                        task.cancel()
+                try:
+                    await asyncio.wait_for(server.wait_closed(), 2 * CLOSE_TIMEOUT_S + 1)
+                except TimeoutError:  # a peer that reads nothing blocks even the close frame
+                    log.warning("connections still closing after %.0f s; dropping them",
+                                2 * CLOSE_TIMEOUT_S + 1)
+                    for connection in list(server.handlers):
+                        connection.transport.abort()
+            await asyncio.to_thread(self._worker.join, STOP_GRACE_S)
+            if self._worker.is_alive():
+                log.warning("the sampler call in flight did not finish within %.0f s; "
+                            "stopping anyway", STOP_GRACE_S)
+            decoder.shutdown(wait=False, cancel_futures=True)
+        if self.worker_error is not None:
+            raise InferenceThreadDied(f"the inference thread stopped: {self.worker_error}")
+
+    async def _handle_connection(self, ws: ServerConnection,
+                                 decoder: concurrent.futures.Executor) -> None:
+        if self._closed_reason is not None:
+            await ws.close(1001, "server shutting down")
+            return
         if len(self._connections) >= self.max_clients:
             await ws.close(CLOSE_SERVER_FULL, f"server full ({self.max_clients} clients)")
             return
         connection = _Connection()
         self._connections.add(connection)
+        closed = asyncio.ensure_future(ws.wait_closed())
+        closed.add_done_callback(connection.leave)
         try:
-            async for data in ws:
-                request_id = None
+            while True:
                 try:
-                    message = unpack(data)
-                    request_id = message.get("id")
-                    reply = await self._reply(message, connection)
-                except (ProtocolError, ValueError, TypeError, KeyError) as e:
-                    reply = {"type": "error", "error": _one_line(e)}
-                await ws.send(pack({**reply, "id": request_id}))
+                    async with asyncio.timeout(self.idle_timeout_s):
+                        data = await ws.recv()
+                except TimeoutError:
+                    self._connections.discard(connection)  # its place is free at once
+                    await ws.close(CLOSE_IDLE, f"idle for {self.idle_timeout_s:g} s "
+                                               "(idle_timeout_s)")
+                    return
+                reply = await self._answer(data, connection, decoder)
+                if reply is None:  # the client left while its request was in a sampler call
+                    return
+                try:
+                    async with asyncio.timeout(self.idle_timeout_s):
+                        await ws.send(pack(reply))
+                except TimeoutError:  # it reads nothing: its replies (and our pings) pile up
+                    log.warning("dropped a client that read no reply for %g s "
+                                "(idle_timeout_s)", self.idle_timeout_s)
+                    ws.transport.abort()
+                    return
         except ConnectionClosed:
             pass
         finally:
+            closed.cancel()
             self._connections.discard(connection)
             for slot in connection.episodes.values():
                 self._release(slot)
 
+    async def _answer(self, data: bytes | str, connection: _Connection,
+                      decoder: concurrent.futures.Executor) -> dict[str, Any] | None:
+        """The reply to one received frame: every failure is an error reply to it."""
+        request_id = None
+        try:
+            if isinstance(data, bytes) and len(data) > INLINE_DECODE_BYTES:
+                message = await asyncio.get_running_loop().run_in_executor(
+                    decoder, unpack, data, self.max_message_items)
+            else:
+                message = unpack(data, self.max_message_items)
+            request_id = _request_id(message)
+            reply = await self._reply(message, connection)
+            if reply is None:
+                return None
+        except (ProtocolError, ValueError) as e:
+            reply = {"type": "error", "error": _one_line(e)}
+        except Exception as e:  # a bug of ours: logged, and still answered in one line
+            log.exception("internal error answering a request")
+            reply = {"type": "error", "error": f"internal error: {type(e).__name__}: "
+                                               f"{_one_line(e)}"}
+        return {**reply, "id": request_id}
+
     # ---------------------------------------------------------------------------- requests
-    async def _reply(self, message: dict[str, Any], connection: _Connection) -> dict[str, Any]:
+    async def _reply(self, message: dict[str, Any], connection: _Connection
+                     ) -> dict[str, Any] | None:
         kind = message["type"]
-        if kind not in REQUEST_TYPES:
-            raise ProtocolError(f"unknown request type {kind!r}; one of {list(REQUEST_TYPES)}")
+        if not isinstance(kind, str) or kind not in REQUEST_TYPES:
+            raise ProtocolError(f"unknown request type {short_repr(kind)}; one of "
+                                f"{list(REQUEST_TYPES)}")
         if kind == "metadata":
             return {"type": "metadata", "metadata": self.metadata}
         if kind == "reset":
             return {"type": "episode", "episode": self._reset(message.get("seed"), connection)}
-        slot = _episode_slot(message, connection)
+        episode, slot = _episode_slot(message, connection)
         if kind == "end":
-            del connection.episodes[message["episode"]]
+            del connection.episodes[episode]
             self._release(slot)
-            return {"type": "ended", "episode": message["episode"]}
+            return {"type": "ended", "episode": episode}
         job = self._job(message, slot)
-        with self._lock:
-            self._busy.add(slot)
-        self._jobs.put(job)
-        actions, info = await job.future
+        if connection.gone:
+            return None  # the client already left: sample nothing for it
+        self._enqueue(job)
+        connection.waiting = job.future
+        try:
+            actions, info = await job.future
+        except _ClientGone:
+            return None  # nobody to answer (the worker frees the slot after the call)
+        finally:
+            connection.waiting = None
         return {"type": "chunk", "actions": actions, "info": info}
 
     def _reset(self, seed: Any, connection: _Connection) -> str:
         if seed is None:
             seed = secrets.randbits(32)
         if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32:
-            raise ValueError(f"reset: seed must be null or an int in [0, 2**32); got {seed!r}")
+            raise ValueError(f"reset: seed must be null or an int in [0, 2**32); got "
+                             f"{short_repr(seed)}")
         if len(connection.episodes) >= self.max_episodes_per_client:
             raise ValueError(f"reset: this connection already runs {len(connection.episodes)} "
                              f"episodes (max_episodes_per_client); end one first")
         with self._lock:
-            slot = self._free_slots.pop()
+            if self._free_slots:
+                slot = self._free_slots.pop()
+            else:  # slots of gone clients may still be in a sampler call: take a new one
+                slot, self._next_slot = self._next_slot, self._next_slot + 1
             self.chunks.on_reset(slot, seed)
         episode = secrets.token_hex(8)
         connection.episodes[episode] = slot
@@ -220,27 +377,62 @@ class PolicyServer:
                 self.chunks.on_reset(slot, None)
                 self._free_slots.append(slot)
 
+    def _enqueue(self, job: _Job) -> None:
+        """Queue a job for the inference thread, or refuse it if the queue is closed."""
+        with self._lock:
+            if self._closed_reason is not None:
+                raise ValueError(f"infer: {self._closed_reason}")
+            self._busy.add(job.slot)
+            self._jobs.put(job)
+
+    def _close_queue(self, reason: str) -> None:
+        """Accept no more jobs; answer the queued ones with `reason`; stop the worker after
+        the call in flight."""
+        with self._lock:
+            if self._closed_reason is None:
+                self._closed_reason = reason
+            dropped: list[_Job] = []
+            while True:
+                try:
+                    job = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if job is not None:
+                    dropped.append(job)
+            self._jobs.put(None)
+        for job in dropped:
+            _resolve(job, error=ValueError(f"infer: {reason}"))
+        self._done_with([job.slot for job in dropped])
+
     def _job(self, message: dict[str, Any], slot: int) -> _Job:
-        """An infer request checked on arrival: obs, deadline and prefix (ValueError if bad)."""
+        """An infer request checked on arrival: obs layout, deadline and prefix (ValueError
+        naming what is wrong). Shapes, dtypes and NaN are the inference thread's check."""
         obs = message.get("obs")
-        if isinstance(obs, dict):
-            batched: Any = {k: np.asarray(v)[None] for k, v in obs.items()}
-        elif isinstance(obs, np.ndarray):
-            batched = obs[None]
+        if isinstance(obs, np.ndarray):
+            batched: Any = obs[None]
+        elif isinstance(obs, dict) and obs:
+            for key, value in obs.items():
+                if not isinstance(value, np.ndarray):
+                    raise ValueError(f"infer: obs[{key!r}] must be an array (To, ...); got "
+                                     f"{type_name(value)}")
+            batched = {key: value[None] for key, value in obs.items()}
         else:
-            raise ValueError("infer: obs must be an array (To, ...) or a map of arrays")
-        # shape, dtype and NaN are checked by the inference thread (policy.check_obs per
-        # request, before batching): torch work stays off the event loop
+            raise ValueError(f"infer: obs must be an array (To, ...) or a map of arrays; got "
+                             f"{type_name(obs) if obs != {} else 'an empty map'}")
         deadline = message.get("deadline_ms")
         if deadline is not None and (not isinstance(deadline, int | float)
-                                     or isinstance(deadline, bool) or not deadline > 0):
-            raise ValueError(f"infer: deadline_ms must be null or a number > 0; got {deadline!r}")
+                                     or isinstance(deadline, bool)
+                                     or not 0 < deadline < float("inf")):
+            raise ValueError(f"infer: deadline_ms must be null or a finite number > 0; got "
+                             f"{short_repr(deadline)}")
         prefix = message.get("prefix")
         if prefix is not None:
             prefix = self._check_prefix(prefix)
         loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        future.add_done_callback(_retrieve)
         return _Job(slot, batched, None if deadline is None else deadline / 1e3, prefix,
-                    time.perf_counter(), loop, loop.create_future())
+                    time.perf_counter(), loop, future)
 
     def _check_prefix(self, prefix: Any) -> tuple[np.ndarray, np.ndarray]:
         h, da = self.policy.horizon, self.policy.action_dim
@@ -248,111 +440,155 @@ class PolicyServer:
             raise ValueError("infer: prefix must be a map with actions (H, Da) and weights (H,)")
         actions, weights = prefix.get("actions"), prefix.get("weights")
         if not isinstance(actions, np.ndarray) or actions.shape != (h, da):
-            raise ValueError(f"infer: prefix actions must be an array of shape ({h}, {da})")
+            raise ValueError(f"infer: prefix actions must be an array of shape ({h}, {da}); "
+                             f"got {type_name(actions)}")
         if not isinstance(weights, np.ndarray) or weights.shape != (h,):
-            raise ValueError(f"infer: prefix weights must be an array of shape ({h},)")
+            raise ValueError(f"infer: prefix weights must be an array of shape ({h},); got "
+                             f"{type_name(weights)}")
+        with np.errstate(over="ignore"):  # overflow to inf is refused just below
+            actions, weights = actions.astype(np.float32), weights.astype(np.float32)
         if not (np.isfinite(actions).all() and np.isfinite(weights).all()):
-            raise ValueError("infer: prefix contains NaN or inf")
+            raise ValueError("infer: prefix contains NaN or inf (in float32)")
         if not ((weights >= 0) & (weights <= 1)).all():
             raise ValueError("infer: prefix weights must lie in [0, 1]")
-        return actions.astype(np.float32), weights.astype(np.float32)
+        return actions, weights
 
     # ------------------------------------------------------------------------------ worker
     def _work(self) -> None:
-        """The inference thread: every waiting request (up to max_batch) in one call."""
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            batch = [job]
-            stop = False
-            while len(batch) < self.max_batch:
-                try:
-                    more = self._jobs.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    stop = True
-                    break
-                batch.append(more)
-            self._run(batch)
-            if stop:
-                return
+        """The inference thread: every waiting request (up to max_batch) in one call. A
+        request's failure is answered to it (`_run`); should the thread itself die (a
+        BaseException), the queue is closed and the server stops instead of hanging."""
+        try:
+            while True:
+                job = self._jobs.get()
+                if job is None:
+                    return
+                batch = [job]
+                while len(batch) < self.max_batch:
+                    try:
+                        more = self._jobs.get_nowait()
+                    except queue.Empty:
+                        break
+                    if more is None:
+                        self._jobs.put(None)  # stop after this call
+                        break
+                    batch.append(more)
+                self._run(batch)
+        except BaseException as e:  # noqa: BLE001 - the thread ends; the server stops
+            self.worker_error = f"{type(e).__name__}: {_one_line(e)}"
+            log.error("the inference thread stopped: %s", self.worker_error)
+            self._close_queue(f"the inference thread stopped ({self.worker_error})")
+            self._worker_died()
 
     def _run(self, batch: list[_Job]) -> None:
+        """Sample `batch`; whatever happens, every job of it is answered and its slots freed."""
         try:
             self._sample(batch)
+        except Exception as e:  # a bug of ours: logged, the batch still answered
+            log.exception("internal error in the inference thread")
+            for job in batch:
+                _resolve(job, error=ValueError(f"internal error: {type(e).__name__}: "
+                                               f"{_one_line(e)}"))
         finally:
+            for job in batch:  # only a BaseException leaves a job unanswered here
+                if not job.answered:
+                    _resolve(job, error=ValueError("the inference thread stopped while "
+                                                   "sampling this request"))
             self._done_with([job.slot for job in batch])
 
     def _sample(self, batch: list[_Job]) -> None:
-        """One sampler call for the requests of `batch` whose observations pass the check."""
+        """Check each request's observation, then one sampler call for those that pass; if a
+        call of several fails, each is sampled alone, so a failure reaches only the request(s)
+        it belongs to (their episodes' noise then moves on by the failed call's draw)."""
         start = time.perf_counter()
-        batch = [job for job in batch if self._obs_ok(job)]
-        if not batch:
+        ready = [job for job in batch if self._obs_ok(job)]
+        if not ready:
             return
         try:
-            obs = _stack([job.obs for job in batch])
-            deadlines = [job.deadline_s - (start - job.received) for job in batch
-                         if job.deadline_s is not None]
-            budget = max(min(deadlines), 1e-4) if deadlines else None
-            prefix = None
-            if any(job.prefix is not None for job in batch):
-                h, da = self.policy.horizon, self.policy.action_dim
-                actions = np.zeros((len(batch), h, da), np.float32)
-                weights = np.zeros((len(batch), h), np.float32)
-                for k, job in enumerate(batch):
-                    if job.prefix is not None:
-                        actions[k], weights[k] = job.prefix
-                prefix = _Prefix(actions, weights)
-            chunks, record = self.chunks(obs, budget, prefix=prefix,
-                                         rows=[job.slot for job in batch])
-        except Exception as e:  # one bad batch must not stop the server: its clients hear why
-            for job in batch:
-                _resolve(job, error=ValueError(f"inference failed: {_one_line(e)}"))
-            return
+            self._call(ready, start)
+        except Exception as e:
+            if len(ready) == 1:
+                _resolve(ready[0], error=ValueError(f"inference failed: {_one_line(e)}"))
+                return
+            for job in ready:
+                try:
+                    self._call([job], time.perf_counter())
+                except Exception as alone:
+                    _resolve(job, error=ValueError(f"inference failed: {_one_line(alone)}"))
+
+    def _call(self, jobs: list[_Job], start: float) -> None:
+        """ONE sampler call for `jobs` (checked observations, taken up at `start`); each gets
+        its chunk, or an error if its chunk is not finite (never a NaN chunk, never
+        'converged')."""
+        first = jobs[0].checked
+        assert first is not None
+        obs = {key: torch.cat([job.checked[key] for job in jobs])  # type: ignore[index]
+               for key in first}
+        deadlines = [job.deadline_s - (start - job.received) for job in jobs
+                     if job.deadline_s is not None]
+        budget = max(min(deadlines), 1e-4) if deadlines else None
+        prefix = None
+        if any(job.prefix is not None for job in jobs):
+            h, da = self.policy.horizon, self.policy.action_dim
+            actions = np.zeros((len(jobs), h, da), np.float32)
+            weights = np.zeros((len(jobs), h), np.float32)
+            for k, job in enumerate(jobs):
+                if job.prefix is not None:
+                    actions[k], weights[k] = job.prefix
+            prefix = _Prefix(actions, weights)
+        chunks, record = self.chunks(obs, budget, prefix=prefix, rows=[job.slot for job in jobs])
         done = time.perf_counter()
-        self.batches.append(BatchRecord(len(batch), record.latency_ms,
-                                        max((start - j.received) * 1e3 for j in batch),
+        self.batches.append(BatchRecord(len(jobs), record.latency_ms,
+                                        max((start - j.received) * 1e3 for j in jobs),
                                         record.rounds))
-        for k, job in enumerate(batch):
-            info = {"rounds": record.rounds, "nfe": record.nfe,
-                    "converged": record.converged_rows[k],
+        converged = record.converged_rows or [record.converged] * len(jobs)
+        for k, job in enumerate(jobs):
+            chunk = np.asarray(chunks[k], np.float32)
+            if not np.isfinite(chunk).all():
+                _resolve(job, error=ValueError(NON_FINITE_CHUNK))
+                continue
+            info = {"rounds": record.rounds, "nfe": record.nfe, "converged": bool(converged[k]),
                     "sampler_ms": record.latency_ms, "infer_ms": (done - start) * 1e3,
-                    "batch": len(batch), "server_ms": (done - job.received) * 1e3}
-            _resolve(job, (np.asarray(chunks[k], np.float32), info))
+                    "batch": len(jobs), "server_ms": (done - job.received) * 1e3}
+            _resolve(job, (chunk, info))
 
     def _obs_ok(self, job: _Job) -> bool:
-        """Check one request's observation (policy.check_obs); a bad one is answered with
-        the check's message and left out of the batch."""
+        """Check one request's observation with the policy's own check_obs (keys, aliases,
+        shape, dtype, NaN) into the policy's layout {key: (1, To, ...)}; a bad one is
+        answered with what is wrong and left out of the batch."""
         try:
-            self.policy.check_obs(job.obs)
-        except ValueError as e:
-            _resolve(job, error=e)
+            job.checked = self.policy.check_obs(job.obs)
+        except Exception as e:  # ValueError, or torch refusing a dtype: the request's fault
+            _resolve(job, error=ValueError(f"infer: {_one_line(e)}"))
             return False
         return True
 
 
-def _episode_slot(message: dict[str, Any], connection: _Connection) -> int:
+def _request_id(message: dict[str, Any]) -> Any:
+    """The request's `id` (echoed by the reply): null, an int or a short string."""
+    value = message.get("id")
+    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    if isinstance(value, str) and len(value) <= MAX_ID_CHARS:
+        return value
+    raise ProtocolError(f"id must be null, an int or a string of at most {MAX_ID_CHARS} "
+                        f"characters; got {type_name(value)}")
+
+
+def _episode_slot(message: dict[str, Any], connection: _Connection) -> tuple[str, int]:
     episode = message.get("episode")
-    if episode not in connection.episodes:
-        raise ValueError(f"unknown episode {episode!r} on this connection (send reset first)")
-    return connection.episodes[episode]
-
-
-def _stack(observations: list[Any]) -> Any:
-    """Batch-1 observations (arrays or dicts of arrays) stacked into one batch."""
-    if isinstance(observations[0], dict):
-        keys = observations[0].keys()
-        if any(o.keys() != keys for o in observations):
-            raise ValueError("requests in one batch name different observation keys")
-        return {k: np.concatenate([np.asarray(o[k], np.float32) for o in observations])
-                for k in keys}
-    return np.concatenate([np.asarray(o, np.float32) for o in observations])
+    if not isinstance(episode, str) or episode not in connection.episodes:
+        raise ValueError(f"unknown episode {short_repr(episode)} on this connection (send "
+                         "reset first)")
+    return episode, connection.episodes[episode]
 
 
 def _resolve(job: _Job, result: Any = None, error: Exception | None = None) -> None:
-    """Hand a result (or an error) to the request's coroutine, from the worker thread."""
+    """Hand a result (or an error) to the request's coroutine, from the worker thread; a job
+    already answered keeps its first answer."""
+    if job.answered:
+        return
+    job.answered = True
 
     def deliver() -> None:
         if job.future.done():
@@ -364,6 +600,13 @@ def _resolve(job: _Job, result: Any = None, error: Exception | None = None) -> N
 
     with contextlib.suppress(RuntimeError):  # the event loop is gone: shutting down
         job.loop.call_soon_threadsafe(deliver)
+
+
+def _retrieve(future: asyncio.Future) -> None:
+    """Mark a job's error as seen: a client that left never awaits its answer, and asyncio
+    would log an unretrieved exception."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _one_line(error: BaseException) -> str:
@@ -388,9 +631,14 @@ def run_server(server: PolicyServer, host: str, port: int,
 # ------------------------------------------------------------------------------- the entry
 def check_serve_config(cfg: Any) -> None:
     """Reject values serve_policy.py cannot use, naming the key and what is allowed."""
+    import math
+
     from app.config import DEVICE_ALLOWED, device_ok, is_int, is_number, raise_first_failure
     from picard_sampler import INPAINT_METHODS
     from policy.chunking import WARM_STARTS
+
+    def seconds(value: Any) -> bool:
+        return is_number(value, 0, strict=True) and math.isfinite(value)
 
     raise_first_failure(cfg, [
         ("checkpoint", isinstance(cfg.checkpoint, str) and bool(cfg.checkpoint), "a path"),
@@ -406,6 +654,12 @@ def check_serve_config(cfg: Any) -> None:
         ("max_clients", is_int(cfg.max_clients, 1), "an int >= 1"),
         ("max_episodes_per_client", is_int(cfg.max_episodes_per_client, 1), "an int >= 1"),
         ("max_message_mb", is_number(cfg.max_message_mb, 0, strict=True), "a number > 0"),
+        ("max_message_items", is_int(cfg.max_message_items, 64), "an int >= 64"),
+        ("idle_timeout_s", seconds(cfg.idle_timeout_s), "a finite number > 0"),
+        ("ping_interval_s", cfg.ping_interval_s is None or seconds(cfg.ping_interval_s),
+         "null or a finite number > 0"),
+        ("ping_timeout_s", cfg.ping_timeout_s is None or seconds(cfg.ping_timeout_s),
+         "null or a finite number > 0"),
         ("ready_file", cfg.ready_file is None or isinstance(cfg.ready_file, str),
          "null or a path"),
         ("device", device_ok(cfg.device), DEVICE_ALLOWED),
@@ -418,6 +672,7 @@ def run_serve(cfg: Any) -> None:
     serve until SIGTERM / Ctrl-C."""
     import json
     import os
+    import sys
     from pathlib import Path
 
     from app.config import ConfigError, configure_torch, plain
@@ -453,6 +708,8 @@ def run_serve(cfg: Any) -> None:
             max_batch=cfg.max_batch, max_clients=cfg.max_clients,
             max_episodes_per_client=cfg.max_episodes_per_client,
             max_message_bytes=int(cfg.max_message_mb * 2**20),
+            max_message_items=cfg.max_message_items, idle_timeout_s=float(cfg.idle_timeout_s),
+            ping_interval_s=cfg.ping_interval_s, ping_timeout_s=cfg.ping_timeout_s,
             inpaint_method=cfg.inpaint_method, guidance_clip=float(cfg.guidance_clip),
         )
     except ValueError as e:
@@ -465,5 +722,8 @@ def run_serve(cfg: Any) -> None:
             record = {"host": cfg.host, "port": port, "pid": os.getpid()}
             write_text(Path(cfg.ready_file), json.dumps(record) + "\n")
 
-    run_server(server, cfg.host, cfg.port, on_ready)
+    try:
+        run_server(server, cfg.host, cfg.port, on_ready)
+    except InferenceThreadDied as e:  # a wedged server is worse than one a supervisor restarts
+        sys.exit(f"error: {e}; the server stopped after {len(server.batches)} sampler calls")
     print(f"server stopped after {len(server.batches)} sampler calls", flush=True)

@@ -7,6 +7,10 @@
 
 No torch here: numpy, msgpack and websockets only. `RemoteChunks` adapts a client to the
 `chunk_fn` of envs.realtime.RealtimeController, so a simulated robot runs against a server.
+
+The server closes a connection that stays silent for its `idle_timeout_s` (close code 4408) and
+drops its episodes; `metadata` and `reset` then open a new connection by themselves, `end` of an
+episode so dropped is a no-op, and `infer` on it raises a ServerError (reset first).
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 from websockets.sync.client import connect
 
 from serving.protocol import DEFAULT_MAX_MESSAGE_BYTES, pack, unpack
+
+RECONNECTING = ("metadata", "reset")  # requests that need no state of the old connection
 
 
 class ServerError(RuntimeError):
@@ -44,29 +50,53 @@ class PolicyClient:
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
         self.url = server_url(address)
         self.timeout_s = timeout_s
+        self.max_message_bytes = max_message_bytes
         self._ids = itertools.count()
         self.episode: str | None = None
+        self._ws = self._connect()
+
+    def _connect(self) -> Any:
         try:
-            self._ws = connect(self.url, open_timeout=timeout_s, max_size=max_message_bytes,
-                               compression=None, proxy=None)
+            return connect(self.url, open_timeout=self.timeout_s,
+                           max_size=self.max_message_bytes, compression=None, proxy=None)
         except (OSError, InvalidHandshake, InvalidURI, TimeoutError) as e:
             raise ServerError(f"cannot reach the policy server at {self.url}: {e}") from e
 
     def _call(self, message: dict[str, Any]) -> dict[str, Any]:
-        message = {**message, "id": next(self._ids)}
         try:
-            self._ws.send(pack(message))
-            reply = unpack(self._ws.recv(timeout=self.timeout_s))
+            reply = self._exchange(message)
         except ConnectionClosed as e:
-            reason = e.rcvd.reason if e.rcvd is not None and e.rcvd.reason else "no reason given"
-            code = e.rcvd.code if e.rcvd is not None else "none"
-            raise ServerError(f"the policy server at {self.url} closed the connection "
-                              f"(code {code}: {reason})") from e
-        except TimeoutError as e:
-            raise ServerError(f"no reply from {self.url} within {self.timeout_s:g} s") from e
+            self.episode = None  # the server dropped this connection's episodes with it
+            if message["type"] == "end":
+                return {"type": "ended", "episode": message.get("episode")}
+            if message["type"] not in RECONNECTING:
+                raise self._closed(e) from e
+            self._ws.close()
+            self._ws = self._connect()  # once: a server that closes again is reported
+            try:
+                reply = self._exchange(message)
+            except ConnectionClosed as again:
+                raise self._closed(again) from again
         if reply.get("type") == "error":
             raise ServerError(str(reply.get("error")))
         return reply
+
+    def _exchange(self, message: dict[str, Any]) -> dict[str, Any]:
+        """Send one request and read its reply (ConnectionClosed passes through)."""
+        message = {**message, "id": next(self._ids)}
+        try:
+            self._ws.send(pack(message))
+            return unpack(self._ws.recv(timeout=self.timeout_s), max_items=None)
+        except TimeoutError as e:
+            raise ServerError(f"no reply from {self.url} within {self.timeout_s:g} s") from e
+
+    def _closed(self, error: ConnectionClosed) -> ServerError:
+        """A ServerError naming the close code and reason the server gave."""
+        rcvd = error.rcvd
+        reason = rcvd.reason if rcvd is not None and rcvd.reason else "no reason given"
+        code = rcvd.code if rcvd is not None else "none"
+        return ServerError(f"the policy server at {self.url} closed the connection "
+                           f"(code {code}: {reason})")
 
     def metadata(self) -> dict[str, Any]:
         """What the served policy takes and returns (obs spec, action dim, To/H/Ta, rate)."""

@@ -86,6 +86,7 @@ def test_round_trip_equals_the_in_process_chunk(server: int, local: ChunkPolicy)
         meta = client.metadata()
         assert (meta["horizon"], meta["n_obs_steps"], meta["n_action_steps"]) == (16, 2, 8)
         assert meta["obs_spec"] == {"obs": [2, 20]} and meta["env"]["name"] == "pusht_lowdim"
+        assert (meta["idle_timeout_s"], meta["max_message_items"]) == (60, 4096)  # serve.yaml
         client.reset(7)
         for obs, want in zip(observations, expected, strict=True):
             actions, info = client.infer(obs)
