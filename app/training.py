@@ -91,19 +91,27 @@ class DPStage:
         return hydra.utils.instantiate(self.cfg.policy, _convert_="all")
 
     def datasets(self, policy: DiffusionPolicy) -> tuple[Dataset, Dataset]:
-        """Train and validation windows (split by episode); fits the policy's normalizer."""
+        """Train and validation windows (split by episode); fits the policy's normalizer (on
+        the low-dim keys and the action). An image policy's cameras (its encoder's `cameras`)
+        come as uint8 frames, cropped and scaled by the encoder itself."""
         cfg = self.cfg
-        if not OmegaConf.is_list(cfg.data.obs_keys):
+        image_shapes = camera_shapes(policy)
+        if image_shapes and not OmegaConf.is_dict(cfg.data.obs_keys):
             raise ConfigError(
-                f"data.obs_keys must be a list of low-dim feature specs; got {cfg.data.obs_keys} "
-                "(image observations need an image dataset, which policy.data does not have yet)"
+                f"data.obs_keys must map each observation key to a data key for an image "
+                f"policy (e.g. {{image: img, agent_pos: 'state[:2]'}}); got {cfg.data.obs_keys}"
             )
         train_set = load_windows(plain_data(cfg), cfg.policy.horizon, cfg.policy.n_obs_steps,
-                                 cfg.policy.n_action_steps, cfg.seed)
+                                 cfg.policy.n_action_steps, cfg.seed, image_shapes)
         check_enough_windows(train_set, cfg.data.batch_size)
         for key, got in (("obs_dim", train_set.obs_dim), ("action_dim", train_set.action_dim)):
             if cfg.env[key] != got:
                 raise ConfigError(f"env.{key} is {cfg.env[key]} but the data's is {got}")
+        if not train_set.flat:  # a dict of observations: the same keys and shapes as the policy
+            wanted = {k: tuple(v) for k, v in policy.obs_encoder.obs_shapes.items()}
+            if train_set.obs_shapes != wanted:
+                raise ConfigError(f"data.obs_keys give observations {train_set.obs_shapes} but "
+                                  f"the policy takes {wanted}")
         policy.normalizer.fit(train_set.all_obs_and_actions())
         return train_set, train_set.get_validation_dataset()
 
@@ -120,8 +128,9 @@ class DPStage:
         return resolved
 
     def trained_module(self, policy: DiffusionPolicy) -> nn.Module:
-        """The part that trains: the noise-prediction network."""
-        return policy.model
+        """The part that trains: the noise-prediction network and the observation encoder
+        (parameter-free for low-dim policies, a ResNet per camera for image policies)."""
+        return policy
 
 
 TRUNK_SETTINGS = ("finetune", "lora_rank", "lora_alpha")
@@ -360,12 +369,22 @@ def plain_data(cfg: DictConfig) -> dict[str, Any]:
     return plain(cfg.data)
 
 
+def camera_shapes(policy: nn.Module) -> dict[str, tuple[int, ...]]:
+    """{camera key: (H, W, C)} of a policy whose encoder reads images (ImageObsEncoder's
+    `cameras`); empty for a low-dim policy."""
+    encoder = policy.obs_encoder
+    return {key: tuple(encoder.obs_shapes[key]) for key in getattr(encoder, "cameras", {})}
+
+
 def load_windows(data: Mapping[str, Any], horizon: int, n_obs_steps: int, n_action_steps: int,
-                 seed: int) -> SequenceDataset:
-    """The training windows of the `data` block; a missing, broken or foreign store, a missing
-    key or bad values (NaN, episode_ends) are one-line ConfigErrors naming data.path."""
+                 seed: int, image_shapes: Mapping[str, tuple[int, ...]] | None = None,
+                 ) -> SequenceDataset:
+    """The training windows of the `data` block (cameras: `image_shapes`); a missing, broken or
+    foreign store, a missing key or bad values (NaN, episode_ends, malformed frames) are
+    one-line ConfigErrors naming data.path."""
     try:
-        return windows_from_config(data, horizon, n_obs_steps, n_action_steps, seed)
+        return windows_from_config(data, horizon, n_obs_steps, n_action_steps, seed,
+                                   image_shapes=image_shapes)
     except KeyError as e:
         raise ConfigError(f"data.path {data['path']}: {e.args[0]}") from e
     except FileNotFoundError as e:

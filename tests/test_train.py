@@ -8,6 +8,7 @@ import sys
 from itertools import pairwise
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hydra.errors import ConfigCompositionException, InstantiationException
@@ -160,3 +161,63 @@ def test_shipped_experiment_recipes_compose_and_find_their_data(
         stage = training.DPStage(cfg)
         train_set, val_set = stage.datasets(stage.build_policy())
         assert len(train_set) > 0 and len(val_set) > 0
+
+
+# ------------------------------------------------------------------------------ image policies
+@pytest.fixture(scope="module")
+def tiny_image_demos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny PushT-shaped store plus `img`: the env's 96x96 frame of every stored state."""
+    from envs.pusht import render_state
+    from policy.data import ReplayBuffer
+    from tests.conftest import make_tiny_demos
+
+    folder = tmp_path_factory.mktemp("image_data")
+    source = ReplayBuffer.load(make_tiny_demos(folder / "lowdim.zarr.zip", n_episodes=6,
+                                               n_steps=20))
+    buffer = ReplayBuffer.create_empty()
+    for index in range(source.n_episodes):
+        episode = source.get_episode(index)
+        episode["img"] = np.stack([render_state(state.astype(np.float64), 96)
+                                   for state in episode["state"]])
+        buffer.add_episode(episode)
+    buffer.save(folder / "image.zarr.zip")
+    return folder / "image.zarr.zip"
+
+
+def test_tiny_image_run_trains_evaluates_and_resumes_exactly(
+    make_cfg, tiny_image_demos: Path, tmp_path: Path, sigterm_at_train_step
+) -> None:
+    """debug=tiny_image: uint8 frames through the encoder's random crops, a rollout in the
+    image env (centre crops), and a run killed at step 3 resumes to the uninterrupted weights
+    (the crops draw from the RNG states the checkpoint restores)."""
+    overrides = ("debug=tiny_image", f"data.path={tiny_image_demos}", "train.max_steps=6",
+                 "checkpoint.every=3", "val.every=3", "eval.every=6", "env.max_steps=8",
+                 "eval.n_episodes=1", "eval.n_envs=1")
+    straight = training.run_training(make_cfg(*overrides, run_dir=tmp_path / "straight"))
+    assert straight["step"] == 6 and {"val/loss", "eval/mean_score"} <= set(straight)
+    ckpt = load_checkpoint(tmp_path / "straight" / "latest.ckpt")
+    assert {"agent_pos_scale", "action_scale"} <= {
+        k.removeprefix("normalizer.") for k in ckpt["ema"]["model"]}
+    assert not any(k.startswith("normalizer.image") for k in ckpt["ema"]["model"])
+
+    with sigterm_at_train_step(3):
+        first = training.run_training(make_cfg(*overrides, run_dir=tmp_path / "split"))
+    assert first["stopped_early"] and first["step"] == 3
+    resumed = training.run_training(make_cfg(*overrides, "resume=true",
+                                             run_dir=tmp_path / "split"))
+    assert resumed["step"] == 6
+    a = load_checkpoint(tmp_path / "straight" / "latest.ckpt")["ema"]["model"]
+    b = load_checkpoint(tmp_path / "split" / "latest.ckpt")["ema"]["model"]
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=key)
+
+
+def test_image_policy_needs_obs_keys_mapping_and_matching_frames(
+    make_cfg, tiny_image_demos: Path
+) -> None:
+    base = ("debug=tiny_image", f"data.path={tiny_image_demos}")
+    with pytest.raises(training.ConfigError, match="data.obs_keys must map each observation"):
+        training.run_training(make_cfg(*base, "data.obs_keys=[img]"))
+    with pytest.raises(training.ConfigError, match=r"image obs 'image' \(data key 'img'\): "
+                       r"expected uint8 frames \(N, 84, 84, 3\)"):
+        training.run_training(make_cfg(*base, "env.image_shapes.image=[84,84,3]"))

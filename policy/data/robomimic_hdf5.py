@@ -199,7 +199,8 @@ def iter_demos(
             missing = [key for key in keys if key not in group["obs"]]
             if missing:
                 raise KeyError(
-                    f"{name} has no obs {missing}; available: {sorted(group['obs'].keys())}"
+                    f"{path} {name} has no obs {missing}; available: "
+                    f"{sorted(group['obs'].keys())}"
                 )
             demo: dict[str, Any] = {key: group[key][:] for key in STEP_DATASETS if key in group}
             for obs_group in ("obs", "next_obs"):
@@ -207,6 +208,21 @@ def iter_demos(
                     demo[obs_group] = {key: group[obs_group][key][:] for key in keys}
             demo["model_file"] = group.attrs.get("model_file")
             yield name, demo
+
+
+def is_camera_key(key: str) -> bool:
+    """robomimic's naming rule for RGB cameras: `<camera>_image` (e.g. `agentview_image`,
+    `robot0_eye_in_hand_image`)."""
+    return key.endswith("_image")
+
+
+def check_camera_frames(value: np.ndarray, key: str, where: str) -> np.ndarray:
+    """`value` if it is (T, H, W, C) uint8 frames (C 1 or 3, as robomimic stores RGB); else one
+    ValueError naming `where` (file and demo), the key and what it holds."""
+    if value.dtype != np.uint8 or value.ndim != 4 or value.shape[-1] not in (1, 3):
+        raise ValueError(f"{where}: camera obs {key!r} must be uint8 frames (T, H, W, C) with "
+                         f"C 1 or 3; got {value.dtype} {value.shape}")
+    return value
 
 
 def robomimic_to_replay_buffer(
@@ -218,9 +234,11 @@ def robomimic_to_replay_buffer(
     replay buffer, one episode per demo, as Diffusion Policy trains on it.
 
     Per step: each of ``obs_keys`` as its own array, low-dim keys flattened to (T, D) float32
-    and images kept (T, H, W, C) uint8, plus ``action`` (T, Da) float32. DP's low-dim obs is
-    the concatenation of `DP_LOWDIM_OBS_KEYS` in order, so a config lists those keys as its
-    feature specs. Attributes: env metadata, source path, keys, demo names, our extra attrs.
+    and cameras (``*_image`` keys, `is_camera_key`) kept as (T, H, W, C) uint8 frames (anything
+    else there is a ValueError naming the file, demo and key), plus ``action`` (T, Da) float32.
+    DP's low-dim obs is the concatenation of `DP_LOWDIM_OBS_KEYS` in order, so a config lists
+    those keys as its feature specs. Attributes: env metadata, source path, keys, demo names,
+    our extra attrs.
     """
     buffer = ReplayBuffer.create_empty()
     names = []
@@ -228,8 +246,10 @@ def robomimic_to_replay_buffer(
         episode = {}
         for key in obs_keys:
             value = demo["obs"][key]
-            is_image = value.dtype == np.uint8 and value.ndim == 4
-            episode[key] = value if is_image else value.reshape(len(value), -1).astype(np.float32)
+            if is_camera_key(key):
+                episode[key] = check_camera_frames(value, key, f"{path} {name}")
+            else:
+                episode[key] = value.reshape(len(value), -1).astype(np.float32)
         episode[ACTION_KEY] = demo["actions"].astype(np.float32)
         buffer.add_episode(episode)
         names.append(name)

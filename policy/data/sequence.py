@@ -17,6 +17,15 @@ Feature specs name what goes into the flat obs/action vectors: `"key"` is the da
 flattened per step (`keypoint` (N, 9, 2) -> 18 features); `"key[a:b]"` keeps features a..b-1
 of that flattened step (Python slice rules, either bound optional); `"key[i]"` keeps feature i.
 PushT keypoint obs (DP's 20-D): `obs_keys=["keypoint", "state[:2]"]` (9 points + agent xy).
+
+`obs_keys` as a list gives one flat low-dim "obs" vector per step; as a mapping {obs key: spec}
+(image policies) it gives a dict of observations, one entry per obs key. Obs keys named in
+`image_shapes` are cameras: their spec is a bare data key of (N, H, W, C) uint8 frames (DP's
+PushT `img`, robomimic's `agentview_image`), kept in memory as stored (uint8, no float copy)
+and handed out as (To, H, W, C) uint8 windows. Scaling to floats and the crop (random in
+training, centred at eval) happen once, in the policy's ImageObsEncoder, exactly as for the
+frames an env gives at evaluation. Normalizer statistics cover the low-dim keys and the action.
+PushT image obs (DP's): `obs_keys={"image": "img", "agent_pos": "state[:2]"}`.
 """
 
 from __future__ import annotations
@@ -38,6 +47,10 @@ from policy.data.lerobot_dataset import check_not_lerobot_dataset
 from policy.data.replay_buffer import ReplayBuffer
 
 Split = Literal["train", "val"]
+ObsKeys = Sequence[str] | Mapping[str, str]
+"""A list of low-dim feature specs (one flat "obs" vector) or {obs key: spec} (a dict of obs)."""
+FLAT_OBS = "obs"
+"""The observation key of a flat (list) `obs_keys`: the name the normalizer fits it under."""
 
 _SPEC_PATTERN = re.compile(
     r"^(?P<key>[^\[\]\s]+)(?:\[(?P<start>-?\d*)(?P<colon>:)?(?P<stop>-?\d*)\])?$"
@@ -146,20 +159,10 @@ def split_episodes(
     return train_mask, val_mask
 
 
-def _load_features(
-    buffer: ReplayBuffer, obs_specs: list[FeatureSpec], action_spec: FeatureSpec
-) -> tuple[np.ndarray, np.ndarray]:
-    """Read each needed key once: (N, Do) obs and (N, Da) action features, float32."""
-    available = buffer.keys()
-    for role, specs in (("obs_keys", obs_specs), ("action_key", [action_spec])):
-        missing = [spec.key for spec in specs if spec.key not in available]
-        if missing:
-            raise KeyError(
-                f"replay buffer has no data key {missing[0]!r} (needed by {role} "
-                f"{[spec.text for spec in specs]}); available keys: {available}"
-            )
+def _read_arrays(buffer: ReplayBuffer, keys: set[str]) -> dict[str, np.ndarray]:
+    """Every data array in `keys`, read once into memory as stored (dtype unchanged)."""
     raw = {}
-    for key in sorted({spec.key for spec in [*obs_specs, action_spec]}):
+    for key in sorted(keys):
         try:
             array = buffer[key]
             raw[key] = array[:]
@@ -170,17 +173,67 @@ def _load_features(
             warnings.warn(
                 f"data key {key!r}: {total - stored} of {total} chunks are not in the store and "
                 f"read as the fill value {array.fill_value!r} (a deleted or lost chunk file, "
-                "unless that stretch really holds only that value)", stacklevel=3)
+                "unless that stretch really holds only that value)", stacklevel=4)
+    return raw
+
+
+def _check_features(key: str, values: np.ndarray) -> None:
+    """Low-dim data must be finite real numbers."""
+    if not np.issubdtype(values.dtype, np.number) or np.issubdtype(values.dtype,
+                                                                   np.complexfloating):
+        raise ValueError(f"data key {key!r} holds {values.dtype} values; features must be "
+                         "real numbers")
+    if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
+        rows = np.flatnonzero(~np.isfinite(values.reshape(len(values), -1)).all(1))
+        raise ValueError(f"data key {key!r} holds NaN or inf (first at row {rows[0]} of "
+                         f"{len(values)})")
+
+
+def check_image_array(
+    obs_key: str, spec: FeatureSpec, values: np.ndarray, shape: Sequence[int], source: object
+) -> np.ndarray:
+    """`values` if it is (N, *shape) uint8 frames (H, W, C) for camera `obs_key`; else one-line
+    ValueError naming the obs key, the data key, the store and what is wrong."""
+    where = f"data.path {source}: image obs {obs_key!r} (data key {spec.key!r})"
+    if spec.columns != slice(None):
+        raise ValueError(f"{where}: an image spec must be a bare data key, not the slice "
+                         f"{spec.text!r}")
+    expected = tuple(int(n) for n in shape)
+    if values.ndim != 4 or values.dtype != np.uint8 or values.shape[1:] != expected:
+        raise ValueError(f"{where}: expected uint8 frames (N, {', '.join(map(str, expected))}) "
+                         f"(H, W, C), got {values.dtype} {values.shape}")
+    return values
+
+
+def _load_obs_and_actions(
+    buffer: ReplayBuffer, obs_specs: Mapping[str, FeatureSpec], action_spec: FeatureSpec,
+    image_shapes: Mapping[str, Sequence[int]], source: object,
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Read each needed key once: {obs key: (N, D) float32 features or (N, H, W, C) uint8
+    frames} and the (N, Da) float32 actions."""
+    available = buffer.keys()
+    for name in image_shapes:
+        if obs_specs[name].key not in available:
+            raise ValueError(f"data.path {source}: image obs {name!r} reads data key "
+                             f"{obs_specs[name].key!r}, which the store does not have; "
+                             f"available keys: {available}")
+    for role, specs in (("obs_keys", list(obs_specs.values())), ("action_key", [action_spec])):
+        missing = [spec.key for spec in specs if spec.key not in available]
+        if missing:
+            raise KeyError(
+                f"replay buffer has no data key {missing[0]!r} (needed by {role} "
+                f"{[spec.text for spec in specs]}); available keys: {available}"
+            )
+    raw = _read_arrays(buffer, {spec.key for spec in [*obs_specs.values(), action_spec]})
+    image_data = {obs_specs[name].key for name in image_shapes}
     for key, values in raw.items():
-        if not np.issubdtype(values.dtype, np.number) or np.issubdtype(values.dtype,
-                                                                       np.complexfloating):
-            raise ValueError(f"data key {key!r} holds {values.dtype} values; features must be "
-                             "real numbers")
-        if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
-            rows = np.flatnonzero(~np.isfinite(values.reshape(len(values), -1)).all(1))
-            raise ValueError(f"data key {key!r} holds NaN or inf (first at row {rows[0]} of "
-                             f"{len(values)})")
-    obs = np.concatenate([spec.extract(raw[spec.key]) for spec in obs_specs], axis=1)
+        if key not in image_data:
+            _check_features(key, values)
+    obs = {
+        name: check_image_array(name, spec, raw[spec.key], image_shapes[name], source)
+        if name in image_shapes else spec.extract(raw[spec.key])
+        for name, spec in obs_specs.items()
+    }
     return obs, action_spec.extract(raw[action_spec.key])
 
 
@@ -205,17 +258,19 @@ def check_episode_ends(episode_ends: np.ndarray, n_rows: int) -> None:
 
 
 class SequenceDataset(Dataset):
-    """Padded (obs, action) windows of a low-dim replay buffer, for Diffusion Policy training.
+    """Padded (obs, action) windows of a replay buffer, for Diffusion Policy training.
 
-    Each item is `{"obs": (To, Do) float32, "action": (H, Da) float32}` tensors (module doc
-    for the window layout and feature specs). The needed arrays are read into memory once; the
-    dataset keeps no handle on the store (safe to pickle into DataLoader workers).
+    Each item is `{"obs": ..., "action": (H, Da) float32}`: with a list `obs_keys`, "obs" is a
+    (To, Do) float32 tensor; with a mapping, a dict {obs key: (To, D) float32, or (To, H, W, C)
+    uint8 for the cameras of `image_shapes`} (module doc for the window layout, feature specs and
+    image conventions). The needed arrays are read into memory once, as stored; the dataset
+    keeps no handle on the store (safe to pickle into DataLoader workers).
     """
 
     def __init__(
         self,
         path_or_buffer: str | Path | ReplayBuffer,
-        obs_keys: Sequence[str],
+        obs_keys: ObsKeys,
         action_key: str = "action",
         horizon: int = 16,
         n_obs_steps: int = 2,
@@ -224,9 +279,11 @@ class SequenceDataset(Dataset):
         seed: int = 42,
         split: Split = "train",
         max_train_episodes: int | None = None,
+        image_shapes: Mapping[str, Sequence[int]] | None = None,
     ) -> None:
-        """Load `obs_keys` / `action_key` features from a buffer or a store path and index the
-        windows of the `split` episodes (split by `val_ratio`, `seed`, `max_train_episodes`)."""
+        """Load `obs_keys` / `action_key` features (and the frames of the `image_shapes`
+        cameras, {obs key: (H, W, C)}) from a buffer or a store path and index the windows of
+        the `split` episodes (split by `val_ratio`, `seed`, `max_train_episodes`)."""
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val'; got {split!r}")
         if not obs_keys:
@@ -240,7 +297,20 @@ class SequenceDataset(Dataset):
                 f"executed actions [To-1, To-1+Ta) = [{n_obs_steps - 1}, "
                 f"{n_obs_steps - 1 + n_action_steps}) do not fit in horizon {horizon}"
             )
-        self.obs_keys = list(obs_keys)
+        self.flat = not isinstance(obs_keys, Mapping)
+        self.obs_keys: list[str] | dict[str, str] = (
+            list(obs_keys) if self.flat else {str(k): str(v) for k, v in obs_keys.items()})
+        self.image_shapes = {str(k): tuple(int(n) for n in v)
+                             for k, v in (image_shapes or {}).items()}
+        if self.image_shapes and self.flat:
+            raise ValueError("image observations need obs_keys as a mapping {obs key: data key}; "
+                             f"got the list {self.obs_keys}")
+        unknown = sorted(set(self.image_shapes) - set(self.obs_keys))
+        if unknown:
+            raise ValueError(f"image obs {unknown} not in obs_keys {sorted(self.obs_keys)}")
+        bad_shapes = {k: v for k, v in self.image_shapes.items() if len(v) != 3}
+        if bad_shapes:
+            raise ValueError(f"image_shapes must be (H, W, C) per camera; got {bad_shapes}")
         self.action_key = action_key
         self.source = path_or_buffer if isinstance(path_or_buffer, ReplayBuffer) else Path(
             path_or_buffer).expanduser()
@@ -249,7 +319,11 @@ class SequenceDataset(Dataset):
         self.n_action_steps = n_action_steps
         self.split: Split = split
 
-        obs_specs = [FeatureSpec.parse(spec) for spec in self.obs_keys]
+        if self.flat:
+            flat_specs = [FeatureSpec.parse(spec) for spec in self.obs_keys]
+            obs_specs = {f"{FLAT_OBS}{i}": spec for i, spec in enumerate(flat_specs)}
+        else:
+            obs_specs = {name: FeatureSpec.parse(spec) for name, spec in self.obs_keys.items()}
         action_spec = FeatureSpec.parse(action_key)
         try:
             if isinstance(path_or_buffer, ReplayBuffer):
@@ -257,7 +331,8 @@ class SequenceDataset(Dataset):
             else:
                 source = ReplayBuffer.open(check_store_path(path_or_buffer), mode="r")
             with source as buffer:
-                self._obs, self._action = _load_features(buffer, obs_specs, action_spec)
+                obs, self._action = _load_obs_and_actions(
+                    buffer, obs_specs, action_spec, self.image_shapes, self.source)
                 self.episode_ends = buffer.episode_ends
         except (KeyError, ValueError, FileNotFoundError):
             raise  # already say what is wrong
@@ -266,8 +341,11 @@ class SequenceDataset(Dataset):
                 f"replay buffer {path_or_buffer} is unreadable (truncated, or not a zarr store?): "
                 f"{type(e).__name__}: {e}"
             ) from e
+        # flat: the specs' features side by side, one "obs" array (N, Do)
+        self._obs: dict[str, np.ndarray] = (
+            {FLAT_OBS: np.concatenate(list(obs.values()), axis=1)} if self.flat else obs)
         check_episode_ends(self.episode_ends, len(self._action))
-        for shared in (self._obs, self._action, self.episode_ends):
+        for shared in (*self._obs.values(), self._action, self.episode_ends):
             shared.flags.writeable = False  # shared with get_validation_dataset() and callers
         train_mask, val_mask = split_episodes(
             len(self.episode_ends), val_ratio, seed, max_train_episodes
@@ -290,9 +368,19 @@ class SequenceDataset(Dataset):
         return np.flatnonzero(self._split_masks[self.split])
 
     @property
+    def lowdim_keys(self) -> list[str]:
+        """The observation keys that are feature vectors (not cameras), in order."""
+        return [key for key in self._obs if key not in self.image_shapes]
+
+    @property
     def obs_dim(self) -> int:
-        """Do: features per observation step."""
-        return self._obs.shape[1]
+        """Do: low-dim features per observation step (cameras not counted)."""
+        return sum(self._obs[key].shape[1] for key in self.lowdim_keys)
+
+    @property
+    def obs_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Per-step shape of every observation key: (D,) features or (H, W, C) frames."""
+        return {key: tuple(values.shape[1:]) for key, values in self._obs.items()}
 
     @property
     def action_dim(self) -> int:
@@ -307,34 +395,40 @@ class SequenceDataset(Dataset):
         return val
 
     def all_obs_and_actions(self) -> dict[str, np.ndarray]:
-        """Every step of the buffer, all episodes: {"obs": (N, Do), "action": (N, Da)} float32,
-        to fit the min-max normalizer on (DP fits it on the whole buffer)."""
-        return {"obs": self._obs, "action": self._action}
+        """Every step of the buffer, all episodes, of the low-dim keys and the action:
+        {"obs" (flat) or each low-dim obs key: (N, D), "action": (N, Da)} float32, to fit the
+        min-max normalizer on (DP fits it on the whole buffer). Cameras have no statistics."""
+        return {**{key: self._obs[key] for key in self.lowdim_keys}, "action": self._action}
 
     def __len__(self) -> int:
         return len(self._rows)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, index: int) -> dict[str, Any]:
         rows = self._rows[index]
+        obs = {key: torch.from_numpy(values[rows[: self.n_obs_steps]])
+               for key, values in self._obs.items()}
         return {
-            "obs": torch.from_numpy(self._obs[rows[: self.n_obs_steps]]),
+            "obs": obs[FLAT_OBS] if self.flat else obs,
             "action": torch.from_numpy(self._action[rows]),
         }
 
 
 def windows_from_config(
     data: Mapping[str, Any], horizon: int, n_obs_steps: int, n_action_steps: int, seed: int,
-    split: Split = "train",
+    split: Split = "train", image_shapes: Mapping[str, Sequence[int]] | None = None,
 ) -> SequenceDataset:
     """The `split` windows of a training config's `data` block (path, obs_keys, action_key,
-    val_ratio, max_train_episodes): the one way training, PCM data collection and the
-    benchmarks build a SequenceDataset, so they all see the same episodes and windows. `~` in
-    the path is expanded; a path that is not a zarr replay buffer is a ValueError naming it."""
+    val_ratio, max_train_episodes) with the cameras of `image_shapes`: the one way training,
+    PCM data collection and the benchmarks build a SequenceDataset, so they all see the same
+    episodes and windows. `~` in the path is expanded; a path that is not a zarr replay buffer
+    is a ValueError naming it."""
+    obs_keys = data["obs_keys"]
     return SequenceDataset(
-        data["path"], obs_keys=list(data["obs_keys"]),
+        data["path"], obs_keys=dict(obs_keys) if isinstance(obs_keys, Mapping) else list(obs_keys),
         action_key=data.get("action_key", "action"), horizon=horizon, n_obs_steps=n_obs_steps,
         n_action_steps=n_action_steps, val_ratio=data.get("val_ratio", 0.02), seed=seed,
         split=split, max_train_episodes=data.get("max_train_episodes"),
+        image_shapes=image_shapes,
     )
 
 
