@@ -25,6 +25,15 @@ import gymnasium as gym
 import torch
 from gymnasium.envs.registration import load_env_creator
 from omegaconf import DictConfig, OmegaConf
+from picard_client.realtime import (
+    CLOCKS,
+    HANDOFFS,
+    ChunkRequest,
+    RealtimeController,
+    max_lead_steps,
+    summarize_realtime,
+    timed_requests,
+)
 
 from app.config import (
     DEVICE_ALLOWED,
@@ -43,15 +52,6 @@ from app.report import (
     plot_histograms,
     save_video,
     write_results,
-)
-from envs.realtime import (
-    CLOCKS,
-    HANDOFFS,
-    ChunkRequest,
-    RealtimeController,
-    max_lead_steps,
-    summarize_realtime,
-    timed_requests,
 )
 from envs.rollout import VECTOR_KINDS, RolloutResult, rollout
 from picard_sampler import GUIDANCE_CLIP, INPAINT_METHODS, Sampler
@@ -564,7 +564,7 @@ def _run_local(cfg: DictConfig, device: torch.device) -> _Run:
 def _run_remote(cfg: DictConfig) -> _Run:
     """Roll out one robot on the control clock against a policy server (serve_policy.py): the
     server's policy, sampler, runtime and noise seed; network time inside the latency."""
-    from serving.client import PolicyClient, RemoteChunks, ServerError, server_url
+    from picard_client.client import PolicyClient, RemoteChunks, ServerError, server_url
 
     try:
         client = PolicyClient(server_url(cfg.server))

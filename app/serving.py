@@ -34,14 +34,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.exceptions import ConnectionClosed
-from websockets.protocol import State
-
-from picard_sampler import GUIDANCE_CLIP
-from policy.chunking import ChunkPolicy
-from policy.diffusion_policy import DiffusionPolicy
-from serving.protocol import (
+from picard_client.protocol import (
     CLOSE_IDLE,
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_MAX_MESSAGE_ITEMS,
@@ -54,6 +47,13 @@ from serving.protocol import (
     type_name,
     unpack,
 )
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
+
+from picard_sampler import GUIDANCE_CLIP
+from policy.chunking import ChunkPolicy
+from policy.diffusion_policy import DiffusionPolicy
 
 CLOSE_SERVER_FULL = 1013  # websocket close code "try again later"
 CLOSE_TIMEOUT_S = 2.0  # a peer that does not answer our close frame is dropped after this

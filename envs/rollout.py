@@ -20,6 +20,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 from gymnasium.vector import AsyncVectorEnv, AutoresetMode, SyncVectorEnv
+from picard_client.records import record_dict
 from tqdm.auto import tqdm
 
 PolicyFn = Callable[[Any], tuple[np.ndarray, dict[str, Any]]]
@@ -170,21 +171,6 @@ def _info_at(info: dict[str, Any], key: str, i: int) -> Any:
     if key in info and info[f"_{key}"][i]:
         return info[key][i]
     return None
-
-
-def scalars(stats: dict[str, Any]) -> dict[str, Any]:
-    """The int/float/bool entries of a stats dict (tensors and lists are dropped)."""
-    return {k: v for k, v in stats.items() if isinstance(v, bool | int | float | np.number)}
-
-
-def record_dict(record: Any) -> dict[str, Any]:
-    """A policy's record as flat JSON-able scalars: a mapping, or an object with `to_dict()`
-    (a typed record); anything else gives {}."""
-    if record is None:
-        return {}
-    if hasattr(record, "to_dict"):
-        record = record.to_dict()
-    return scalars(dict(record)) if isinstance(record, dict) else {}
 
 
 def _notify(on_reset: ResetHook | None, env_index: int, seed: int | None) -> None:

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv (Python 3.11) and install picard-policy with every extra. Idempotent.
+# Create .venv (Python 3.11) and install picard-policy (and its robot-side client, client/) with
+# every extra. Idempotent.
 # torch is installed first and pinned to the CPU build (torch==2.13.0): an unpinned torch would
 # pull several GB of CUDA wheels, and nothing later may replace it.
 set -euo pipefail
@@ -11,6 +12,9 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q torch==2.13.0
+# the robot-side client (client/: numpy, msgpack, websockets) first: the main package depends
+# on it, and it must come from this repository, never from a package index
+.venv/bin/python -m pip install -q -e ./client
 .venv/bin/python -m pip install -q -e ".[all]"
 .venv/bin/python - <<'PY'
 import torch

@@ -1,10 +1,6 @@
-"""The robot side of the policy server: message format and a client, without torch.
+"""The robot side of the policy server moved to the picard_client distribution (client/,
+`pip install ./client`: no torch); this name re-exports it for existing imports."""
 
-A robot process needs numpy, msgpack and websockets only: `PolicyClient` asks a running
-`serve_policy.py` for action chunks (docs/design.md §11 has the protocol).
-"""
-
-from serving.client import PolicyClient, ServerError
-from serving.protocol import PROTOCOL_VERSION
+from picard_client import PROTOCOL_VERSION, PolicyClient, ServerError
 
 __all__ = ["PROTOCOL_VERSION", "PolicyClient", "ServerError"]

@@ -7,8 +7,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-
-from envs.realtime import (
+from picard_client.realtime import (
     HOLD_SOURCE,
     Prefix,
     RealtimeController,
@@ -16,6 +15,7 @@ from envs.realtime import (
     soft_mask_weights,
     summarize_realtime,
 )
+
 from tests.test_realtime import TO, FakeClock
 
 H, TA = 12, 4  # lead = H - To + 1 - Ta = 7 ticks

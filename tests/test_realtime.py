@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from picard_client.realtime import RealtimeController, max_lead_steps, summarize_realtime
 
 from app import evaluation
 from app.config import CONF_DIR
-from envs.realtime import RealtimeController, max_lead_steps, summarize_realtime
 from envs.rollout import rollout
 from picard_sampler import DDIMSchedule, Sampler
 from policy.checkpoint import load_policy

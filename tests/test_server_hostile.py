@@ -30,14 +30,14 @@ import msgpack
 import numpy as np
 import pytest
 import torch
+from picard_client import PolicyClient, ServerError
+from picard_client.protocol import CLOSE_IDLE, ProtocolError, pack, unpack
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
 import app.serving
 from app.serving import InferenceThreadDied, PolicyServer
 from policy.checkpoint import load_policy
-from serving import PolicyClient, ServerError
-from serving.protocol import CLOSE_IDLE, ProtocolError, pack, unpack
 from tests.conftest import HEADLESS
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -22,13 +22,13 @@ from pathlib import Path
 import msgpack
 import numpy as np
 import pytest
+from picard_client import PolicyClient, ServerError
+from picard_client.protocol import pack, unpack
 from websockets.sync.client import connect
 
 from app.serving import PolicyServer, _Connection
 from policy.checkpoint import load_policy
 from policy.chunking import ChunkPolicy
-from serving import PolicyClient, ServerError
-from serving.protocol import pack, unpack
 from tests.conftest import HEADLESS
 
 ROOT = Path(__file__).resolve().parent.parent

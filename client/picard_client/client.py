@@ -6,7 +6,7 @@
     actions, info = client.infer(obs)        # obs (To, ...) or {key: (To, ...)} -> (H, Da)
 
 No torch here: numpy, msgpack and websockets only. `RemoteChunks` adapts a client to the
-`chunk_fn` of envs.realtime.RealtimeController, so a simulated robot runs against a server.
+`chunk_fn` of picard_client.realtime.RealtimeController, so a robot runs against a server.
 
 The server closes a connection that stays silent for its `idle_timeout_s` (close code 4408) and
 drops its episodes; `metadata` and `reset` then open a new connection by themselves, `end` of an
@@ -24,7 +24,7 @@ import numpy as np
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 from websockets.sync.client import connect
 
-from serving.protocol import DEFAULT_MAX_MESSAGE_BYTES, pack, unpack
+from picard_client.protocol import DEFAULT_MAX_MESSAGE_BYTES, pack, unpack
 
 RECONNECTING = ("metadata", "reset")  # requests that need no state of the old connection
 

@@ -1,0 +1,17 @@
+"""picard_client: the robot side of picard-policy's policy server, without torch.
+
+A robot computer installs this distribution alone (`pip install ./client`: numpy, msgpack and
+websockets): the wire protocol (`protocol`, and openpi's format in `openpi`), `PolicyClient`
+and the
+real-time control loop with its chunk hand-offs and metrics (`realtime`). The server is
+`serve_policy.py` of the main package (docs/design.md §11).
+"""
+
+from picard_client.client import PolicyClient, RemoteChunks, ServerError
+from picard_client.protocol import PROTOCOL_VERSION
+from picard_client.realtime import HANDOFFS, RealtimeController, summarize_realtime
+
+__version__ = "0.2.0"
+
+__all__ = ["HANDOFFS", "PROTOCOL_VERSION", "PolicyClient", "RealtimeController", "RemoteChunks",
+           "ServerError", "summarize_realtime"]
