@@ -57,6 +57,7 @@ from envs.rollout import VECTOR_KINDS, RolloutResult, rollout
 from picard_sampler import GUIDANCE_CLIP, INPAINT_METHODS, Sampler
 from picard_sampler.metrics import EXACT_RULE, is_exact
 from picard_sampler.runinfo import run_info
+from policy.autotune import AutoChoice
 from policy.checkpoint import PCM_KEY
 from policy.chunking import (
     WARM_STARTS,
@@ -301,6 +302,102 @@ def check_env_fits(
 
 
 # ---------------------------------------------------------------------------------- sampler
+AUTO_KEYS = ("windows", "runtimes", "calibration_chunks", "recalibrate", "cache_dir")
+"""The keys of conf/sampler/auto.yaml beyond a Picard sampler's."""
+
+
+@dataclass(frozen=True)
+class AutoSettings:
+    """sampler=auto's calibration settings (conf/sampler/auto.yaml), checked."""
+
+    windows: tuple[int | None, ...]
+    runtimes: tuple[str, ...]
+    chunks: int
+    recalibrate: bool
+    cache_dir: str | None
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], key: str = "sampler") -> AutoSettings:
+        """The settings of a `method: auto` block; a bad value is a ConfigError naming it."""
+        from policy.runtime import RUNTIMES
+
+        windows = config.get("windows") or [None]
+        runtimes = config.get("runtimes") or ["eager"]
+        chunks = config.get("calibration_chunks", 3)
+        raise_first_failure_plain(key, [
+            ("windows", isinstance(windows, list | tuple) and all(
+                w is None or is_int(w, 1) for w in windows), "a list of ints >= 1 or null",
+             windows),
+            ("runtimes", isinstance(runtimes, list | tuple) and all(
+                r in RUNTIMES for r in runtimes), f"a list of {list(RUNTIMES)}", runtimes),
+            ("calibration_chunks", is_int(chunks, 1) and chunks <= 20, "an int in [1, 20]",
+             chunks),
+            ("recalibrate", isinstance(config.get("recalibrate", False), bool),
+             "true or false", config.get("recalibrate")),
+        ])
+        cache = config.get("cache_dir")
+        return cls(tuple(windows), tuple(runtimes), int(chunks),
+                   bool(config.get("recalibrate", False)),
+                   None if cache in (None, "") else str(cache))
+
+
+def raise_first_failure_plain(key: str, checks: Sequence[tuple[str, bool, str, Any]]) -> None:
+    """A ConfigError for the first failing (name, ok, allowed, got) check under `key`."""
+    for name, ok, allowed, got in checks:
+        if not ok:
+            raise ConfigError(f"{key}.{name} must be {allowed}; got {got!r}")
+
+
+def split_auto(sampler_cfg: Mapping[str, Any] | DictConfig, key: str = "sampler"
+               ) -> tuple[dict[str, Any], AutoSettings | None]:
+    """A sampler config without its auto settings (as a Picard sampler's: the candidates'
+    common schedule and knobs), and those settings (None unless `method: auto`)."""
+    config = plain(sampler_cfg)
+    if config.get("method") != "auto":
+        return config, None
+    settings = AutoSettings.from_config(config, key)
+    base = {k: v for k, v in config.items() if k not in AUTO_KEYS}
+    return {**base, "method": "picard", "window": None, "update": "scan"}, settings
+
+
+def calibration_observations(make_env: Callable[[], gym.Env], policy: DiffusionPolicy,
+                             batch: int, seed_start: int) -> Any:
+    """(batch, To, ...) first observations of episodes seed_start, seed_start + 1, ... as the
+    rollout stacks them (MultiStepWrapper): what sampler=auto calibrates on."""
+    from envs.rollout import MultiStepWrapper, _stack_obs
+
+    observations = []
+    for i in range(batch):
+        env = MultiStepWrapper(make_env(), policy.n_obs_steps, policy.n_action_steps, 1)
+        obs, _ = env.reset(seed=seed_start + i)
+        observations.append(obs)
+        env.close()
+    return _stack_obs(observations)
+
+
+def choose_auto_sampler(policy: DiffusionPolicy, base: Sampler, settings: AutoSettings,
+                        obs: Any, runtime_cfg: Mapping[str, Any] | DictConfig,
+                        device: torch.device) -> AutoChoice:
+    """sampler=auto's choice for this policy and batch (policy.autotune), printed in one line;
+    the configured runtime is the first timed, then `settings.runtimes`' others."""
+    from policy.autotune import choose_sampler
+
+    options = plain(runtime_cfg)
+    first = options.pop("kind", "eager")
+    runtimes = [first, *[r for r in settings.runtimes if r != first]]
+    if device.type != "cuda":
+        runtimes = [r for r in runtimes if r != "cuda_graph"]
+    extra = {k: v for k, v in options.items() if k in ("cache_dir", "spinning")}
+    try:
+        choice = choose_sampler(policy, obs, base, windows=settings.windows, runtimes=runtimes,
+                                runtime_options=extra, chunks=settings.chunks,
+                                cache_dir=settings.cache_dir, recalibrate=settings.recalibrate)
+    except (ValueError, RuntimeUnavailable) as e:
+        raise ConfigError(f"sampler=auto: {e}") from e
+    print(choice.line(device.type, torch.get_num_threads(), choice.calibration["batch"]))
+    return choice
+
+
 def build_sampler(sampler_cfg: Mapping[str, Any] | DictConfig, policy: DiffusionPolicy,
                   key: str = "sampler") -> Sampler:
     """The Sampler of a conf/sampler config on `policy`'s training settings
@@ -308,8 +405,9 @@ def build_sampler(sampler_cfg: Mapping[str, Any] | DictConfig, policy: Diffusion
     `update=parareal` without a propagator fitted for this policy and schedule falls back to
     `update=scan` with a warning: the same chunks (both converge to the sequential one), more
     rounds; the run then records scan, which is what it ran."""
+    config, _ = split_auto(sampler_cfg, key)
     try:
-        sampler = policy.sampler_from_config(plain(sampler_cfg), key)
+        sampler = policy.sampler_from_config(config, key)
     except ValueError as e:
         raise ConfigError(str(e)) from e
     if sampler.needs_propagator and not policy.has_propagator(sampler.schedule):
@@ -525,6 +623,7 @@ class _Run:
     sampler: dict[str, Any]
     runtime: dict[str, Any]
     checkpoint: dict[str, Any]
+    auto: dict[str, Any] | None = None  # sampler=auto: sampler_choice and calibration
 
 
 def _run_local(cfg: DictConfig, device: torch.device) -> _Run:
@@ -538,14 +637,23 @@ def _run_local(cfg: DictConfig, device: torch.device) -> _Run:
     sampler = build_sampler(cfg.sampler, policy)
     check_pcm_weights(sampler, checkpoint, cfg.checkpoint)
     choose_runtime(policy, cfg.runtime)
-    print(f"evaluating {cfg.checkpoint} (step {checkpoint['step']}) with {sampler.label}: "
-          f"{cfg.n_episodes} episodes of {env['name']} on {device}")
-
     realtime = realtime_settings(cfg, (policy.n_obs_steps, policy.n_action_steps,
                                        policy.horizon))
     n_envs, exact_err_every = cfg.n_envs, cfg.exact_err_every if cfg.exact_err else 0
     if realtime is not None:
         n_envs = 1
+    runtime = plain(cfg.runtime)
+    auto = split_auto(cfg.sampler)[1]
+    choice = None
+    if auto is not None:  # calibrated for the batch the rollout samples (real time: one robot)
+        obs = calibration_observations(make_env_factory(env, max_steps, render=False), policy,
+                                       min(n_envs, cfg.n_episodes), cfg.seed_start)
+        choice = choose_auto_sampler(policy, sampler, auto, obs, cfg.runtime, device)
+        sampler = choice.sampler
+        runtime = {**runtime, "kind": choice.candidate.runtime}
+    print(f"evaluating {cfg.checkpoint} (step {checkpoint['step']}) with {sampler.label}: "
+          f"{cfg.n_episodes} episodes of {env['name']} on {device}")
+    if realtime is not None:
         if realtime.clock == "wall" and exact_err_every:
             exact_err_every = 0
             print("realtime.clock=wall: exact_err is not measured (it would run on the clock)")
@@ -558,7 +666,12 @@ def _run_local(cfg: DictConfig, device: torch.device) -> _Run:
         video=cfg.video, progress=cfg.progress, realtime=realtime,
     )
     return _Run(result, env, max_steps, {"label": sampler.label, **sampler.config},
-                plain(cfg.runtime), {"path": str(cfg.checkpoint), "step": checkpoint["step"]})
+                runtime, {"path": str(cfg.checkpoint), "step": checkpoint["step"]},
+                None if choice is None else {
+                    "sampler_choice": {"candidate": choice.candidate.short,
+                                       "runtime": choice.candidate.runtime,
+                                       "label": sampler.label},
+                    "calibration": choice.calibration})
 
 
 def _run_remote(cfg: DictConfig) -> _Run:
@@ -634,6 +747,8 @@ def _report(cfg: DictConfig, out_dir: Path, overrides: Sequence[str], device: to
     results = {
         "metrics": metrics,
         "sampler": run.sampler,
+        "sampler_choice": (run.auto or {}).get("sampler_choice"),
+        "calibration": (run.auto or {}).get("calibration"),
         "runtime": run.runtime,
         "n_episodes": len(rollout_result.episodes),
         "interrupted": rollout_result.interrupted,

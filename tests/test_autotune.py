@@ -1,0 +1,125 @@
+"""sampler=auto: whatever it chooses is exact, and a cached choice is reused for the same
+weights, threads and batch and redone for others (speed itself is a benchmark, not a test)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from app.config import ConfigError
+from app.evaluation import AutoSettings, split_auto
+from picard_sampler import exact_errors
+from policy import load_policy
+from policy.autotune import Candidate, candidates, choose_sampler
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+EXACT = 1e-3
+"""|auto chunk - sequential chunk| accepted (normalized units) at the tight tol below."""
+
+
+@pytest.fixture
+def policy(tiny_checkpoint):
+    return load_policy(tiny_checkpoint)
+
+
+def observations(batch: int) -> torch.Tensor:
+    return torch.randn(batch, 2, 20, generator=torch.Generator().manual_seed(batch))
+
+
+def choose(policy, batch: int = 2, cache_dir=None, **kwargs):
+    base = policy.make_sampler("picard", "ddim", 8, tol=1e-4, **kwargs)
+    return choose_sampler(policy, observations(batch), base, windows=[2, 4, None],
+                          runtimes=["eager"], chunks=1, cache_dir=cache_dir)
+
+
+def test_the_choice_is_exact_and_keeps_the_knobs(policy) -> None:
+    choice = choose(policy, max_rounds=50)
+    assert choice.sampler.max_rounds == 50 and choice.sampler.tol == 1e-4
+    assert choice.calibration["speedup"] > 0 and not choice.calibration["cached"]
+    sequential = policy.make_sampler("sequential", "ddim", 8)
+    obs = observations(3)
+    noise = torch.randn(sequential.noise_shape(3, policy.horizon, policy.action_dim))
+    _, reference = policy.predict_action(obs, sequential, noise=noise)
+    _, stats = policy.predict_action(obs, choice.sampler, noise=noise)
+    assert float(exact_errors(stats.sample, reference.sample).max()) <= EXACT
+    timed = {c["candidate"] for c in choice.calibration["candidates"]}
+    assert "sequential" in timed and choice.candidate.short in timed
+
+
+def test_every_candidate_is_a_configuration_that_converges_to_sequential(policy) -> None:
+    base = policy.make_sampler("picard", "ddim", 8, tol=1e-4)
+    found = candidates(policy, base, [2, 4, 8, 100, None], "eager")
+    assert found[0] == Candidate("sequential")
+    assert {c.window for c in found[1:]} == {2, 4, None}  # 8 and 100 are the full window
+    assert {c.update for c in found} == {"scan"}  # no propagator fitted for this policy
+    sequential = policy.make_sampler("sequential", "ddim", 8)
+    noise = torch.randn(sequential.noise_shape(2, policy.horizon, policy.action_dim))
+    obs = observations(2)
+    _, reference = policy.predict_action(obs, sequential, noise=noise)
+    for candidate in found:
+        _, stats = policy.predict_action(obs, candidate.sampler(base), noise=noise)
+        assert float(exact_errors(stats.sample, reference.sample).max()) <= EXACT, candidate
+
+
+def test_a_cached_choice_is_reused_and_invalidated(policy, tmp_path) -> None:
+    first = choose(policy, cache_dir=tmp_path)
+    again = choose(policy, cache_dir=tmp_path)
+    assert again.calibration["cached"] and again.candidate == first.candidate
+    assert again.calibration["cache"] == first.calibration["cache"]
+    assert not choose(policy, batch=3, cache_dir=tmp_path).calibration["cached"]  # batch
+    torch.set_num_threads(2)
+    try:
+        assert not choose(policy, cache_dir=tmp_path).calibration["cached"]  # threads
+    finally:
+        torch.set_num_threads(1)
+    other = copy.deepcopy(policy)
+    with torch.no_grad():
+        next(other.model.parameters()).add_(1e-3)
+    assert not choose(other, cache_dir=tmp_path).calibration["cached"]  # weights
+    assert choose(policy, cache_dir=tmp_path).calibration["cached"]  # the first is kept
+    base = policy.make_sampler("picard", "ddim", 8, tol=1e-4)
+    redo = choose_sampler(policy, observations(2), base, windows=[2, 4, None],
+                          runtimes=["eager"], chunks=1, cache_dir=tmp_path, recalibrate=True)
+    assert not redo.calibration["cached"]
+
+
+def test_a_corrupt_cache_file_is_recalibrated(policy, tmp_path) -> None:
+    first = choose(policy, cache_dir=tmp_path)
+    with open(first.calibration["cache"], "w") as f:
+        f.write("{not json")
+    assert not choose(policy, cache_dir=tmp_path).calibration["cached"]
+
+
+def test_auto_settings_are_checked_in_one_line() -> None:
+    config = {"method": "auto", "tol": 0.1, "windows": [4, None], "runtimes": ["eager"],
+              "calibration_chunks": 2, "recalibrate": False, "cache_dir": None,
+              "schedule": {"num_inference_steps": 16}}
+    base, settings = split_auto(config)
+    assert base["method"] == "picard" and "windows" not in base
+    assert settings.windows == (4, None) and settings.chunks == 2
+    assert split_auto({"method": "picard"})[1] is None
+    for key, value, fragment in (("windows", [0], "windows must be a list of ints"),
+                                 ("runtimes", ["tensorrt"], "runtimes must be a list of"),
+                                 ("calibration_chunks", 0, "calibration_chunks must be"),
+                                 ("recalibrate", "yes", "recalibrate must be true or false")):
+        with pytest.raises(ConfigError, match=fragment):
+            AutoSettings.from_config({**config, key: value})
+
+
+def test_eval_with_sampler_auto_records_its_choice(eval_cfg, tmp_path) -> None:
+    from app import evaluation
+
+    cfg = eval_cfg("sampler=auto", "sampler.tol=1e-4",
+                   "sampler.schedule._target_=picard_sampler.DDIMSchedule",
+                   "sampler.schedule.num_inference_steps=8", "sampler.windows=[2,null]",
+                   "sampler.runtimes=[eager]", "sampler.calibration_chunks=1",
+                   f"sampler.cache_dir={tmp_path / 'cache'}")
+    results = evaluation.run_eval(cfg, tmp_path / "run")
+    choice, calibration = results["sampler_choice"], results["calibration"]
+    assert choice["label"] == results["sampler"]["label"]
+    assert calibration["batch"] == 2 and not calibration["cached"]
+    assert results["metrics"]["exact_err_max"] <= EXACT  # the chosen sampler is exact
+    again = evaluation.run_eval(cfg, tmp_path / "again")
+    assert again["calibration"]["cached"] and again["sampler_choice"] == choice
