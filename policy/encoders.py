@@ -125,14 +125,31 @@ class SpatialSoftmax(nn.Module):
         return (attn @ grid).reshape(n, 2 * self.num_keypoints)
 
 
-def crop_images(x: torch.Tensor, size: tuple[int, int], random: bool) -> torch.Tensor:
-    """Crop (N, C, h, w) to (N, C, *size): an independent random window per image, or centred."""
+CROP_ROUNDINGS = ("floor", "round")
+"""How a centred crop's top-left corner is placed: (size - crop) // 2 ("floor", ours), or
+torchvision's `center_crop`, int(round((size - crop) / 2)) with Python's round-half-to-even
+("round", DP's and LeRobot's eval crop); they differ when size - crop is 3 mod 4."""
+
+
+def centre_offset(size: int, crop: int, rounding: str = "floor") -> int:
+    """Top (or left) of a `crop`-long window centred in `size` under `rounding` (CROP_ROUNDINGS)."""
+    if rounding == "floor":
+        return (size - crop) // 2
+    if rounding == "round":
+        return int(round((size - crop) / 2.0))
+    raise ValueError(f"crop_rounding must be one of {CROP_ROUNDINGS}; got {rounding!r}")
+
+
+def crop_images(x: torch.Tensor, size: tuple[int, int], random: bool,
+                rounding: str = "floor") -> torch.Tensor:
+    """Crop (N, C, h, w) to (N, C, *size): an independent random window per image, or centred
+    (its corner placed by `rounding`, see CROP_ROUNDINGS)."""
     n, _, h, w = x.shape
     ch, cw = size
     if (ch, cw) == (h, w):
         return x
     if not random:
-        top, left = (h - ch) // 2, (w - cw) // 2
+        top, left = centre_offset(h, ch, rounding), centre_offset(w, cw, rounding)
         return x[:, :, top : top + ch, left : left + cw]
     top = torch.randint(0, h - ch + 1, (n, 1, 1), device=x.device)
     left = torch.randint(0, w - cw + 1, (n, 1, 1), device=x.device)
@@ -142,38 +159,125 @@ def crop_images(x: torch.Tensor, size: tuple[int, int], random: bool) -> torch.T
     return x.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)
 
 
+class ImageNormalization(nn.Module):
+    """Per-channel `(frames / 255 - mean) / std` of (N, C, h, w) frames in [0, 255]: LeRobot's
+    MEAN_STD (std already holding its + eps) and DP's range normaliser (mean = std = 0.5 gives
+    DP's `x * 2 - 1` of x = frames / 255 bit for bit). Its statistics are settings, not
+    weights: non-persistent buffers, so they never appear in a state dict."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], channels: int):
+        super().__init__()
+        values = [float(v) for v in (*mean, *std)]
+        if len(mean) != channels or len(std) != channels:
+            raise ValueError(f"image_mean / image_std need {channels} values (one per channel); "
+                             f"got {len(mean)} and {len(std)}")
+        if not all(math.isfinite(v) for v in values) or min(float(v) for v in std) <= 0:
+            raise ValueError("image_mean must be finite and image_std finite and > 0; got "
+                             f"{list(mean)}, {list(std)}")
+        self.register_buffer("mean", torch.tensor([float(v) for v in mean]).reshape(-1, 1, 1),
+                             persistent=False)
+        self.register_buffer("std", torch.tensor([float(v) for v in std]).reshape(-1, 1, 1),
+                             persistent=False)
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        """(N, C, h, w) in [0, 255] -> normalised float32."""
+        return (frames.float() / 255 - self.mean) / self.std
+
+
+FEATURE_ACTIVATIONS = (None, "relu")
+"""What follows a camera's feature layer: nothing (ours), or ReLU (robomimic's
+`ObservationEncoder` in DP's hybrid policy, LeRobot's `DiffusionRgbEncoder`)."""
+POOLS = ("spatial_softmax", "avg")
+"""How a camera's ResNet map becomes a vector: SpatialSoftmax keypoints (ours, DP's hybrid
+policy, LeRobot), or torchvision's global average pool (DP's `MultiImageObsEncoder`)."""
+
+
 class CameraEncoder(nn.Module):
-    """One camera: (H, W, C) [0, 255] -> crop -> [-1, 1] -> ResNet-18 -> keypoints -> F."""
+    """One camera: (H, W, C) [0, 255] -> crop -> [-1, 1] -> ResNet-18 -> keypoints -> F.
+
+    Options (each default is the original behaviour): `feature_activation` after the feature
+    layer (FEATURE_ACTIVATIONS), `crop_rounding` of the eval crop (CROP_ROUNDINGS), `pool`
+    (POOLS), `feature_dim=None` for no feature layer (F = the pooled size), `random_crop=False`
+    for the centre crop in training too. Another normalisation than [-1, 1] is passed in by the
+    caller (`ImageNormalization`, per camera: a shared encoder sees several cameras).
+    """
 
     def __init__(
         self,
         image_shape: Sequence[int],
         crop_shape: Sequence[int],
         num_keypoints: int,
-        feature_dim: int,
+        feature_dim: int | None,
         width: int,
+        feature_activation: str | None = None,
+        crop_rounding: str = "floor",
+        pool: str = "spatial_softmax",
+        random_crop: bool = True,
     ):
         super().__init__()
         h, w, c = image_shape
         ch, cw = crop_shape
         if not (0 < ch <= h and 0 < cw <= w):
             raise ValueError(f"crop_shape {tuple(crop_shape)} must fit inside image (h, w)={h, w}")
+        if feature_activation not in FEATURE_ACTIVATIONS:
+            raise ValueError(f"feature_activation must be one of {FEATURE_ACTIVATIONS}; got "
+                             f"{feature_activation!r}")
+        if crop_rounding not in CROP_ROUNDINGS:
+            raise ValueError(f"crop_rounding must be one of {CROP_ROUNDINGS}; got "
+                             f"{crop_rounding!r}")
+        if pool not in POOLS:
+            raise ValueError(f"pool must be one of {POOLS}; got {pool!r}")
         self.crop_shape = (ch, cw)
+        self.crop_rounding = crop_rounding
+        self.random_crop = bool(random_crop)
+        self.feature_activation = feature_activation
+        self.pool = pool
         self.trunk = ResNet18Trunk(c, width)
-        self.keypoints = SpatialSoftmax(self.trunk.out_channels, num_keypoints)
-        self.project = nn.Linear(2 * num_keypoints, feature_dim)
+        if pool == "spatial_softmax":
+            self.keypoints = SpatialSoftmax(self.trunk.out_channels, num_keypoints)
+            pooled = 2 * num_keypoints
+        else:
+            pooled = self.trunk.out_channels
+        self.project = nn.Linear(pooled, feature_dim) if feature_dim is not None else None
+        self.feature_dim = pooled if feature_dim is None else feature_dim
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def stages(self, images: torch.Tensor, normalization: nn.Module | None = None
+               ) -> dict[str, torch.Tensor]:
+        """(N, H, W, C) in [0, 255] -> every intermediate: `input` (N, C, ch, cw) what the
+        ResNet sees, `backbone` its map, `pooled` (N, 2K) keypoints x0, y0, x1, ... (or the
+        average pool), `features` (N, F). Random crop in training, centre at eval."""
+        x = crop_images(images.permute(0, 3, 1, 2), self.crop_shape,
+                        random=self.training and self.random_crop, rounding=self.crop_rounding)
+        x = x.float() / 127.5 - 1.0 if normalization is None else normalization(x)
+        backbone = self.trunk(x)
+        if self.pool == "spatial_softmax":
+            pooled = self.keypoints(backbone)
+        else:
+            pooled = backbone.mean(dim=(2, 3))
+        features = pooled if self.project is None else self.project(pooled)
+        if self.feature_activation == "relu":
+            features = F.relu(features)
+        return {"input": x, "backbone": backbone, "pooled": pooled, "features": features}
+
+    def forward(self, images: torch.Tensor, normalization: nn.Module | None = None
+                ) -> torch.Tensor:
         """(N, H, W, C) in [0, 255] -> (N, F); random crop in training, centre at eval."""
-        x = crop_images(images.permute(0, 3, 1, 2), self.crop_shape, random=self.training)
-        x = x.float() / 127.5 - 1.0
-        return self.project(self.keypoints(self.trunk(x)))
+        return self.stages(images, normalization)["features"]
 
 
 class ImageObsEncoder(nn.Module):
     """Several cameras (one trunk each) plus low-dim keys, concatenated: -> (B, To, F).
 
-    F = len(image_shapes) * feature_dim + sum of the low-dim key sizes.
+    F = len(image_shapes) * feature_dim + sum of the low-dim key sizes. Cameras take frames
+    (B, To, H, W, C) in [0, 255], whatever project the weights came from.
+
+    Options for other projects' encoders (policy/foreign.py; each default keeps the original
+    behaviour and state-dict names): `feature_activation`, `crop_rounding`, `pool`,
+    `random_crop` (see CameraEncoder); `image_mean` / `image_std` {camera: per-channel values}
+    for `(frames / 255 - mean) / std` instead of `frames / 127.5 - 1`; `order`, the keys in the
+    order their features are concatenated per step (default: cameras, then low-dim keys);
+    `shared_encoder`, one trunk for every camera (held under the first camera's name);
+    `aliases`, other names of the observation keys (see ConcatObsEncoder).
     """
 
     def __init__(
@@ -182,8 +286,17 @@ class ImageObsEncoder(nn.Module):
         lowdim_shapes: Mapping[str, Sequence[int]] | None = None,
         crop_shape: Sequence[int] = (84, 84),
         num_keypoints: int = 32,
-        feature_dim: int = 64,
+        feature_dim: int | None = 64,
         width: int = 64,
+        feature_activation: str | None = None,
+        crop_rounding: str = "floor",
+        pool: str = "spatial_softmax",
+        random_crop: bool = True,
+        image_mean: Mapping[str, Sequence[float]] | None = None,
+        image_std: Mapping[str, Sequence[float]] | None = None,
+        order: Sequence[str] | None = None,
+        shared_encoder: bool = False,
+        aliases: Mapping[str, str] | None = None,
     ):
         super().__init__()
         if not image_shapes:
@@ -194,22 +307,60 @@ class ImageObsEncoder(nn.Module):
                 raise ValueError(
                     f"obs_encoder.image_shapes['{key}'] must be (H, W, C), got {shape}"
                 )
+        self.camera_keys = list(image_shapes)
+        self.shared_encoder = bool(shared_encoder)
+        if self.shared_encoder and len({tuple(s) for s in image_shapes.values()}) != 1:
+            raise ValueError("obs_encoder.shared_encoder needs cameras of one shape; got "
+                             f"{dict(image_shapes)}")
+        settings = dict(crop_shape=crop_shape, num_keypoints=num_keypoints,
+                        feature_dim=feature_dim, width=width,
+                        feature_activation=feature_activation, crop_rounding=crop_rounding,
+                        pool=pool, random_crop=random_crop)
+        owners = self.camera_keys[:1] if self.shared_encoder else self.camera_keys
         self.cameras = nn.ModuleDict({
-            key: CameraEncoder(shape, crop_shape, num_keypoints, feature_dim, width)
-            for key, shape in image_shapes.items()
+            key: CameraEncoder(image_shapes[key], **settings) for key in owners
         })
+        if (image_mean is None) != (image_std is None):
+            raise ValueError("obs_encoder.image_mean and image_std go together; got only one")
+        if image_mean is not None and image_std is not None:
+            if set(image_mean) != set(image_shapes) or set(image_std) != set(image_shapes):
+                raise ValueError("obs_encoder.image_mean / image_std must name every camera "
+                                 f"({list(image_shapes)}); got {list(image_mean)}, "
+                                 f"{list(image_std)}")
+            self.normalizations = nn.ModuleDict({
+                key: ImageNormalization(image_mean[key], image_std[key], int(shape[2]))
+                for key, shape in image_shapes.items()
+            })
+        keys = [*image_shapes, *lowdim_shapes]
+        order = list(keys if order is None else order)
+        if sorted(order) != sorted(keys):
+            raise ValueError(f"obs_encoder.order must list every observation key once ({keys}); "
+                             f"got {order}")
+        self.order = order
         self.lowdim_keys = list(lowdim_shapes)
-        self.obs_shapes = {k: tuple(s) for k, s in {**image_shapes, **lowdim_shapes}.items()}
-        self.feature_dim = len(image_shapes) * feature_dim + sum(
+        self.aliases = dict(aliases or {})
+        shapes = {**image_shapes, **lowdim_shapes}
+        self.obs_shapes = {k: tuple(shapes[k]) for k in order}
+        camera_dim = next(iter(self.cameras.values())).feature_dim
+        self.feature_dim = len(image_shapes) * camera_dim + sum(
             math.prod(s) for s in lowdim_shapes.values()
         )
 
+    def camera_stages(self, key: str, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Camera `key`'s frames (N, H, W, C) in [0, 255] -> its encoder's intermediates
+        (CameraEncoder.stages) with its own normalisation, through the shared trunk if any."""
+        camera = self.cameras[self.camera_keys[0] if self.shared_encoder else key]
+        normalizations = getattr(self, "normalizations", None)
+        return camera.stages(images, None if normalizations is None else normalizations[key])
+
     def forward(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """obs[camera] (B, To, H, W, C), obs[lowdim] (B, To, ...) -> (B, To, F)."""
-        features = []
-        for key, camera in self.cameras.items():
+        features = {}
+        for key in self.camera_keys:
             images = obs[key]
             b, to = images.shape[:2]
-            features.append(camera(images.flatten(0, 1)).reshape(b, to, -1))
-        features += [obs[key].flatten(2) for key in self.lowdim_keys]
-        return torch.cat(features, dim=-1)
+            features[key] = self.camera_stages(key, images.flatten(0, 1))["features"].reshape(
+                b, to, -1)
+        for key in self.lowdim_keys:
+            features[key] = obs[key].flatten(2)
+        return torch.cat([features[key] for key in self.order], dim=-1)

@@ -5,9 +5,13 @@ Each importer reads the source's settings (horizon, To, Ta, scheduler type and s
 clipping, prediction type, UNet sizes and conditioning, normaliser statistics, observation
 order) and returns an `Imported`: the Hydra config of the equivalent `DiffusionPolicy` plus its
 state dict, so a loaded policy is built exactly as one of our checkpoints is (and
-`scripts/import_policy.py` can write it as one). What does not map is refused with one line
-naming the setting. The mapping facts (key names, DP's 8-group final block, bias-only FiLM,
-LeRobot's feature order and normalisation) are in docs/design.md §10.
+`scripts/import_policy.py` can write it as one). Camera policies (DP's hybrid and image
+policies, LeRobot with one or more cameras) become an `ImageObsEncoder` with the options that
+reproduce the source's image path (normalisation, eval crop rounding, feature activation or
+average pool, per-step order, shared or per-camera encoders). What does not map is refused with
+one line naming the setting. The mapping facts (key names, DP's 8-group final block, bias-only
+FiLM, each source's feature order, normalisation and image conventions) are in docs/design.md
+§10.
 
 A DP checkpoint is a pickle (saved with dill) holding an OmegaConf config: it is unpickled with
 an allow-list of the classes such a file holds (OmegaConf containers, tensors, builtins), and
@@ -326,17 +330,107 @@ def _linear_normalizer(key: str, scale: torch.Tensor, offset: torch.Tensor, low:
             f"normalizer.{key}_input_min": low.float(), f"normalizer.{key}_input_max": high.float()}
 
 
+# --------------------------------------------------------------------------- camera encoders
+_TRUNK_BLOCK = re.compile(r"^([4-7])\.([01])\.(.+)$")
+_BLOCK_PARTS = {"conv1.weight": "conv1.weight", "conv2.weight": "conv2.weight",
+                "bn1.weight": "norm1.weight", "bn1.bias": "norm1.bias",
+                "bn2.weight": "norm2.weight", "bn2.bias": "norm2.bias",
+                "downsample.0.weight": "shortcut.0.weight",
+                "downsample.1.weight": "shortcut.1.weight", "downsample.1.bias": "shortcut.1.bias"}
+_BATCHNORM_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
+GRID_TOLERANCE = 1e-6
+"""Largest |difference| between a source's SpatialSoftmax position buffer and the grid ours
+computes (numpy's float64 linspace rounded to float32 against torch's)."""
+
+
+def rename_resnet18_trunk(weights: Mapping[str, torch.Tensor], layout: str, where: str,
+                          what: str) -> dict[str, torch.Tensor]:
+    """A torchvision resnet18 trunk's weights (names relative to it) in our ResNet18Trunk names
+    (`trunk.<i>.`), so one map serves every source. `layout` "children": the
+    `nn.Sequential(*list(resnet.children())[:-2])` of robomimic and LeRobot (0 conv1, 1 bn1,
+    4..7 layer1..layer4); "torchvision": the model itself (conv1, bn1, layer1..4; DP's
+    `get_resnet`, whose fc is an Identity). Only GroupNorm in place of BatchNorm maps: running
+    statistics, a classifier head or a block ResNet-18 lacks are refused, the weight named."""
+    out = {}
+    for original, value in weights.items():
+        name = original
+        if layout == "torchvision":
+            name = re.sub(r"^conv1\.", "0.", name)
+            name = re.sub(r"^bn1\.", "1.", name)
+            name = re.sub(r"^layer([1-4])\.", lambda m: f"{int(m.group(1)) + 3}.", name)
+        _require(not name.endswith(_BATCHNORM_STATISTICS),
+                 f"{where}: {what} holds BatchNorm running statistics ({original}); only a "
+                 "backbone with GroupNorm in place of BatchNorm maps")
+        if name in ("0.weight", "1.weight", "1.bias"):
+            out[f"trunk.{name}"] = value
+            continue
+        block = _TRUNK_BLOCK.match(name)
+        part = _BLOCK_PARTS.get(block.group(3)) if block else None
+        _require(block is not None and part is not None,
+                 f"{where}: {what} weight {original!r} does not map onto a ResNet-18 trunk "
+                 "(only resnet18 with GroupNorm maps)")
+        index = 4 + 2 * (int(block.group(1)) - 4) + int(block.group(2))
+        out[f"trunk.{index}.{part}"] = value
+    return out
+
+
+def trunk_map_size(side: int) -> int:
+    """The side of ResNet-18's last feature map for an input side `side` (the 7x7 stride-2
+    conv, the max pool and layer2..layer4 each halve it, rounding up)."""
+    side = (side + 2 * 3 - 7) // 2 + 1
+    for _ in range(4):
+        side = (side + 2 - 3) // 2 + 1
+    return side
+
+
+def check_keypoint_grid(grid: torch.Tensor, crop: tuple[int, int], where: str, what: str
+                        ) -> None:
+    """A source's SpatialSoftmax positions, (h*w, 2) columns (x, y), against the grid ours
+    computes for the map of a `crop` input (numpy's meshgrid of linspace(-1, 1) over w and h,
+    row-major): the buffers are not loaded, so they must be ours; one line otherwise."""
+    h, w = trunk_map_size(crop[0]), trunk_map_size(crop[1])
+    ys = torch.linspace(-1.0, 1.0, h, dtype=torch.float64)
+    xs = torch.linspace(-1.0, 1.0, w, dtype=torch.float64)
+    grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+    expected = torch.stack([grid_x.flatten(), grid_y.flatten()], dim=-1)
+    _require(tuple(grid.shape) == tuple(expected.shape) and bool(
+        (grid.double() - expected).abs().max() <= GRID_TOLERANCE),
+        f"{where}: {what} position grid {tuple(grid.shape)} is not the [-1, 1] grid of the "
+        f"{h} x {w} map of a {crop[0]} x {crop[1]} input, which ours computes; it does not map")
+
+
+def _camera_shape(shape: Any, where: str, field: str) -> tuple[int, int, int]:
+    """A source's (C, H, W) camera shape as ints; one line naming the field otherwise."""
+    _require(isinstance(shape, list | tuple) and len(shape) == 3,
+             f"{where}: {field} must be an image shape (C, H, W); got {shape!r:.60}")
+    c, h, w = (_int_field({field: v}, field, where) for v in shape)
+    _require(c >= 1 and h >= 1 and w >= 1, f"{where}: {field} = {shape} must be positive")
+    return c, h, w
+
+
+def _pair(value: Any, where: str, field: str) -> tuple[int, int]:
+    """An (h, w) setting as two ints; one line naming the field otherwise."""
+    _require(isinstance(value, list | tuple) and len(value) == 2,
+             f"{where}: {field} must be (height, width); got {value!r:.60}")
+    h, w = (_int_field({field: v}, field, where) for v in value)
+    return h, w
+
+
 # ------------------------------------------------------------------------ Diffusion Policy
 DP_LOWDIM_POLICY = "DiffusionUnetLowdimPolicy"
+DP_HYBRID_POLICY = "DiffusionUnetHybridImagePolicy"
+DP_IMAGE_POLICY = "DiffusionUnetImagePolicy"
+DP_POLICIES = (DP_LOWDIM_POLICY, DP_HYBRID_POLICY, DP_IMAGE_POLICY)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+"""torchvision's ImageNet normalisation, which DP's MultiImageObsEncoder applies with
+imagenet_norm=True (after DP's own normaliser)."""
 
 
-def import_diffusion_policy(path: str | Path) -> Imported:
-    """A real-stanford/diffusion_policy workspace checkpoint (low-dim UNet policy with global
-    conditioning; EMA weights when the run kept them). Its config is read as data: only the
-    policy, training and task sections, interpolations resolved by `resolve_config`."""
-    from omegaconf import DictConfig, OmegaConf
+def _load_dp_payload(path: Path) -> dict[str, Any]:
+    """A DP workspace checkpoint's payload through the allow-list unpickler; one line naming
+    the file when it is not one."""
+    from omegaconf import DictConfig
 
-    path = Path(path)
     from policy.checkpoint import check_regular_file, check_torch_zip
 
     check_regular_file(path)
@@ -352,6 +446,19 @@ def import_diffusion_policy(path: str | Path) -> Imported:
              f"{path} is not a Diffusion Policy workspace checkpoint (no cfg / state_dicts)")
     _require(isinstance(payload["cfg"], DictConfig | dict),
              f"{path}: cfg is a {type(payload['cfg']).__name__}, not a config")
+    return payload
+
+
+def import_diffusion_policy(path: str | Path) -> Imported:
+    """A real-stanford/diffusion_policy workspace checkpoint: the low-dim UNet policy, or a
+    camera policy (`DiffusionUnetHybridImagePolicy`, robomimic's encoder; or
+    `DiffusionUnetImagePolicy`, DP's MultiImageObsEncoder), with global conditioning; EMA
+    weights when the run kept them. Its config is read as data: only the policy, training and
+    task sections, interpolations resolved by `resolve_config`."""
+    from omegaconf import DictConfig, OmegaConf
+
+    path = Path(path)
+    payload = _load_dp_payload(path)
     raw = (OmegaConf.to_container(payload["cfg"], resolve=False)
            if isinstance(payload["cfg"], DictConfig) else payload["cfg"])
     where = str(path)
@@ -359,27 +466,20 @@ def import_diffusion_policy(path: str | Path) -> Imported:
            for key in ("policy", "training", "task")}
     policy_cfg = _section(cfg, "policy", where)
     kind = str(policy_cfg.get("_target_", "")).rsplit(".", 1)[-1]
-    _require(kind == DP_LOWDIM_POLICY,
-             f"{path}: the Diffusion Policy class {kind or '?'} is not importable yet (only "
-             f"{DP_LOWDIM_POLICY}; image policies need their encoder mapped)")
+    _require(kind in DP_POLICIES,
+             f"{path}: the Diffusion Policy class {kind or '?'} is not importable (only "
+             f"{', '.join(DP_POLICIES)})")
     for key, wanted in (("obs_as_global_cond", True), ("obs_as_local_cond", False),
                         ("pred_action_steps_only", False), ("oa_step_convention", True)):
         _require(bool(policy_cfg.get(key, wanted)) == wanted,
                  f"{path}: policy.{key}={policy_cfg.get(key)} is not supported (needs {wanted})")
-    model = _section(policy_cfg, "model", where, "policy.")
-    _require(model.get("local_cond_dim") is None, f"{path}: local conditioning is not supported")
     scheduler = _section(policy_cfg, "noise_scheduler", where, "policy.")
     scheduler_class = str(scheduler.get("_target_", "")).rsplit(".", 1)[-1]
     kinds = {"DDPMScheduler": "ddpm", "DDIMScheduler": "ddim"}
     _require(scheduler_class in kinds, f"{path}: noise_scheduler {scheduler_class} is not "
                                        "supported (DDPMScheduler or DDIMScheduler)")
     settings = _training_settings(scheduler, f"{path}: noise_scheduler")
-    obs_dim = _int_field(policy_cfg, "obs_dim", where, "policy.")
-    action_dim = _int_field(policy_cfg, "action_dim", where, "policy.")
     n_obs_steps = _int_field(policy_cfg, "n_obs_steps", where, "policy.")
-    _require(_int_field(model, "global_cond_dim", where, "policy.model.")
-             == obs_dim * n_obs_steps,
-             f"{path}: model.global_cond_dim {model['global_cond_dim']} != obs_dim x n_obs_steps")
 
     states = payload["state_dicts"]
     _require(isinstance(states, dict) and "model" in states,
@@ -392,7 +492,43 @@ def import_diffusion_policy(path: str | Path) -> Imported:
         f"{path}: state_dicts.{'ema_model' if use_ema else 'model'} is not a mapping of names "
         "to tensors")
     converted = rename_unet_keys(weights, "model.")
-    for key in ("obs", "action"):
+    if kind == DP_LOWDIM_POLICY:
+        model = _section(policy_cfg, "model", where, "policy.")
+        _require(model.get("local_cond_dim") is None,
+                 f"{path}: local conditioning is not supported")
+        obs_dim = _int_field(policy_cfg, "obs_dim", where, "policy.")
+        action_dim = _int_field(policy_cfg, "action_dim", where, "policy.")
+        _require(_int_field(model, "global_cond_dim", where, "policy.model.")
+                 == obs_dim * n_obs_steps,
+                 f"{path}: model.global_cond_dim {model['global_cond_dim']} != obs_dim x "
+                 "n_obs_steps")
+        unet = _unet_config(_int_list(model, "down_dims", where, "policy.model."),
+                            _int_field(model, "kernel_size", where, "policy.model.", 5),
+                            _int_field(model, "n_groups", where, "policy.model.", 8),
+                            _int_field(model, "diffusion_step_embed_dim", where,
+                                       "policy.model."),
+                            bool(model.get("cond_predict_scale", False)))
+        encoder: dict[str, Any] = {"_target_": "policy.encoders.LowDimObsEncoder",
+                                   "obs_dim": obs_dim}
+        normalised = ["obs"]
+    else:
+        # the image policies' UNet settings sit in the policy itself (DP's defaults if absent)
+        unet = _unet_config(
+            _int_list({"down_dims": policy_cfg.get("down_dims", [256, 512, 1024])},
+                      "down_dims", where, "policy."),
+            _int_field(policy_cfg, "kernel_size", where, "policy.", 5),
+            _int_field(policy_cfg, "n_groups", where, "policy.", 8),
+            _int_field(policy_cfg, "diffusion_step_embed_dim", where, "policy.", 256),
+            bool(policy_cfg.get("cond_predict_scale", True)))
+        rgb, lowdim, action_dim = _dp_shape_meta(policy_cfg, where)
+        if kind == DP_HYBRID_POLICY:
+            encoder, camera_weights = _dp_hybrid_encoder(policy_cfg, rgb, lowdim, weights, where)
+        else:
+            encoder, camera_weights = _dp_multi_image_encoder(policy_cfg, rgb, lowdim, weights,
+                                                              where)
+        converted.update(camera_weights)
+        normalised = list(lowdim)
+    for key in [*normalised, "action"]:
         stats = f"normalizer.params_dict.{key}"
         _require(f"{stats}.scale" in weights, f"{path}: no normalizer statistics for {key!r}")
         converted.update(_linear_normalizer(
@@ -404,13 +540,8 @@ def import_diffusion_policy(path: str | Path) -> Imported:
         "n_obs_steps": n_obs_steps,
         "n_action_steps": _int_field(policy_cfg, "n_action_steps", where, "policy."),
         "action_dim": action_dim,
-        "model": _unet_config(_int_list(model, "down_dims", where, "policy.model."),
-                              _int_field(model, "kernel_size", where, "policy.model.", 5),
-                              _int_field(model, "n_groups", where, "policy.model.", 8),
-                              _int_field(model, "diffusion_step_embed_dim", where,
-                                         "policy.model."),
-                              bool(model.get("cond_predict_scale", False))),
-        "obs_encoder": {"_target_": "policy.encoders.LowDimObsEncoder", "obs_dim": obs_dim},
+        "model": unet,
+        "obs_encoder": encoder,
         "normalizer": {"_target_": "policy.normalizer.LinearNormalizer"},
         **_schedules(kinds[scheduler_class], settings, policy_cfg.get("num_inference_steps")),
     }
@@ -419,6 +550,226 @@ def import_diffusion_policy(path: str | Path) -> Imported:
               "step": _pickled_int((payload.get("pickles") or {}).get("global_step")),
               "task": _task_name(cfg.get("task")), "policy_class": kind}
     return Imported(config, converted, source)
+
+
+def _dp_shape_meta(policy_cfg: Mapping[str, Any], where: str
+                   ) -> tuple[dict[str, tuple[int, int, int]], dict[str, int], int]:
+    """A DP image policy's `shape_meta`: its cameras {key: (C, H, W)} and low-dim keys
+    {key: D}, each in the file's order, and the action size; other types are refused."""
+    meta = _section(policy_cfg, "shape_meta", where, "policy.")
+    obs = _section(meta, "obs", where, "policy.shape_meta.")
+    rgb: dict[str, tuple[int, int, int]] = {}
+    lowdim: dict[str, int] = {}
+    for key, attr in obs.items():
+        field = f"policy.shape_meta.obs.{key}"
+        _require(isinstance(attr, Mapping), f"{where}: {field} must be a mapping")
+        _require(str(key).isidentifier(), f"{where}: {field}: the observation key {key!r} is "
+                                          "not an identifier; it does not map")
+        kind = attr.get("type", "low_dim")
+        if kind == "rgb":
+            rgb[key] = _camera_shape(attr.get("shape"), where, f"{field}.shape")
+        elif kind == "low_dim":
+            shape = attr.get("shape")
+            _require(isinstance(shape, list | tuple) and len(shape) == 1,
+                     f"{where}: {field}.shape must be 1-D for a low_dim key; got {shape!r:.60}")
+            lowdim[key] = _int_field({"shape": shape[0]}, "shape", where, f"{field}.")
+        else:
+            _require(False, f"{where}: {field}.type {kind!r} does not map (rgb or low_dim)")
+    _require(bool(rgb), f"{where}: policy.shape_meta.obs has no rgb observation")
+    action = meta.get("action") if isinstance(meta.get("action"), Mapping) else {}
+    shape = action.get("shape")
+    _require(isinstance(shape, list | tuple) and len(shape) == 1,
+             f"{where}: policy.shape_meta.action.shape must be 1-D; got {shape!r:.60}")
+    return rgb, lowdim, _int_field({"shape": shape[0]}, "shape", where,
+                                   "policy.shape_meta.action.")
+
+
+def _dp_image_normalisation(weights: Mapping[str, torch.Tensor], key: str, channels: int,
+                            where: str, then: tuple[Any, Any] | None = None
+                            ) -> tuple[list[float], list[float]]:
+    """Per-channel (mean, std) with `(frames / 255 - mean) / std` equal to DP's image
+    normaliser `x * scale + offset` of x = frames / 255 (DP's range normaliser, scale 2 and
+    offset -1, gives mean = std = 0.5: bit for bit), followed by `(y - m) / s` with
+    `then` = (m, s) per channel when given (ImageNet normalisation)."""
+    stats = f"normalizer.params_dict.{key}"
+    _require(f"{stats}.scale" in weights and f"{stats}.offset" in weights,
+             f"{where}: no normalizer statistics for the camera {key!r}")
+    scale, offset = weights[f"{stats}.scale"].double(), weights[f"{stats}.offset"].double()
+    _require(scale.numel() == 1 and offset.numel() == 1 and bool(scale.item() > 0)
+             and math.isfinite(scale.item()) and math.isfinite(offset.item()),
+             f"{where}: the normaliser of camera {key!r} has scale {tuple(scale.shape)} = "
+             f"{scale.flatten()[:3].tolist()}; only an image range normaliser (one positive "
+             "scale and offset, DP's x * 2 - 1) maps")
+    mean, std = -offset.item() / scale.item(), 1.0 / scale.item()
+    if then is None:
+        return [mean] * channels, [std] * channels
+    return ([mean + m * std for m in then[0]], [std * s for s in then[1]])
+
+
+def _dp_hybrid_encoder(policy_cfg: Mapping[str, Any], rgb: Mapping[str, tuple[int, int, int]],
+                       lowdim: Mapping[str, int], weights: Mapping[str, torch.Tensor],
+                       where: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Our ImageObsEncoder config and weights for DP's hybrid policy: robomimic's VisualCore per
+    camera (ResNet-18 trunk with GroupNorm, SpatialSoftmax, Linear, then the ObservationEncoder's
+    ReLU), DP's centre crop in eval (torchvision rounding), features in shape_meta order."""
+    _require(bool(policy_cfg.get("obs_encoder_group_norm", False)),
+             f"{where}: policy.obs_encoder_group_norm=False: robomimic's ResNet-18 keeps its "
+             "BatchNorm layers (running statistics), which do not map; only GroupNorm does")
+    shapes = {(h, w) for _, h, w in rgb.values()}
+    crop_cfg = policy_cfg.get("crop_shape", [76, 76])
+    if crop_cfg is None:
+        _require(len(shapes) == 1, f"{where}: cameras of different sizes {sorted(shapes)} with "
+                                   "no crop do not map (our encoder has one crop shape)")
+        crop = next(iter(shapes))
+    else:
+        _require(bool(policy_cfg.get("eval_fixed_crop", False)),
+                 f"{where}: policy.eval_fixed_crop=False: robomimic's CropRandomizer crops at "
+                 "random even in eval, so the source's actions are not reproducible; only "
+                 "eval_fixed_crop=True (DP's centre crop in eval) maps")
+        crop = _pair(crop_cfg, where, "policy.crop_shape")
+    out: dict[str, torch.Tensor] = {}
+    consumed: set[str] = set()
+    num_keypoints = feature_dim = None
+    for key in rgb:
+        base = f"obs_encoder.obs_nets.{key}."
+        own = {k[len(base):]: v for k, v in weights.items() if k.startswith(base)}
+        consumed.update(base + name for name in own)
+        what = f"the image encoder of {key!r}"
+        # VisualCore registers its backbone and pool twice: map nets.*, check the aliases
+        for name, value in own.items():
+            for alias, target in (("backbone.nets.", "nets.0.nets."), ("pool.", "nets.1.")):
+                if name.startswith(alias):
+                    twin = own.get(target + name[len(alias):])
+                    _require(twin is not None and torch.equal(twin, value),
+                             f"{where}: {what}: {base}{name} differs from its alias "
+                             f"{base}{target}{name[len(alias):]} (a corrupt file)")
+        prefix = f"obs_encoder.cameras.{key}."
+        trunk = {n[len("nets.0.nets."):]: v for n, v in own.items()
+                 if n.startswith("nets.0.nets.")}
+        _require(bool(trunk), f"{where}: {what} has no ResNet weights ({base}nets.0.nets.*)")
+        out.update({prefix + n: v for n, v in
+                    rename_resnet18_trunk(trunk, "children", where, what).items()})
+        temperature = own.get("nets.1.temperature")
+        _require(temperature is None or (temperature.numel() == 1
+                                         and float(temperature.item()) == 1.0),
+                 f"{where}: {what}: SpatialSoftmax temperature "
+                 f"{None if temperature is None else temperature.flatten()[:2].tolist()} does "
+                 "not map (only 1.0, robomimic's default)")
+        pos_x, pos_y = own.get("nets.1.pos_x"), own.get("nets.1.pos_y")
+        _require(pos_x is not None and pos_y is not None and pos_x.numel() == pos_y.numel(),
+                 f"{where}: {what} has no SpatialSoftmax positions (nets.1.pos_x / pos_y)")
+        check_keypoint_grid(torch.stack([pos_x.flatten(), pos_y.flatten()], dim=-1), crop,
+                            where, f"{what}'s SpatialSoftmax")
+        for ours, theirs in (("keypoints.to_keypoints", "nets.1.nets"), ("project", "nets.3")):
+            for suffix in ("weight", "bias"):
+                _require(f"{theirs}.{suffix}" in own,
+                         f"{where}: {what} has no {base}{theirs}.{suffix}")
+                out[f"{prefix}{ours}.{suffix}"] = own[f"{theirs}.{suffix}"]
+        known = ("nets.0.nets.", "backbone.nets.", "pool.", "nets.1.", "nets.3.")
+        unknown = sorted(n for n in own if not n.startswith(known))
+        _require(not unknown, f"{where}: {what}: {base}{unknown[0] if unknown else ''} does not "
+                              "map (robomimic's VisualCore: ResNet-18, SpatialSoftmax, Linear)")
+        num_keypoints = int(own["nets.1.nets.weight"].shape[0])
+        feature_dim = int(own["nets.3.weight"].shape[0])
+    others = sorted(k for k in weights if k.startswith("obs_encoder.") and k not in consumed)
+    _require(not others, f"{where}: {others[0] if others else ''} does not map (an observation "
+                         "encoder weight outside the cameras' VisualCores)")
+    means, stds = zip(*(_dp_image_normalisation(weights, key, rgb[key][0], where)
+                        for key in rgb), strict=True)
+    config = {
+        "_target_": "policy.encoders.ImageObsEncoder",
+        "image_shapes": {key: [h, w, c] for key, (c, h, w) in rgb.items()},
+        "lowdim_shapes": {key: [d] for key, d in lowdim.items()},
+        "crop_shape": list(crop), "num_keypoints": num_keypoints, "feature_dim": feature_dim,
+        "width": 64, "feature_activation": "relu", "crop_rounding": "round",
+        "image_mean": dict(zip(rgb, means, strict=True)),
+        "image_std": dict(zip(rgb, stds, strict=True)),
+        "order": [k for k in policy_cfg["shape_meta"]["obs"] if k in rgb or k in lowdim],
+    }
+    return config, out
+
+
+def _dp_multi_image_encoder(policy_cfg: Mapping[str, Any],
+                            rgb: Mapping[str, tuple[int, int, int]], lowdim: Mapping[str, int],
+                            weights: Mapping[str, torch.Tensor], where: str
+                            ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Our ImageObsEncoder config and weights for DP's MultiImageObsEncoder (a torchvision
+    resnet18 per camera or shared, GroupNorm, global average pool, fc = Identity: 512 features,
+    no activation), its eval crop and normalisation; cameras sorted by key, then the low-dim
+    keys sorted, as DP concatenates them."""
+    field = "policy.obs_encoder"
+    encoder = _section(policy_cfg, "obs_encoder", where, "policy.")
+    target = str(encoder.get("_target_", "")).rsplit(".", 1)[-1]
+    _require(target == "MultiImageObsEncoder",
+             f"{where}: {field}._target_ {target or '?'} does not map (only MultiImageObsEncoder)")
+    model = encoder.get("rgb_model")
+    _require(isinstance(model, Mapping) and "_target_" in model,
+             f"{where}: {field}.rgb_model must be one get_resnet model (a model per camera does "
+             "not map)")
+    getter = str(model.get("_target_", "")).rsplit(".", 1)[-1]
+    _require(getter == "get_resnet", f"{where}: {field}.rgb_model._target_ {getter or '?'} does "
+                                     "not map (only diffusion_policy's get_resnet)")
+    _require(model.get("name") == "resnet18", f"{where}: {field}.rgb_model.name="
+                                              f"{model.get('name')!r} does not map (only "
+                                              "resnet18)")
+    _require(str(model.get("weights")).lower() != "r3m",
+             f"{where}: {field}.rgb_model.weights=r3m does not map (R3M's ResNet is not "
+             "torchvision's)")
+    _require(bool(encoder.get("use_group_norm", False)),
+             f"{where}: {field}.use_group_norm=False: the ResNet keeps its BatchNorm layers "
+             "(running statistics), which do not map; only GroupNorm does")
+
+    def per_camera(value: Any, key: str) -> Any:
+        """A setting given for all cameras or per camera ({key: value})."""
+        return value.get(key) if isinstance(value, Mapping) else value
+
+    resize = encoder.get("resize_shape")
+    crops = set()
+    for key, (_, h, w) in rgb.items():
+        size = per_camera(resize, key)
+        _require(size is None or _pair(size, where, f"{field}.resize_shape") == (h, w),
+                 f"{where}: {field}.resize_shape {size} resizes the {h} x {w} images of "
+                 f"{key!r} (torchvision's antialiased resize), which does not map; only null or "
+                 "the image's own size (torchvision then returns the image)")
+        crop = per_camera(encoder.get("crop_shape"), key)
+        # random_crop=False: DP assigns its CenterCrop to a variable it then overwrites, so
+        # such a policy never crops; random_crop=True crops at random in training, centred
+        # (torchvision's center_crop) in eval
+        random_crop = bool(encoder.get("random_crop", True))
+        crops.add((h, w) if crop is None or not random_crop
+                  else _pair(crop, where, f"{field}.crop_shape"))
+    _require(len(crops) == 1, f"{where}: {field}: cameras cropped to different sizes "
+                              f"{sorted(crops)} do not map (our encoder has one crop shape)")
+    shared = bool(encoder.get("share_rgb_model", False))
+    cameras = sorted(rgb)
+    out: dict[str, torch.Tensor] = {}
+    consumed: set[str] = set()
+    for key in cameras[:1] if shared else cameras:
+        base = f"obs_encoder.key_model_map.{'rgb' if shared else key}."
+        own = {k[len(base):]: v for k, v in weights.items() if k.startswith(base)}
+        _require(bool(own), f"{where}: no weights for the camera model {base}*")
+        consumed.update(base + name for name in own)
+        trunk = rename_resnet18_trunk(own, "torchvision", where, f"the ResNet of {base[:-1]}")
+        out.update({f"obs_encoder.cameras.{key}.{n}": v for n, v in trunk.items()})
+    others = sorted(k for k in weights if k.startswith("obs_encoder.") and k not in consumed)
+    _require(not others, f"{where}: {others[0] if others else ''} does not map (an observation "
+                         "encoder weight outside the camera models)")
+    imagenet = (IMAGENET_MEAN, IMAGENET_STD) if encoder.get("imagenet_norm", False) else None
+    _require(imagenet is None or all(c == 3 for c, _, _ in rgb.values()),
+             f"{where}: {field}.imagenet_norm needs 3-channel images")
+    norms = {key: _dp_image_normalisation(weights, key, rgb[key][0], where, imagenet)
+             for key in cameras}
+    config = {
+        "_target_": "policy.encoders.ImageObsEncoder",
+        "image_shapes": {key: [rgb[key][1], rgb[key][2], rgb[key][0]] for key in cameras},
+        "lowdim_shapes": {key: [lowdim[key]] for key in sorted(lowdim)},
+        "crop_shape": list(next(iter(crops))), "feature_dim": None, "width": 64,
+        "pool": "avg", "crop_rounding": "round", "shared_encoder": shared,
+        "image_mean": {key: norms[key][0] for key in cameras},
+        "image_std": {key: norms[key][1] for key in cameras},
+        "order": [*cameras, *sorted(lowdim)],
+    }
+    return config, out
 
 
 def _section(config: Mapping[str, Any], key: str, where: str, prefix: str = ""
@@ -539,9 +890,10 @@ def _lerobot_normalizer(feature: str, mode: str, stats: Mapping[str, torch.Tenso
 
 
 LEROBOT_ENV_KEYS = {"agent_pos": "observation.state",
-                    "environment_state": "observation.environment_state"}
+                    "environment_state": "observation.environment_state",
+                    "pixels": "observation.image"}
 """gym-pusht / gym-aloha observation keys and the LeRobot features they become (LeRobot's
-`preprocess_observation`)."""
+`preprocess_observation`; `pixels` are (H, W, C) frames in [0, 255], as our cameras take)."""
 
 
 def _lerobot_aliases(features: list[str]) -> dict[str, str]:
@@ -553,10 +905,125 @@ def _lerobot_aliases(features: list[str]) -> dict[str, str]:
     return aliases
 
 
+def _lerobot_image_normalisation(feature: str, mode: str, stats: Mapping[str, torch.Tensor],
+                                 channels: int, eps: float, layout: str, where: str
+                                 ) -> tuple[list[float], list[float]]:
+    """Per-channel (mean, std) with `(frames / 255 - mean) / std` equal to LeRobot's
+    normalisation of the camera `feature` (frames / 255 in CHW): MEAN_STD `(x - mean) /
+    (std + eps)` (std + eps summed in float32 as LeRobot does: bit for bit), MIN_MAX
+    `2 (x - min) / range - 1`, IDENTITY `x`."""
+    def per_channel(value: torch.Tensor, name: str) -> torch.Tensor:
+        flat = value.float().flatten()
+        _require(flat.numel() in (1, channels),
+                 f"{where}: the {name} statistic of {feature} has {flat.numel()} values; "
+                 f"{channels} (one per channel, shape ({channels}, 1, 1)) expected")
+        return flat.expand(channels)
+
+    if mode == "IDENTITY":
+        return [0.0] * channels, [1.0] * channels
+    if mode == "MEAN_STD":
+        _require({"mean", "std"} <= set(stats), f"{where}: no mean/std statistics for {feature}")
+        mean, std = per_channel(stats["mean"], "mean"), per_channel(stats["std"], "std")
+        denom = std + (1e-8 if layout == "buffers" else eps)
+        _require(bool((denom > 0).all()), f"{where}: the std of {feature} is not positive")
+        return mean.tolist(), denom.tolist()
+    _require({"min", "max"} <= set(stats), f"{where}: no min/max statistics for {feature}")
+    low, high = per_channel(stats["min"], "min").double(), per_channel(stats["max"], "max")
+    if layout == "buffers":
+        span = high.double() - low + 1e-8
+    else:
+        span = torch.where(high.double() - low == 0, torch.full_like(low, eps),
+                           high.double() - low)
+    _require(bool((span > 0).all()), f"{where}: the range of {feature} is not positive")
+    return (low + span / 2).tolist(), (span / 2).tolist()
+
+
+def _lerobot_cameras(config: Mapping[str, Any], visual: list[str],
+                     inputs: Mapping[str, Any], weights: Mapping[str, torch.Tensor],
+                     stats: Mapping[str, Mapping[str, torch.Tensor]], eps: float, layout: str,
+                     where: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """ImageObsEncoder settings and weights for LeRobot's DiffusionRgbEncoder (one shared, or
+    one per camera with `use_separate_rgb_encoder_per_camera`): ResNet-18 with GroupNorm,
+    SpatialSoftmax, `out` Linear + ReLU; the eval centre crop (torchvision rounding) after an
+    identity resize; each camera's VISUAL normalisation."""
+    backbone = config.get("vision_backbone", "resnet18")
+    _require(backbone == "resnet18", f"{where}: vision_backbone {backbone!r} does not map "
+                                     "(only resnet18)")
+    pretrained = config.get("pretrained_backbone_weights")
+    _require(bool(config.get("use_group_norm", True)),
+             f"{where}: use_group_norm=false: the ResNet keeps its BatchNorm layers (running "
+             f"statistics{', pretrained ' + str(pretrained) if pretrained else ''}), which do "
+             "not map; only GroupNorm does")
+    shapes = {key: _camera_shape(inputs[key].get("shape"), where,
+                                 f"input_features.{key}.shape") for key in visual}
+    _require(len(set(shapes.values())) == 1, f"{where}: cameras of different shapes "
+                                             f"{sorted(set(shapes.values()))} (LeRobot needs one)")
+    c, h, w = next(iter(shapes.values()))
+    crop_cfg = config.get("crop_shape")
+    resize = config.get("resize_shape")
+    if resize is not None:
+        _require(_pair(resize, where, "resize_shape") == (h, w),
+                 f"{where}: resize_shape {resize} resizes the {h} x {w} images (torchvision's "
+                 "antialiased resize), which does not map; only null or the images' own size")
+        ratio = _float_field(config, "crop_ratio", where, 1.0)
+        crop_cfg = [int(h * ratio), int(w * ratio)] if ratio < 1.0 else None
+    crop = (h, w) if crop_cfg is None else _pair(crop_cfg, where, "crop_shape")
+    num_keypoints = _int_field(config, "spatial_softmax_num_keypoints", where, "", 32)
+    separate = bool(config.get("use_separate_rgb_encoder_per_camera", False))
+    owners = ([(key, f"diffusion.rgb_encoder.{i}.") for i, key in enumerate(visual)]
+              if separate else [(visual[0], "diffusion.rgb_encoder.")])
+    out: dict[str, torch.Tensor] = {}
+    consumed: set[str] = set()
+    for key, base in owners:
+        own = {k[len(base):]: v for k, v in weights.items() if k.startswith(base)}
+        setting = f"use_separate_rgb_encoder_per_camera={str(separate).lower()}"
+        _require(bool(own), f"{where}: no weights for the image encoder {base}* ({setting})")
+        indexed = sorted(n for n in own if n.split(".", 1)[0].isdigit())
+        _require(not indexed, f"{where}: {setting}, but the weights hold one image encoder per "
+                              f"camera ({base}{indexed[0] if indexed else ''})")
+        known = {"pool.pos_grid", "pool.nets.weight", "pool.nets.bias", "out.weight", "out.bias"}
+        unknown = sorted(n for n in own if n not in known and not n.startswith("backbone."))
+        _require(not unknown, f"{where}: {base}{unknown[0] if unknown else ''} does not map "
+                              "(LeRobot's DiffusionRgbEncoder: backbone, pool, out)")
+        what = f"the image encoder {base[:-1]}"
+        prefix = f"obs_encoder.cameras.{_identifier(key)}."
+        trunk = {n[len("backbone."):]: v for n, v in own.items() if n.startswith("backbone.")}
+        out.update({prefix + n: v for n, v in
+                    rename_resnet18_trunk(trunk, "children", where, what).items()})
+        _require("pool.pos_grid" in own, f"{where}: {what} has no pool.pos_grid")
+        check_keypoint_grid(own["pool.pos_grid"], crop, where, f"{what}'s SpatialSoftmax")
+        for ours, theirs in (("keypoints.to_keypoints", "pool.nets"), ("project", "out")):
+            for suffix in ("weight", "bias"):
+                _require(f"{theirs}.{suffix}" in own,
+                         f"{where}: {what} has no {base}{theirs}.{suffix}")
+                out[f"{prefix}{ours}.{suffix}"] = own[f"{theirs}.{suffix}"]
+        consumed.update(base + name for name in own)
+    others = sorted(k for k in weights if k.startswith("diffusion.rgb_encoder.")
+                    and k not in consumed)
+    _require(not others, f"{where}: {others[0] if others else ''} does not map (more image "
+                         f"encoders than the {len(visual)} camera(s), or "
+                         "use_separate_rgb_encoder_per_camera does not match the weights)")
+    mode = (config.get("normalization_mapping") or {}).get("VISUAL", "IDENTITY")
+    _require(mode in LEROBOT_NORM_MODES, f"{where}: normalisation {mode!r} of the cameras is "
+                                         "not supported")
+    norms = {key: _lerobot_image_normalisation(key, mode, stats.get(key, {}), c, eps, layout,
+                                               where) for key in visual}
+    settings = {
+        "image_shapes": {_identifier(k): [h, w, c] for k in visual},
+        "crop_shape": list(crop), "num_keypoints": num_keypoints,
+        "feature_dim": 2 * num_keypoints, "width": 64, "feature_activation": "relu",
+        "crop_rounding": "round", "random_crop": bool(config.get("crop_is_random", True)),
+        "image_mean": {_identifier(k): norms[k][0] for k in visual},
+        "image_std": {_identifier(k): norms[k][1] for k in visual},
+        "shared_encoder": not separate,
+    }
+    return settings, out
+
+
 def import_lerobot(folder: str | Path) -> Imported:
     """A LeRobot diffusion pretrained-model folder (`config.json` + `model.safetensors`, the
     normaliser statistics in its pre/post-processor files or, in LeRobot <= 0.3, in the
-    weights), for state / environment-state observations."""
+    weights), for state / environment-state observations and cameras."""
 
     folder = Path(folder)
     where = str(folder)
@@ -569,15 +1036,15 @@ def import_lerobot(folder: str | Path) -> Imported:
         isinstance(v, Mapping) for v in inputs.values()),
         f"{folder / 'config.json'}: input_features must map feature names to {{type, shape}}")
     visual = [k for k, v in inputs.items() if v.get("type") == "VISUAL"]
-    _require(not visual, f"{where}: LeRobot policies with cameras ({visual}) are not importable "
-                         "yet (the ResNet encoder does not map yet)")
     state = [k for k, v in inputs.items() if v.get("type") == "STATE"]
     env = [k for k, v in inputs.items() if v.get("type") == "ENV"]
-    unknown = [k for k in inputs if k not in state + env]
+    unknown = [k for k in inputs if k not in state + env + visual]
     _require(not unknown, f"{where}: input features {unknown} have types this importer does not "
                           "know")
-    ordered = state + env  # LeRobot's per-step global condition: [state, images, env state]
-    _require(bool(ordered), f"{where}: the policy has no state or environment-state inputs")
+    ordered = state + env
+    # LeRobot's per-step global condition: [state, cameras in input_features order, env state]
+    order = state + visual + env
+    _require(bool(state + env), f"{where}: the policy has no state or environment-state inputs")
     outputs = config.get("output_features") or {}
     action = outputs.get("action") if isinstance(outputs, Mapping) else None
     action_shape = action.get("shape") if isinstance(action, Mapping) else None
@@ -606,6 +1073,17 @@ def import_lerobot(folder: str | Path) -> Imported:
              f"{where}: the action has no normalisation (IDENTITY); not supported")
     obs_dims = {_identifier(k): _int_field({k: inputs[k]["shape"][0]}, k, where,
                                            "input_features.") for k in ordered}
+    if visual:
+        cameras, camera_weights = _lerobot_cameras(config, visual, inputs, weights, stats, eps,
+                                                   layout, where)
+        converted.update(camera_weights)
+        encoder = {"_target_": "policy.encoders.ImageObsEncoder", **cameras,
+                   "lowdim_shapes": {k: [d] for k, d in obs_dims.items()},
+                   "order": [_identifier(k) for k in order],
+                   "aliases": _lerobot_aliases(order)}
+    else:
+        encoder = {"_target_": "policy.encoders.ConcatObsEncoder", "obs_dims": obs_dims,
+                   "aliases": _lerobot_aliases(ordered)}
     model_config = {
         "_target_": "policy.diffusion_policy.DiffusionPolicy",
         "horizon": _int_field(config, "horizon", where),
@@ -618,13 +1096,12 @@ def import_lerobot(folder: str | Path) -> Imported:
                               _int_field(config, "n_groups", where, "", 8),
                               _int_field(config, "diffusion_step_embed_dim", where),
                               bool(config.get("use_film_scale_modulation", True))),
-        "obs_encoder": {"_target_": "policy.encoders.ConcatObsEncoder", "obs_dims": obs_dims,
-                        "aliases": _lerobot_aliases(ordered)},
+        "obs_encoder": encoder,
         "normalizer": {"_target_": "policy.normalizer.LinearNormalizer"},
         **_schedules(kind, settings, config.get("num_inference_steps")),
     }
     source = {"format": "lerobot", "path": where, "layout": layout, "step": 0,
-              "features": ordered}
+              "features": order}
     return Imported(model_config, converted, source)
 
 

@@ -161,8 +161,18 @@ def test_what_does_not_map_is_one_clear_line(tmp_path: Path) -> None:
     config = json.loads((folder / "config.json").read_text())
     config["input_features"]["observation.image"] = {"type": "VISUAL", "shape": [3, 96, 96]}
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"cameras \(\['observation.image'\]\) are not "
-                                         "importable yet"):
+    # cameras map (tests/test_import_image.py), but not this config's pretrained BatchNorm
+    with pytest.raises(ValueError, match=r"use_group_norm=false: the ResNet keeps its "
+                                         r"BatchNorm layers \(running statistics, pretrained"):
+        import_lerobot(folder)
+    config.update(use_group_norm=True, pretrained_backbone_weights=None)
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"no weights for the image encoder "
+                                         r"diffusion.rgb_encoder.0.\* \(use_separate_rgb"):
+        import_lerobot(folder)
+    config["vision_backbone"] = "resnet50"
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="vision_backbone 'resnet50' does not map"):
         import_lerobot(folder)
     config["input_features"].pop("observation.image")
     config["prediction_type"] = "sample"
