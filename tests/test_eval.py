@@ -109,7 +109,7 @@ def test_same_seeds_give_the_same_episodes_and_chunks_whatever_the_batching(
     again = evaluation.run_eval(eval_cfg(*overrides), tmp_path / "b")
     one_env = evaluation.run_eval(eval_cfg(*overrides, "n_envs=1"), tmp_path / "c")
     assert again["episodes"] == first["episodes"]
-    drop_timing = ("wall_s", "latency_ms")
+    drop_timing = ("wall_s", "latency_ms", "encode_ms")
     assert [{k: v for k, v in c.items() if k not in drop_timing} for c in again["chunks"]] == [
         {k: v for k, v in c.items() if k not in drop_timing} for c in first["chunks"]
     ]
@@ -171,7 +171,8 @@ def test_multirun_over_two_samplers_writes_one_summary(tiny_checkpoint: Path, tm
     ("args", "message"),
     [
         (("checkpoint={tmp}/missing.ckpt",), "config error: checkpoint not found: {tmp}/missing"),
-        (("sampler=nope",), "config error: unknown sampler 'nope'; available samplers: ddim, "
+        (("sampler=nope",), "config error: unknown sampler 'nope'; available samplers: auto, "
+                            "ddim, "
                             "parareal_ddpm100, pcm, pcm_ddim16, pcm_ddpm, pcm_ddpm100, "
                             "pcm_parareal_ddim16, picard, picard_ddim, "
                             "picard_ddim16, picard_ddpm100, sequential, sequential_ddim16, "
