@@ -46,6 +46,26 @@ def _stack_obs(history: Sequence[Any]) -> Any:
     return np.stack(history)
 
 
+def with_cameras(frame: np.ndarray, obs: Any) -> np.ndarray:
+    """The rendered frame with the observation's camera images (uint8 (h, w, 3) entries of a
+    dict observation) to its right, each scaled to the frame's height by pixel repetition: a
+    video of a camera policy shows what the policy saw beside the scene."""
+    if not isinstance(obs, dict):
+        return frame
+    cameras = [v for v in obs.values() if isinstance(v, np.ndarray) and v.dtype == np.uint8
+               and v.ndim == 3 and v.shape[-1] == 3]
+    if not cameras or frame is None:
+        return frame
+    height = frame.shape[0]
+    tiles = [frame]
+    for image in cameras:
+        rows = np.arange(height) * image.shape[0] // height
+        width = max(1, round(image.shape[1] * height / image.shape[0]))
+        cols = np.arange(width) * image.shape[1] // width
+        tiles.append(image[rows][:, cols])
+    return np.concatenate(tiles, axis=1)
+
+
 class MultiStepWrapper(gym.Wrapper):
     """Observation history in, action chunk out (as DP's MultiStepWrapper).
 
@@ -85,7 +105,7 @@ class MultiStepWrapper(gym.Wrapper):
         self._history.extend([obs] * self.n_obs_steps)
         self._steps = 0
         if self._record:
-            info = {**info, "frames": [self.env.render()]}
+            info = {**info, "frames": [with_cameras(self.env.render(), obs)]}
         return _stack_obs(self._history), info
 
     def step(self, action: np.ndarray) -> tuple[Any, float, bool, bool, dict[str, Any]]:
@@ -101,7 +121,7 @@ class MultiStepWrapper(gym.Wrapper):
             rewards.append(float(reward))
             success |= bool(info.get("is_success", False))
             if self._record:
-                frames.append(self.env.render())
+                frames.append(with_cameras(self.env.render(), obs))
             truncated = truncated or self._steps >= self.max_steps
             if terminated or truncated:
                 break

@@ -118,3 +118,15 @@ def test_rollout_of_a_trivial_policy_on_pusht_returns_records_with_the_right_see
         assert e["final_coverage"] == pytest.approx(info["coverage"], abs=1e-6)
         assert 0.0 <= e["max_reward"] <= 1.0
     assert set(result.metrics) == {"mean_score", "success_rate", "mean_steps", "n_episodes"}
+
+
+def test_a_camera_policys_video_shows_the_camera_beside_the_scene() -> None:
+    from envs.rollout import with_cameras
+
+    frame = np.zeros((256, 256, 3), np.uint8)
+    camera = np.arange(96 * 96 * 3, dtype=np.uint32).reshape(96, 96, 3).astype(np.uint8)
+    tiled = with_cameras(frame, {"pixels": camera, "agent_pos": np.zeros(2)})
+    assert tiled.shape == (256, 512, 3)
+    np.testing.assert_array_equal(tiled[0, 256], camera[0, 0])  # nearest pixel, no blending
+    np.testing.assert_array_equal(tiled[-1, -1], camera[-1, -1])
+    assert with_cameras(frame, np.zeros(5)) is frame  # a low-dim observation: the frame as is
