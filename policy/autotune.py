@@ -172,15 +172,12 @@ def choose_sampler(
         out of `budget_ms` unconverged: it cannot win."""
         sampler = candidate.sampler(base)
         for i in which:
-            tick = clock()
-            _, stats = policy.sample_chunk(
-                cond, sampler, noise=noises[i], clock=clock,
-                budget_s=None if budget_ms is None else budget_ms / 1e3)
-            if not all(stats.converged_per_sample):
+            timed = time_chunk(policy, cond, sampler, noises[i], clock, budget_ms)
+            if timed is None:
                 pruned.append(candidate)
                 return False
-            timings.setdefault(candidate, []).append((clock() - tick) * 1e3)
-            rounds.setdefault(candidate, []).append(int(stats.rounds))
+            timings.setdefault(candidate, []).append(timed[0])
+            rounds.setdefault(candidate, []).append(timed[1])
         return True
 
     pruned: list[Candidate] = []
@@ -229,6 +226,18 @@ def choose_sampler(
         _write_cache(cache, best, calibration)
         calibration["cache"] = str(cache)
     return AutoChoice(best, best.sampler(base), calibration)
+
+
+def time_chunk(policy: DiffusionPolicy, cond: torch.Tensor, sampler: Sampler,
+               noise: torch.Tensor, clock: Callable[[], float] = time.perf_counter,
+               budget_ms: float | None = None) -> tuple[float, int] | None:
+    """(ms, rounds) of one chunk sampled from the encoded condition `cond`; None when it ran
+    out of `budget_ms` unconverged (the anytime stop of Picard / PCM samplers)."""
+    tick = clock()
+    _, stats = policy.sample_chunk(cond, sampler, noise=noise, clock=clock,
+                                   budget_s=None if budget_ms is None else budget_ms / 1e3)
+    elapsed = (clock() - tick) * 1e3
+    return (elapsed, int(stats.rounds)) if all(stats.converged_per_sample) else None
 
 
 def _predict_on_runtime(policy: DiffusionPolicy, runtime: str, options: Mapping[str, Any],
