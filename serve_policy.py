@@ -2,10 +2,13 @@
 
     python serve_policy.py                                  # shipped PushT policy, 127.0.0.1:8765
     python serve_policy.py checkpoint=PATH sampler=sequential_ddim16 runtime=onnxruntime port=9000
+    PICARD_AUTH_TOKEN=... python serve_policy.py host=0.0.0.0 ssl_certfile=C ssl_keyfile=K
+    python serve_policy.py protocol=openpi                  # openpi's WebsocketClientPolicy
     python eval_policy.py realtime.enabled=true realtime.clock=wall server=127.0.0.1:8765
 
-A thin Hydra entry over `app.serving.run_serve` (the protocol: serving/protocol.py; the robot
-side: serving.PolicyClient, no torch needed). Config errors print one line and exit with status
+A thin Hydra entry over `app.serving.run_serve` (the protocol: client/picard_client/protocol.py;
+the robot side: picard_client.PolicyClient, `pip install ./client`, no torch needed). GET
+/healthz and /metrics answer on the same port. Config errors print one line and exit with status
 1; SIGTERM or Ctrl-C closes every connection, finishes the sampler call in flight and exits 0
 (in bounded time, whatever the clients do); should the inference thread ever die, the server
 stops with one `error:` line and status 1 rather than leave robots waiting (docs/design.md §11,

@@ -49,12 +49,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 # ------------------------------------------------------------------------------ harness
 class Running:
-    """A PolicyServer serving on a free loopback port in a thread of its own (its own event
-    loop), stopped by `stop()` (what SIGTERM does: sets the serve loop's stop event)."""
+    """A PolicyServer serving on a loopback port (0: a free one) in a thread of its own (its
+    own event loop), stopped by `stop()` (what SIGTERM does: sets the serve loop's stop
+    event)."""
 
-    def __init__(self, server: PolicyServer):
+    def __init__(self, server: PolicyServer, port: int = 0, ssl_context: Any = None):
         self.server = server
-        self.port = 0
+        self.port = port
+        self.ssl_context = ssl_context
         self.error: BaseException | None = None
         self._ready = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -64,7 +66,8 @@ class Running:
     def _main(self) -> None:
         async def serve() -> None:
             self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
-            await self.server.serve("127.0.0.1", 0, self._stop, self._listening)
+            await self.server.serve("127.0.0.1", self.port, self._stop, self._listening,
+                                    self.ssl_context)
 
         try:
             asyncio.run(serve())
@@ -573,7 +576,7 @@ def test_a_client_that_leaves_mid_request_frees_its_place_and_its_episode(policy
     its connection is let go at once, the next client takes its place and starts an episode
     while the old one's slot is still in the call, and the slot is freed after it."""
     server = make_server(policy, max_clients=1, max_episodes_per_client=1,
-                         idle_timeout_s=WAIT_S)
+                         idle_timeout_s=WAIT_S, resume_window_s=0)
     with Running(server) as running:
         gate = Gate(server)
         ws = raw(running)
@@ -638,17 +641,25 @@ def test_a_request_in_a_sampler_call_is_not_idle(impatient: Running) -> None:
         assert_chunk(unpack(ws.recv(timeout=WAIT_S), max_items=None))
 
 
-def test_the_client_reconnects_after_an_idle_close(impatient: Running) -> None:
+def test_the_client_reconnects_and_resumes_its_episode_after_an_idle_close(
+    impatient: Running,
+) -> None:
+    """An idle close (4408) detaches the episode; the client's next infer reconnects, resumes
+    it and gets the chunk an uninterrupted episode gets (the close drew no noise)."""
+    with PolicyClient(f"127.0.0.1:{impatient.port}", timeout_s=WAIT_S) as other:
+        other.reset(1)
+        want, _ = other.infer(OBS)
     with PolicyClient(f"127.0.0.1:{impatient.port}", timeout_s=WAIT_S) as client:
         episode = client.reset(1)
         wait_for(lambda: client._ws.close_code is not None, "the idle close", WAIT_S)
-        client.end()  # its episode went with the connection: nothing to end
-        assert client.episode is None
-        with pytest.raises(ServerError, match="code 4408: idle for 1 s"):
-            client.infer(OBS, episode=episode)
-        client.reset(1)  # a new connection, by itself
+        assert client._ws.close_code == CLOSE_IDLE
         actions, _ = client.infer(OBS)
-    assert np.isfinite(actions).all()
+        assert client.episode == episode
+        assert (client.stats.reconnects, client.stats.resumed) == (1, 1)
+        np.testing.assert_array_equal(actions, want)
+        wait_for(lambda: client._ws.close_code is not None, "the second idle close", WAIT_S)
+        client.end()  # reconnects, resumes and ends it
+        assert client.episode is None and episode not in impatient.server._episodes
 
 
 def test_a_frame_that_never_ends_and_a_handshake_that_never_starts_are_dropped(

@@ -284,8 +284,7 @@ def test_an_episode_ending_during_its_sampler_call_is_freed_after_it(local: Chun
     server = PolicyServer(local.policy, local.sampler, {}, noise_seed=NOISE_SEED,
                           max_clients=1, max_episodes_per_client=2)
     connection = _Connection()
-    server._reset(5, connection)
-    (slot,) = connection.episodes.values()
+    (slot,) = [server._reset(5, connection).slot]
     server._busy.add(slot)  # as when its request was queued
     server._release(slot)
     assert slot not in server._free_slots and slot in server.chunks._generators

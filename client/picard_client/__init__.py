@@ -2,16 +2,25 @@
 
 A robot computer installs this distribution alone (`pip install ./client`: numpy, msgpack and
 websockets): the wire protocol (`protocol`, and openpi's format in `openpi`), `PolicyClient`
-and the
+(request ids, stale-reply drop, version check, reconnect and resume, auth token, TLS) and the
 real-time control loop with its chunk hand-offs and metrics (`realtime`). The server is
 `serve_policy.py` of the main package (docs/design.md §11).
 """
 
-from picard_client.client import PolicyClient, RemoteChunks, ServerError
+from picard_client.client import (
+    ClientStats,
+    ConnectionLost,
+    EpisodeLost,
+    PolicyClient,
+    ProtocolMismatch,
+    RemoteChunks,
+    ServerError,
+)
 from picard_client.protocol import PROTOCOL_VERSION
 from picard_client.realtime import HANDOFFS, RealtimeController, summarize_realtime
 
 __version__ = "0.2.0"
 
-__all__ = ["HANDOFFS", "PROTOCOL_VERSION", "PolicyClient", "RealtimeController", "RemoteChunks",
+__all__ = ["HANDOFFS", "PROTOCOL_VERSION", "ClientStats", "ConnectionLost", "EpisodeLost",
+           "PolicyClient", "ProtocolMismatch", "RealtimeController", "RemoteChunks",
            "ServerError", "summarize_realtime"]

@@ -1,13 +1,16 @@
-"""Wire format of the policy server: msgpack maps over websocket binary frames.
+"""Wire format of the policy server: msgpack maps over websocket binary frames (version 2).
 
 Every request is a map with a ``type`` and an optional ``id`` (null, an int or a short string)
 that the reply echoes: ``metadata`` (what the policy takes and returns), ``reset`` (start an
 episode: ``seed``; the reply names the ``episode``), ``infer`` (``episode``, ``obs`` (To, ...)
 or {key: (To, ...)}, optional ``deadline_ms`` and ``prefix`` {``actions`` (H, Da), ``weights``
-(H,)}), ``end`` (drop an episode). Replies have type ``metadata``, ``episode``, ``chunk``
-(``actions`` (H, Da) in raw units and ``info``), ``ended`` or ``error`` (``error``: one line).
+(H,)}), ``resume`` (take over an ``episode`` after a reconnect), ``end`` (drop an episode).
+Replies have type ``metadata``, ``episode``, ``chunk`` (``actions`` (H, Da) in raw units and
+``info``), ``ended`` or ``error`` (``error``: one line; ``code``: one of ERROR_CODES).
 Arrays travel as maps {``__ndarray__``: raw bytes, ``dtype``, ``shape``}; only plain numeric
-dtypes are accepted, so decoding never executes anything.
+dtypes are accepted, so decoding never executes anything. The server names its protocol
+version in the handshake's PROTOCOL_HEADER, so a client checks it before its first request;
+a token travels as ``Authorization: Bearer <token>`` (or openpi's ``Api-Key <token>``).
 
 Decoding untrusted bytes (`unpack` with ``max_items``) is bounded: map keys are strings, ext
 types and timestamps are refused, a map or array holds at most MAX_CONTAINER_ENTRIES entries and
@@ -27,8 +30,12 @@ from typing import Any
 import msgpack
 import numpy as np
 
-PROTOCOL_VERSION = 1
-REQUEST_TYPES = ("metadata", "reset", "infer", "end")
+PROTOCOL_VERSION = 2
+PROTOCOL_HEADER = "X-Picard-Protocol"  # the handshake response names the server's version
+REQUEST_TYPES = ("metadata", "reset", "infer", "resume", "end")
+ERROR_CODES = ("bad_request", "unknown_episode", "unavailable", "internal")
+AUTH_ENV = "PICARD_AUTH_TOKEN"  # where server and client read the token when none is given
+AUTH_SCHEMES = ("Bearer", "Api-Key")  # Api-Key: what openpi's client sends
 ARRAY_DTYPES = ("float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8",
                 "uint16", "uint32", "uint64", "bool")
 ARRAY_KEYS = frozenset({"__ndarray__", "dtype", "shape"})
@@ -37,7 +44,12 @@ DEFAULT_MAX_MESSAGE_ITEMS = 4096
 MAX_CONTAINER_ENTRIES = 256  # entries of one map or array (an array's shape has <= 32)
 MAX_ARRAY_DIMS = 32  # numpy's own limit
 MAX_ID_CHARS = 128
-CLOSE_IDLE = 4408  # websocket close code (private range): the connection sent nothing for too long
+# websocket close codes (44xx: the private range, named after the HTTP statuses)
+CLOSE_IDLE = 4408  # the connection sent nothing for too long (idle_timeout_s)
+CLOSE_UNAUTHORIZED = 4401  # no token, or a wrong one
+CLOSE_TOO_BIG = 1009  # a message over max_message_bytes (websockets' own code)
+CLOSE_SERVER_FULL = 1013  # max_clients connections already: try again later
+CLOSE_GOING_AWAY = 1001  # the server is shutting down
 
 _short = reprlib.Repr()
 _short.maxstring = _short.maxother = 60
@@ -65,6 +77,22 @@ def type_name(value: Any) -> str:
 
 class ProtocolError(ValueError):
     """A message that does not follow the protocol (the text says what is wrong)."""
+
+
+def auth_header(token: str) -> dict[str, str]:
+    """The handshake header that carries `token`."""
+    return {"Authorization": f"Bearer {token}"}
+
+
+def token_of(header: str | None) -> str | None:
+    """The token of an ``Authorization`` header (``Bearer <t>`` or ``Api-Key <t>``); None
+    when there is none or the scheme is another."""
+    if not header:
+        return None
+    scheme, _, token = header.strip().partition(" ")
+    if scheme.lower() not in {s.lower() for s in AUTH_SCHEMES} or not token.strip():
+        return None
+    return token.strip()
 
 
 def _encode_default(value: Any) -> Any:
@@ -141,6 +169,10 @@ class _Decoder:
 
     def map(self, value: dict) -> Any:
         self._count(len(value))
+        return self.checked_map(value)
+
+    def checked_map(self, value: dict) -> Any:
+        """A counted map: string keys, no ext values; an array map becomes its array."""
         for key, item in value.items():
             if not isinstance(key, str):
                 raise ProtocolError(f"map keys must be strings; got {type_name(key)} key "

@@ -36,6 +36,9 @@ How a new chunk takes over from the one being executed is the *hand-off* (HANDOF
   is expected to take, weight 1; with ``soft_mask`` > 0 the rest of the current chunk with
   RTC's decaying weights times soft_mask) and the chunk function constrains the new chunk to
   them; it then takes over as with ``skip``, so the boundary continues what was executed.
+``act`` (optional) is called with each tick's action (B, Da) at that tick, after the wall
+clock reached it: how a real robot commands its actuators tick by tick (the returned actions
+are the same ones, for a simulated env stepped after the call).
 Holding sends the last action with the env's rate dims (``rate_action_dims``, e.g. OSC pose
 deltas) set to 0, so a delta-action robot stands still instead of repeating its last motion.
 ``delay_s`` adds a fixed extra latency to every timed request (an experiment's injected
@@ -201,6 +204,7 @@ class RealtimeController:
         soft_mask: float = 0.0,
         rate_action_dims: Sequence[int] = (),
         model_latency_s: float | None = None,
+        act: Callable[[np.ndarray], None] | None = None,
     ):
         max_lead = max_lead_steps(horizon, n_obs_steps, n_action_steps)
         if max_lead < 1:
@@ -245,6 +249,7 @@ class RealtimeController:
         self.clock_mode = clock_mode
         self.clock = clock
         self.sleep = sleep
+        self.act = act
         self.requests: list[ChunkRequest] = []
         self.episodes: list[tuple[np.ndarray, np.ndarray]] = []
         self._executor: ThreadPoolExecutor | None = None
@@ -265,17 +270,19 @@ class RealtimeController:
     def on_reset(self, env_index: int, seed: int | None) -> None:
         """rollout's hook: a new episode (or idling) restarts the clock. In-flight work is
         awaited and dropped so nothing leaks into the next episode; if its due tick had passed,
-        it is recorded as a miss that was never delivered."""
+        it is recorded as a miss that was never delivered. A request whose chunk function
+        raised (already raised to the caller, e.g. a lost episode) is dropped."""
         pending = self._pending
-        if pending is not None:
-            if pending.future is not None:
-                chunks, record, latency_s = pending.future.result()
-                self._finish(pending, chunks, record, latency_s)
-            if self.tick > pending.tick + self.lead_steps:
-                record = pending.record
-                record.late, record.anytime, record.delivered = True, False, False
-                record.ready_tick = None
-                self.requests.append(record)
+        if pending is not None and pending.future is not None:
+            if pending.future.exception() is not None:
+                pending = None
+            else:
+                self._finish(pending, *pending.future.result())
+        if pending is not None and self.tick > pending.tick + self.lead_steps:
+            record = pending.record
+            record.late, record.anytime, record.delivered = True, False, False
+            record.ready_tick = None
+            self.requests.append(record)
         if self._executed:
             self.episodes.append((np.stack(self._executed), np.array(self._sources)))
         self._start_episode()
@@ -430,6 +437,8 @@ class RealtimeController:
         self._last_action = action
         self._executed.append(action)
         self._sources.append(source)
+        if self.act is not None:  # a real robot: command this tick's action now
+            self.act(action)
         return action
 
     def _start(self, obs: Any, record: ControlStep) -> None:
