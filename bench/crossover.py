@@ -72,7 +72,7 @@ def time_candidate(policy: DiffusionPolicy, cond: torch.Tensor, candidate: Candi
     sampler = candidate.sampler(base)
     generator = torch.Generator().manual_seed(seed)
     shape = base.noise_shape(cond.shape[0], policy.horizon, policy.action_dim)
-    time_chunk(policy, cond, sampler, torch.randn(shape, generator=generator))
+    time_chunk(policy, cond, sampler, torch.randn(shape, generator=generator))  # warm-up
     timed = [time_chunk(policy, cond, sampler, torch.randn(shape, generator=generator))
              for _ in range(chunks)]
     ms = [t[0] for t in timed if t is not None]
@@ -92,11 +92,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--runtimes", nargs="+", default=["eager", "onnxruntime"])
     parser.add_argument("--chunks", type=int, default=3)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda (then --runtimes eager "
+                                                       "cuda_graph)")
     parser.add_argument("--quick", action="store_true", help="B 1 and 10, 2 threads, 2 chunks")
     args = parser.parse_args(argv)
     if args.quick:
         args.batches, args.threads, args.chunks = [1, 10], [2], 2
-    policy = load_policy(SHIPPED) if args.model == "shipped" else large_policy()
+    device = torch.device(args.device)
+    policy = (load_policy(SHIPPED) if args.model == "shipped" else large_policy()).to(device)
     base = policy.make_sampler("picard", "ddpm", 100, tol=0.1)
     rows: list[dict[str, Any]] = []
     started = time.time()
@@ -136,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
                   f"calibrated in {seconds:.1f} s", flush=True)
             policy.use_runtime("eager")
     payload = {"command": shlex.join([sys.executable, *sys.argv]), "model": args.model,
-               "run_info": run_info(torch.device("cpu")), "seconds": time.time() - started,
+               "run_info": run_info(device), "seconds": time.time() - started,
                "rows": rows}
     atomic_write(args.out, lambda f: f.write(json.dumps(payload, indent=1).encode()))
     plot(rows, args.out.with_suffix(".png"))

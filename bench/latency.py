@@ -1,14 +1,18 @@
 """Per-chunk latency of every sampler under every denoiser runtime, with what it costs in
 exactness: which runtime is fastest depends on the shape of the call, so it is measured.
 
-For each model (the shipped 4.56M PushT UNet, DP's paper-size 65.8M low-dim UNet and the
-image policy's UNet, random weights where none is shipped; the image encoder, run once per
-chunk, is not included), batch B (envs per sampler call), runtime and sampler, one row:
+For each model (the shipped 4.56M PushT UNet, DP's paper-size 65.8M low-dim UNet, the image
+policy's UNet alone, and two whole camera policies: the size of the imported DP / LeRobot image
+fixtures (full-width ResNet-18 on 84x84 crops, UNet 32-64-128) and the CPU-sized shipped PushT
+image recipe (quarter-width ResNet-18, UNet 64-128-256); random weights where none is shipped),
+batch B (envs per sampler call), runtime and sampler, one row:
 latency p50 / p99 of a whole chunk after warm-up, rounds, NFE, `exact_err` against sequential
 sampling of the same schedule in eager float32 on the same noise, and `runtime_err` against the
 same sampler in eager float32 (what the runtime itself changes); device, threads and versions in
-every row. Samplers: sequential DDPM-100 and DDIM-16, Picard DDPM-100 (full window and 16),
-Picard DDIM-16 and PCM DDIM-16 (the shipped PCM on the shipped model; an untrained one,
+every row. A camera policy's rows add `encode_ms_p50`, its observation encoder's time per chunk
+(run once per chunk whatever the sampler), and `chunk_ms_p50` = encoder + sampler.
+Samplers: sequential DDPM-100 and DDIM-16, Picard DDPM-100 (full window and 16), Picard DDIM-16
+and PCM DDIM-16 (the shipped PCM on the shipped model; an untrained one,
 exact by model switching, elsewhere: its latency only).
 
     python bench/latency.py --quick --out /tmp/latency.json        # ~2 minutes on a CPU
@@ -79,11 +83,36 @@ def random_policy(down_dims: tuple[int, ...], step_embed: int, feature_dim: int,
     return policy.eval()
 
 
+def random_image_policy(down_dims: tuple[int, ...], step_embed: int, width: int,
+                        seed: int = 0) -> DiffusionPolicy:
+    """A whole camera policy with random weights: one 96x96 camera (84x84 crops, ResNet-18 of
+    `width`, 32 keypoints, 64 features) + agent_pos, a UNet of `down_dims`, an untrained PCM."""
+    from picard_sampler import DDPMSchedule
+    from policy.encoders import ImageObsEncoder
+
+    torch.manual_seed(seed)
+    policy = DiffusionPolicy(
+        lambda input_dim, global_cond_dim: ConditionalUnet1D(
+            input_dim, global_cond_dim, down_dims=down_dims, diffusion_step_embed_dim=step_embed),
+        ImageObsEncoder({"image": (96, 96, 3)}, {"agent_pos": (2,)}, width=width),
+        LinearNormalizer(), action_dim=2, train_schedule=DDPMSchedule(),
+    )
+    rng = np.random.default_rng(seed)
+    policy.normalizer.fit({"agent_pos": rng.uniform(0, 512, (100, 2)),
+                           "action": rng.uniform(0, 512, (100, 2))})
+    policy.attach_pcm(build_pcm(policy))
+    return policy.eval()
+
+
 MODELS: dict[str, Callable[[], DiffusionPolicy]] = {
     "pusht 4.56M (shipped)": lambda: load_policy(SHIPPED),
     "pusht 4.56M + DDPM-100 PCM": lambda: load_policy("checkpoints/pusht_lowdim/pcm_ddpm100.ckpt"),
     "dp low-dim 65.8M": lambda: random_policy((256, 512, 1024), 256, 20),
     "image UNet (1 camera)": lambda: random_policy((256, 512, 1024), 128, 66),
+    "image policy, fixture size (ResNet-18 x64)": lambda: random_image_policy((32, 64, 128), 64,
+                                                                              64),
+    "image policy, CPU recipe (ResNet-18 x16)": lambda: random_image_policy((64, 128, 256), 128,
+                                                                            16),
 }
 
 
@@ -108,6 +137,32 @@ def time_chunks(policy: DiffusionPolicy, sampler: Sampler, noise: torch.Tensor,
     return times, result
 
 
+def camera_observations(policy: DiffusionPolicy, batch: int) -> dict[str, np.ndarray]:
+    """Random frames (uint8) and low-dim values of a camera policy's observation keys."""
+    rng = np.random.default_rng(batch)
+    obs = {}
+    for key, shape in policy.obs_encoder.obs_shapes.items():
+        full = (batch, policy.n_obs_steps, *shape)
+        obs[key] = (rng.integers(0, 256, full, dtype=np.uint8) if len(shape) == 3
+                    else rng.uniform(0, 512, full))
+    return obs
+
+
+def encoder_times(policy: DiffusionPolicy, batch: int, n: int) -> list[float] | None:
+    """ms of `n` observation-encoder calls for `batch` observations after one warm-up (None
+    for a low-dim policy: its encoder is an identity)."""
+    if not hasattr(policy.obs_encoder, "cameras"):
+        return None
+    obs = camera_observations(policy, batch)
+    policy.encode(obs)
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        policy.encode(obs)
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
 def runtime_options(runtime: str, args: argparse.Namespace) -> dict[str, Any]:
     """The options of `runtime` for this run (onnxruntime: its export cache and spinning;
     eager: a reduced `--precision`, autocast)."""
@@ -126,6 +181,9 @@ def measure_model(name: str, policy: DiffusionPolicy, args: argparse.Namespace,
     for batch in args.batch:
         g = torch.Generator().manual_seed(batch)
         cond = torch.randn(batch, policy.model.global_cond_dim, generator=g).to(device)
+        encode_ms = encoder_times(policy, batch, args.chunks)
+        if encode_ms is not None:  # a camera policy: sample from a real encoding
+            cond = policy.encode(camera_observations(policy, batch))
         references: dict[tuple[str, int], torch.Tensor] = {}
         eager_results: dict[str, torch.Tensor] = {}
         for runtime in args.runtimes:
@@ -167,6 +225,9 @@ def measure_model(name: str, policy: DiffusionPolicy, args: argparse.Namespace,
                     "tol": None if spec["method"] == "sequential" else args.tol,
                     "latency_ms_p50": percentile(times, 50),
                     "latency_ms_p99": percentile(times, 99),
+                    **({} if encode_ms is None else {
+                        "encode_ms_p50": percentile(encode_ms, 50),
+                        "chunk_ms_p50": percentile(encode_ms, 50) + percentile(times, 50)}),
                     "n_chunks": len(times), "rounds": stats.rounds, "nfe": stats.nfe,
                     "exact_err": float(errors.max()),
                     "exact_err_mean": float(errors.mean()),

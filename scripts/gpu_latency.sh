@@ -20,6 +20,10 @@ python3 -m pip install -q --no-index --find-links .gpu_wheels hydra-core omegaco
     2>&1 | tail -2 || true
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
 PYTHONPATH=. python3 -c "import torch, policy; print('torch', torch.__version__, torch.cuda.get_device_name())"
-PYTHONPATH=. timeout 500 python3 bench/latency.py --device cuda --threads 16 \
+PYTHONPATH=. timeout 300 python3 bench/latency.py --device cuda --threads 16 \
     --runtimes eager cuda_graph --batch 1 10 --chunks 50 --warmup 5 \
     --out "$OUT/latency_gpu.json" 2>&1 | tee "$OUT/latency_gpu.log"
+# the crossover of sampler=auto's candidates on the GPU (issue 30): latency vs batch per runtime
+PYTHONPATH=. timeout 200 python3 bench/crossover.py --device cuda --threads 16 \
+    --runtimes eager cuda_graph --batches 1 10 20 --chunks 5 \
+    --out "$OUT/crossover_gpu.json" 2>&1 | tee "$OUT/crossover_gpu.log" || true
