@@ -28,7 +28,6 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import hydra
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -87,8 +86,14 @@ class DPStage:
         return []
 
     def build_policy(self) -> DiffusionPolicy:
-        """Instantiate (and so validate) the policy of `cfg.policy`, normalizer unfitted."""
-        return hydra.utils.instantiate(self.cfg.policy, _convert_="all")
+        """Build (and so validate) the policy of `cfg.policy` through the same allow-list as a
+        loaded checkpoint (policy.safe_config), normalizer unfitted; a bad value is one line."""
+        from policy.safe_config import CheckpointError, build_policy
+
+        try:
+            return build_policy(plain(self.cfg.policy), "config").train()
+        except CheckpointError as e:
+            raise ConfigError(str(e)) from e
 
     def datasets(self, policy: DiffusionPolicy) -> tuple[Dataset, Dataset]:
         """Train and validation windows (split by episode); fits the policy's normalizer (on
@@ -371,9 +376,11 @@ def plain_data(cfg: DictConfig) -> dict[str, Any]:
 
 def camera_shapes(policy: nn.Module) -> dict[str, tuple[int, ...]]:
     """{camera key: (H, W, C)} of a policy whose encoder reads images (ImageObsEncoder's
-    `cameras`); empty for a low-dim policy."""
+    `camera_keys`: every camera, also when one encoder is shared); empty for a low-dim
+    policy."""
     encoder = policy.obs_encoder
-    return {key: tuple(encoder.obs_shapes[key]) for key in getattr(encoder, "cameras", {})}
+    keys = getattr(encoder, "camera_keys", list(getattr(encoder, "cameras", {})))
+    return {key: tuple(encoder.obs_shapes[key]) for key in keys}
 
 
 def load_windows(data: Mapping[str, Any], horizon: int, n_obs_steps: int, n_action_steps: int,
