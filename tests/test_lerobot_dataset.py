@@ -7,7 +7,6 @@ holds the arrays given to `add_frame` (README.md there says how they were made).
 
 from __future__ import annotations
 
-import inspect
 import json
 import shutil
 import subprocess
@@ -17,7 +16,7 @@ import numpy as np
 import pytest
 from conftest import run_repo_script
 
-from policy.data import ReplayBuffer, SequenceDataset, sequence
+from policy.data import ReplayBuffer, SequenceDataset
 from policy.data.lerobot_dataset import (
     check_not_lerobot_dataset,
     default_key,
@@ -231,8 +230,6 @@ def test_training_path_check_says_how_to_convert(tmp_path: Path) -> None:
     check_not_lerobot_dataset(tmp_path / "nowhere")
 
 
-@pytest.mark.skipif("check_not_lerobot_dataset" not in inspect.getsource(sequence),
-                    reason="policy/data/sequence.py does not call check_not_lerobot_dataset yet")
 def test_sequence_dataset_refuses_a_lerobot_folder() -> None:
     with pytest.raises(ValueError, match="convert_lerobot_dataset.py"):
         SequenceDataset(FIXTURE / "v3.0", obs_keys=["state"])
