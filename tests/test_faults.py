@@ -252,12 +252,15 @@ def test_sigterm_during_training_writes_latest_and_stops(tiny_demos: Path, tmp_p
     run_dir = tmp_path / "run"
     process = subprocess.Popen(
         [sys.executable, "-u", "train_pcm.py", "debug=tiny", f"data.path={tiny_demos}",
-         f"run_dir={run_dir}", "train.max_steps=1000000", "threads=1", "val.every=0"],
+         f"run_dir={run_dir}", "train.max_steps=1000000", "threads=1", "val.every=0",
+         "checkpoint.every=1"],
         cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
         assert "steps on" in process.stdout.readline()
-        time.sleep(2.0)
+        deadline = time.monotonic() + TIMEOUT_S  # an event (a step done), not a sleep
+        while not (run_dir / "latest.ckpt").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
         process.send_signal(signal.SIGTERM)
         stdout, stderr = process.communicate(timeout=TIMEOUT_S)
     finally:
