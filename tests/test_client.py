@@ -185,6 +185,42 @@ def test_an_episode_a_restarted_server_lacks_is_reported_lost(policy: Any) -> No
         client.close()
 
 
+def test_requests_caught_by_a_shutdown_are_retried_on_the_next_server(policy: Any) -> None:
+    """SIGTERM with one request in a sampler call and one queued: neither robot sees a failure;
+    both reconnect to the restarted server and hear that their episodes are lost."""
+    first = Running(make_server(policy, idle_timeout_s=WAIT_S)).__enter__()
+    port = first.port
+    gate = Gate(first.server)
+    clients = [PolicyClient(f"127.0.0.1:{port}", timeout_s=WAIT_S, retries=200,
+                            backoff_s=0.02, backoff_max_s=0.1) for _ in range(2)]
+    outcomes: list[Any] = [None, None]
+
+    def ask(k: int) -> None:
+        try:
+            outcomes[k] = clients[k].infer(OBS)
+        except Exception as e:  # what the robot saw
+            outcomes[k] = e
+
+    threads = [threading.Thread(target=ask, args=(k,)) for k in range(2)]
+    try:
+        for k, (client, thread) in enumerate(zip(clients, threads, strict=True)):
+            client.reset(k)
+            thread.start()
+            wait_for(lambda k=k: len(gate.held) + first.server._jobs.qsize() == k + 1,
+                     f"request {k} to be in a call or queued")
+        first._loop.call_soon_threadsafe(first._stop.set)  # SIGTERM
+        gate.open()
+        first.stop()
+        with Running(make_server(policy, idle_timeout_s=WAIT_S), port=port):
+            for thread in threads:
+                thread.join(WAIT_S)
+    finally:
+        first.stop()
+        for client in clients:
+            client.close()
+    assert all(isinstance(outcome, EpisodeLost) for outcome in outcomes), outcomes
+
+
 def test_closes_retrying_cannot_help_are_raised_at_once(policy: Any) -> None:
     server = make_server(policy, idle_timeout_s=WAIT_S, max_message_bytes=2**16)
     with Running(server) as running, PolicyClient(address(running), timeout_s=WAIT_S) as client:

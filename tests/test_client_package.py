@@ -89,8 +89,13 @@ def test_the_example_robot_loop_drives_a_fake_robot_from_a_server() -> None:
 
 @pytest.mark.slow  # builds a wheel: ~10 s here
 def test_the_client_wheel_holds_picard_client_only(tmp_path: Path) -> None:
+    import shutil
+
+    source = tmp_path / "client"  # a copy: setuptools writes build/ beside the sources
+    shutil.copytree(ROOT / "client", source,
+                    ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                    "-q", "-w", str(tmp_path), str(ROOT / "client")], check=True, timeout=300,
+                    "-q", "-w", str(tmp_path), str(source)], check=True, timeout=300,
                    capture_output=True)
     (wheel,) = tmp_path.glob("picard_policy_client-*.whl")
     import zipfile

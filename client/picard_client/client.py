@@ -23,7 +23,8 @@ What the client guarantees (docs/design.md §11):
   episode (it restarted, or the window passed), `EpisodeLost` is raised: the episode is
   reported lost, never silently restarted; the caller starts a new one with `reset`. If no
   connection can be made within the budget, `ConnectionLost`. Closes that retrying cannot
-  help (unauthorized 4401, message too big 1009, protocol errors) are raised at once.
+  help (unauthorized 4401, message too big 1009, protocol errors) are raised at once; a
+  request the server turned away while shutting down is re-sent the same way.
 - The token (`auth_token`, or the PICARD_AUTH_TOKEN environment variable) travels in the
   handshake's ``Authorization: Bearer`` header; ``wss://`` addresses (or `ssl_cafile` /
   `ssl_context`) use TLS.
@@ -174,14 +175,17 @@ class PolicyClient:
                                    "picard-policy-client that matches the server")
         return ws
 
-    def _reconnect(self, closed: ConnectionClosed, episode: str | None) -> None:
-        """Reconnect after `closed` with exponential backoff, then resume `episode` (if any) on
-        the new connection. Raises at once for a close retrying cannot help, ConnectionLost
-        when the budget runs out, EpisodeLost when the server no longer has the episode."""
-        code = closed.rcvd.code if closed.rcvd is not None else None
-        if code in NO_RETRY_CLOSES:
-            raise self._closed(closed)
-        last = str(self._closed(closed))
+    def _reconnect(self, closed: ConnectionClosed | str, episode: str | None) -> None:
+        """Reconnect after `closed` (a close, or why the server turned the request away) with
+        exponential backoff, then resume `episode` (if any) on the new connection. Raises at
+        once for a close retrying cannot help, ConnectionLost when the budget runs out,
+        EpisodeLost when the server no longer has the episode."""
+        if isinstance(closed, str):
+            last = closed
+        else:
+            if closed.rcvd is not None and closed.rcvd.code in NO_RETRY_CLOSES:
+                raise self._closed(closed)
+            last = str(self._closed(closed))
         while self._attempts < self.retries:
             delay = min(self.backoff_s * 2 ** self._attempts, self.backoff_max_s)
             self._attempts += 1
@@ -227,21 +231,26 @@ class PolicyClient:
     # --------------------------------------------------------------------------- requests
     def _call(self, message: dict[str, Any], timeout_s: float | None = None) -> dict[str, Any]:
         """Send a request and return its reply, reconnecting (and resuming the request's
-        episode) when the connection drops; an error reply raises ServerError."""
+        episode) when the connection drops or the server turns the request away because it is
+        shutting down (code unavailable: nothing was sampled, so re-sending is safe); an error
+        reply raises ServerError."""
         request_id = self._next_id()
         episode = message.get("episode") if message["type"] in ("infer", "end") else None
         self._attempts = 0  # reconnection attempts for this request (the retry budget)
         while True:
             try:
                 reply = self._exchange(message, request_id, timeout_s)
-                break
+                if reply.get("type") != "error" or reply.get("code") != "unavailable":
+                    break
+                lost: ConnectionClosed | str = str(reply.get("error"))
             except _Closed as closed:
-                try:
-                    self._reconnect(closed.error, episode)
-                except EpisodeLost:
-                    if message["type"] == "end":  # already gone: nothing to end
-                        return {"type": "ended", "episode": episode}
-                    raise
+                lost = closed.error
+            try:
+                self._reconnect(lost, episode)
+            except EpisodeLost:
+                if message["type"] == "end":  # already gone: nothing to end
+                    return {"type": "ended", "episode": episode}
+                raise
         if reply.get("type") == "error":
             if reply.get("code") == "unknown_episode" and message["type"] == "infer":
                 raise self._lost(episode, str(reply.get("error")))
