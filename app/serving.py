@@ -654,11 +654,13 @@ class PolicyServer:
 
     def _detach(self, episode: _Episode) -> None:
         """The episode's connection closed: it waits resume_window_s for a resume (the
-        oldest waiting ones go first beyond max_clients * max_episodes_per_client)."""
+        oldest waiting ones go first beyond max_clients * max_episodes_per_client); openpi's
+        client never resumes, so its episodes go at once."""
         if episode.owner is not None:
             episode.owner.episodes.pop(episode.id, None)
         episode.owner = None
-        if self.resume_window_s <= 0 or self._closed_reason is not None:
+        if (self.resume_window_s <= 0 or self._closed_reason is not None
+                or self.protocol == "openpi"):
             self._drop(episode)
             return
         episode.expiry = asyncio.get_running_loop().call_later(

@@ -27,7 +27,14 @@ from websockets.sync.client import connect
 
 from policy.checkpoint import load_policy
 from tests.test_client import TOKEN, http_get
-from tests.test_server_hostile import CHECKPOINT, OBS, WAIT_S, Running, make_server
+from tests.test_server_hostile import (
+    CHECKPOINT,
+    OBS,
+    WAIT_S,
+    Running,
+    make_server,
+    wait_for,
+)
 
 OTHER_OBS = OBS[::-1].copy()
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -85,6 +92,8 @@ def test_openpis_client_gets_our_clients_chunk_for_the_same_episode_seed(
                                    other_seed[rows], atol=1e-6)
         assert np.isfinite(client.infer({"obs": OBS, "prompt": "push the T"})["actions"]).all()
         client._ws.close()
+        wait_for(lambda: not server._connections, "the connection to close")
+        assert server._episodes == {}  # openpi's client never resumes: nothing waits
     assert server.metrics()["requests"]["infer"] == 4
 
 
