@@ -1066,10 +1066,14 @@ def run_serve(cfg: Any) -> None:
     from app.config import ConfigError, configure_torch, plain
     from app.evaluation import (
         build_sampler,
+        calibration_observations,
         check_pcm_weights,
+        choose_auto_sampler,
         choose_runtime,
         load_checkpoint_and_policy,
+        make_env_factory,
         resolve_env,
+        split_auto,
     )
     from app.report import write_text
 
@@ -1084,9 +1088,21 @@ def run_serve(cfg: Any) -> None:
         env = resolve_env(cfg.env, checkpoint["config"])
     except ValueError:
         env = None  # an imported policy names no env: clients bring their own
+    runtime, auto = plain(cfg.runtime), None
+    settings = split_auto(cfg.sampler)[1]
+    if settings is not None:  # calibrated for one robot (a batch forms only under load)
+        if env is None:
+            raise ConfigError("sampler=auto calibrates on the env's observations: this "
+                              "checkpoint names no env, pass env=<name>")
+        obs = calibration_observations(make_env_factory(env, int(env["max_steps"]), False),
+                                       policy, 1, int(cfg.noise_seed))
+        choice = choose_auto_sampler(policy, sampler, settings, obs, cfg.runtime, device)
+        sampler, runtime = choice.sampler, {**runtime, "kind": choice.candidate.runtime}
+        auto = {"candidate": choice.candidate.short, "calibration": choice.calibration}
     metadata = {
         "checkpoint": {"path": str(cfg.checkpoint), "step": checkpoint["step"]},
-        "sampler": {"label": sampler.label, **sampler.config}, "runtime": plain(cfg.runtime),
+        "sampler": {"label": sampler.label, **sampler.config, "auto": auto},
+        "runtime": runtime,
         "env": env, "control_hz": float(cfg.control_hz), "noise_seed": cfg.noise_seed,
         "warm_start": cfg.warm_start, "device": str(device),
         "inpaint": {"method": cfg.inpaint_method, "guidance_clip": float(cfg.guidance_clip)},

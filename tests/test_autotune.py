@@ -123,3 +123,28 @@ def test_eval_with_sampler_auto_records_its_choice(eval_cfg, tmp_path) -> None:
     assert results["metrics"]["exact_err_max"] <= EXACT  # the chosen sampler is exact
     again = evaluation.run_eval(cfg, tmp_path / "again")
     assert again["calibration"]["cached"] and again["sampler_choice"] == choice
+
+
+@pytest.mark.slow
+def test_the_server_calibrates_for_one_robot_and_reports_its_choice(tiny_checkpoint,
+                                                                     tmp_path) -> None:
+    from picard_client import PolicyClient
+
+    from tests.test_serving import start_server
+
+    process, port = start_server(
+        tmp_path, f"checkpoint={tiny_checkpoint}", "sampler=auto",
+        "sampler.tol=1e-4", "sampler.schedule._target_=picard_sampler.DDIMSchedule",
+        "sampler.schedule.num_inference_steps=8", "sampler.windows=[2,null]",
+        "sampler.runtimes=[eager]", "sampler.calibration_chunks=1",
+        f"sampler.cache_dir={tmp_path / 'cache'}")
+    try:
+        client = PolicyClient(f"ws://127.0.0.1:{port}")
+        metadata = client.metadata()
+        client.close()
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    auto = metadata["sampler"]["auto"]
+    assert auto["calibration"]["batch"] == 1
+    assert auto["candidate"] in {c["candidate"] for c in auto["calibration"]["candidates"]}
