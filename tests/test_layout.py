@@ -2,7 +2,8 @@
 
 picard_sampler knows nothing of robots, configs or the other packages; policy builds on
 picard_sampler but knows no environment; envs imports none of the diffusion side (not even
-torch); serving (the robot-side client) imports neither torch nor the other packages; app
+torch); picard_client (client/, the robot side) and serving (its old names) import neither torch
+nor the other packages; app
 wires them; nothing outside tests/ imports an entry script.
 """
 
@@ -20,6 +21,8 @@ FORBIDDEN = {
     "policy": {"envs", "app", "gymnasium"},
     "envs": {"torch", "picard_sampler", "policy", "app"},
     "serving": {"torch", "picard_sampler", "policy", "envs", "app", "hydra", "omegaconf"},
+    "client": {"torch", "picard_sampler", "policy", "envs", "app", "serving", "hydra",
+               "omegaconf", "gymnasium"},  # picard_client: the robot side's own distribution
     "app": set(),
 }
 
