@@ -21,6 +21,7 @@ from tests.test_samplers import D, GaussianEps, H, SmallNet, make_noise
 SCHEDULES = {"ddpm": DDPMSchedule, "ddim": DDIMSchedule}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind,steps", [("ddpm", 100), ("ddim", 16)])
 @pytest.mark.parametrize("update", ["scan", "drift"])
 @pytest.mark.parametrize("denoiser", ["net", "gaussian"])

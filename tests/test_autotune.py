@@ -34,6 +34,7 @@ def choose(policy, batch: int = 2, cache_dir=None, **kwargs):
                           runtimes=["eager"], chunks=1, cache_dir=cache_dir)
 
 
+@pytest.mark.slow
 def test_the_choice_is_exact_and_keeps_the_knobs(policy) -> None:
     choice = choose(policy, max_rounds=50)
     assert choice.sampler.max_rounds == 50 and choice.sampler.tol == 1e-4
@@ -63,6 +64,7 @@ def test_every_candidate_is_a_configuration_that_converges_to_sequential(policy)
         assert float(exact_errors(stats.sample, reference.sample).max()) <= EXACT, candidate
 
 
+@pytest.mark.slow
 def test_a_cached_choice_is_reused_and_invalidated(policy, tmp_path) -> None:
     first = choose(policy, cache_dir=tmp_path)
     again = choose(policy, cache_dir=tmp_path)

@@ -71,6 +71,7 @@ print("ok", picard_client.__file__)
     assert result.stdout.startswith("ok") and "client/picard_client" in result.stdout
 
 
+@pytest.mark.slow
 def test_the_example_robot_loop_drives_a_fake_robot_from_a_server() -> None:
     """examples/robot_loop.py with only picard_client importable, 20 Hz for 2 s, inpaint."""
     policy: Any = load_policy(CHECKPOINT)

@@ -117,6 +117,7 @@ def test_same_seeds_give_the_same_episodes_and_chunks_whatever_the_batching(
         assert a["final_coverage"] == pytest.approx(b["final_coverage"], abs=1e-4)
 
 
+@pytest.mark.slow
 def test_video_and_offline_wandb_run(eval_cfg, tmp_path: Path) -> None:
     cfg = eval_cfg("sampler=ddim", "video=true", "logger.wandb=true", "n_episodes=1",
                    "max_steps=8", "warmup_chunks=0")
@@ -149,6 +150,7 @@ def test_summarize_excludes_warmup_from_latency_and_weights_errors_by_batch() ->
 
 
 # ------------------------------------------------------------------------- the script
+@pytest.mark.slow
 def test_multirun_over_two_samplers_writes_one_summary(tiny_checkpoint: Path, tmp_path) -> None:
     sweep = tmp_path / "sweep"
     result = run_script(
@@ -182,6 +184,7 @@ def test_multirun_over_two_samplers_writes_one_summary(tiny_checkpoint: Path, tm
     ],
     ids=["missing-checkpoint", "unknown-sampler", "env-obs-mismatch"],
 )
+@pytest.mark.slow
 def test_script_errors_are_one_line(
     tiny_checkpoint: Path, tmp_path: Path, args: tuple[str, ...], message: str
 ) -> None:

@@ -224,6 +224,7 @@ def test_bad_observations_are_clear_value_errors(
 
 
 # ----------------------------------------------------------------------------- signals
+@pytest.mark.slow
 def test_sigterm_during_eval_keeps_the_finished_episodes(tiny_checkpoint: Path, tmp_path) -> None:
     """What a cluster scheduler sends: the finished episodes are written exactly like Ctrl-C."""
     run_dir = tmp_path / "run"
@@ -248,6 +249,7 @@ def test_sigterm_during_eval_keeps_the_finished_episodes(tiny_checkpoint: Path, 
     assert not list(run_dir.glob(".*.tmp"))
 
 
+@pytest.mark.slow
 def test_sigterm_during_training_writes_latest_and_stops(tiny_demos: Path, tmp_path) -> None:
     run_dir = tmp_path / "run"
     process = subprocess.Popen(
@@ -273,6 +275,7 @@ def test_sigterm_during_training_writes_latest_and_stops(tiny_demos: Path, tmp_p
 
 
 # ------------------------------------------------------------------- results are never lost
+@pytest.mark.slow
 def test_a_full_disk_leaves_the_old_results_and_says_so(
     eval_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
@@ -291,6 +294,7 @@ def test_a_full_disk_leaves_the_old_results_and_says_so(
     assert not list(run_dir.glob(".*.tmp"))
 
 
+@pytest.mark.slow
 def test_a_second_eval_never_silently_replaces_the_first(eval_cfg, tmp_path: Path) -> None:
     evaluation.run_eval(eval_cfg(), tmp_path)
     first = (tmp_path / "results.json").read_bytes()
@@ -358,6 +362,7 @@ def test_a_pcm_file_whose_base_is_missing_is_one_line(eval_cfg, tmp_path: Path) 
 
 
 # ------------------------------------------------------------------------------- scripts
+@pytest.mark.slow
 def test_entry_scripts_print_one_line_for_bad_input(tiny_checkpoint: Path, tmp_path) -> None:
     line = one_line_error(run_script("eval_policy.py", f"checkpoint={tiny_checkpoint}",
                                      "n_episodes=abc", f"hydra.run.dir={tmp_path / 'a'}"))
@@ -370,6 +375,7 @@ def test_entry_scripts_print_one_line_for_bad_input(tiny_checkpoint: Path, tmp_p
     assert line == f"error: checkpoint not found: {tmp_path / 'no.ckpt'}"
 
 
+@pytest.mark.slow
 def test_a_failing_sweep_job_is_recorded_and_the_others_run(tiny_checkpoint: Path, tmp_path):
     sweep = tmp_path / "sweep"
     result = run_script(
@@ -481,6 +487,7 @@ def test_export_refuses_to_replace_its_source(tiny_checkpoint: Path, tmp_path: P
     assert "is the source checkpoint" in line and source.read_bytes() == before
 
 
+@pytest.mark.slow
 def test_command_line_mistakes_are_one_line_before_hydra_writes_anything(
     tiny_checkpoint: Path, tmp_path: Path
 ) -> None:
@@ -516,6 +523,7 @@ def test_a_lost_chunk_file_is_reported_not_read_as_zeros_silently(tiny_demos: Pa
         SequenceDataset(store, ["keypoint", "state[:2]"])
 
 
+@pytest.mark.slow
 def test_entries_run_with_their_default_run_dirs(tiny_checkpoint: Path, tiny_demos: Path,
                                                  tmp_path: Path) -> None:
     """The README's commands name no run dir: the default ones (timestamped, with the sampler
@@ -533,6 +541,7 @@ def test_entries_run_with_their_default_run_dirs(tiny_checkpoint: Path, tiny_dem
     assert (tmp_path / "dp_pusht_lowdim" / "latest.ckpt").is_file()
 
 
+@pytest.mark.slow
 def test_a_null_group_choice_and_a_2d_episode_ends_are_one_line(make_cfg, tiny_demos: Path,
                                                                 tmp_path: Path) -> None:
     line = one_line_error(run_script("eval_policy.py", "env=null",
@@ -548,6 +557,7 @@ def test_a_null_group_choice_and_a_2d_episode_ends_are_one_line(make_cfg, tiny_d
         training.run_training(make_cfg(f"data.path={store}"))
 
 
+@pytest.mark.slow
 def test_a_sweep_stopped_by_sigterm_still_writes_its_summary(tiny_checkpoint: Path,
                                                              tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"

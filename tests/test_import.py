@@ -80,6 +80,7 @@ def test_sequential_chunk_equals_the_sources_predict_action(loaded, name: str) -
     assert (action - ref["action"]).abs().max() / scale <= tolerance
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_picard_converges_to_the_same_chunk(loaded, name: str) -> None:
     """tol=0 iterates to the fixed point (the sequential chunk); the default tol=0.1 stays
@@ -181,6 +182,7 @@ def test_what_does_not_map_is_one_clear_line(tmp_path: Path) -> None:
         import_lerobot(folder)
 
 
+@pytest.mark.slow
 def test_import_script_writes_a_native_checkpoint_with_the_same_chunks(loaded, tmp_path) -> None:
     out = tmp_path / "imported" / "policy.ckpt"
     result = subprocess.run(

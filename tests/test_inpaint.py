@@ -140,6 +140,7 @@ def test_guidance_pulls_the_constrained_entries_only_and_more_with_a_larger_clip
     assert gaps[2] < 0.25 * before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind,steps", [("ddpm", 100), ("ddim", 16)])
 def test_picard_and_pcm_with_guidance_equal_sequential_with_it(kind, steps):
     """In float64: the guided DDIM-16 ODE of this random net amplifies float32 rounding to

@@ -241,6 +241,7 @@ def run_script(*args: str | Path) -> subprocess.CompletedProcess:
     return run_repo_script(SCRIPT, *args, timeout=120)
 
 
+@pytest.mark.slow
 def test_script_end_to_end(tmp_path: Path, reference) -> None:
     out = tmp_path / "out" / "pusht.zarr.zip"
     done = run_script(FIXTURE / "v3.0_resumed", out)

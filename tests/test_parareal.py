@@ -144,6 +144,7 @@ def _copy_checkpoint(tiny_checkpoint: Path, folder: Path) -> Path:
     return Path(shutil.copy(tiny_checkpoint, folder / "policy.ckpt"))
 
 
+@pytest.mark.slow
 def test_fit_script_writes_propagators_that_load_policy_attaches(tiny_checkpoint, tmp_path):
     ckpt = _copy_checkpoint(tiny_checkpoint, tmp_path / "policy")
     done = run_repo_script("scripts/fit_propagator.py", ckpt, "--schedules", "ddim-8",
@@ -189,6 +190,7 @@ def test_propagators_of_other_weights_are_refused(tiny_checkpoint, tmp_path):
         load_policy(ckpt)
 
 
+@pytest.mark.slow
 def test_fit_script_errors_are_one_line(tiny_checkpoint, tmp_path):
     ckpt = _copy_checkpoint(tiny_checkpoint, tmp_path / "policy")
     for args, message in ((["--schedules", "dpm-10"], "--schedules: 'dpm-10' is not NAME-STEPS"),
@@ -198,6 +200,7 @@ def test_fit_script_errors_are_one_line(tiny_checkpoint, tmp_path):
         assert message in done.stderr and "Traceback" not in done.stderr
 
 
+@pytest.mark.slow
 def test_eval_uses_the_propagator_or_falls_back_to_scan_with_a_warning(
     eval_cfg, tiny_checkpoint, tmp_path
 ):

@@ -174,6 +174,7 @@ def test_trained_pcm_beats_picard_on_a_deterministic_ddim_problem(objective: str
     torch.testing.assert_close(x, test["fixed_point"][:, -1], atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_noise_aware_pcm_lands_closer_than_a_naive_one_on_stochastic_ddpm() -> None:
     """docs/design.md §4.7 (c): with DDPM a cold slot's fixed point depends on the noise z[1..j]
     it has not seen; a PCM that sees the noise path lands its rounds closer to the sequential
@@ -375,6 +376,7 @@ def _other_base(tmp_path: Path, base_checkpoint: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_stage_pcm_resumes_exactly_and_checks_its_cache(
     make_cfg, base_checkpoint: Path, tmp_path: Path, sigterm_at_train_step
 ) -> None:

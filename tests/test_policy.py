@@ -259,6 +259,7 @@ def test_same_generator_seed_gives_the_same_actions() -> None:
     torch.testing.assert_close(a1, a2, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_tiny_policy_overfits_a_tiny_dataset() -> None:
     """Loss (fixed evaluation noise) falls >= 10x on 4 windows; DP's recipe, larger lr."""
     policy = tiny_policy()

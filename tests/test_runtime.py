@@ -141,6 +141,7 @@ def test_deferred_finiteness_check_names_the_timesteps() -> None:
         guard.check()
 
 
+@pytest.mark.slow
 def test_torch_compile_matches_eager_across_row_counts() -> None:
     """runtime=compile (dynamic shapes): one compilation (~45 s on 2 CPU cores), then any row
     count, exact against eager."""

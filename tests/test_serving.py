@@ -79,6 +79,7 @@ def local_chunks(local: ChunkPolicy, seed: int, observations: list[np.ndarray]) 
     return [local(obs[None])[0][0] for obs in observations]
 
 
+@pytest.mark.slow
 def test_round_trip_equals_the_in_process_chunk(server: int, local: ChunkPolicy) -> None:
     observations = [obs_for(1), obs_for(2)]
     expected = local_chunks(local, 7, observations)
@@ -165,6 +166,7 @@ def test_prefix_is_honoured_through_the_server(server: int) -> None:
     np.testing.assert_allclose(actions[:4], committed[:4], rtol=1e-5)  # normalize round trip
 
 
+@pytest.mark.slow
 def test_sigterm_shuts_the_server_down_cleanly(tmp_path: Path) -> None:
     process, port = start_server(tmp_path)
     with PolicyClient(f"127.0.0.1:{port}") as client:
@@ -179,6 +181,7 @@ def test_sigterm_shuts_the_server_down_cleanly(tmp_path: Path) -> None:
         PolicyClient(f"127.0.0.1:{port}", timeout_s=2)
 
 
+@pytest.mark.slow
 def test_bad_server_config_is_one_line(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, str(ROOT / "serve_policy.py"), "port=70000"], cwd=ROOT,

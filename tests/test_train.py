@@ -94,6 +94,7 @@ def test_unknown_config_key_is_rejected(make_cfg) -> None:
         make_cfg("train.lr=1")
 
 
+@pytest.mark.slow
 def test_entry_script_prints_one_line_config_error(tiny_demos: Path, tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "train_pcm.py", "debug=tiny", f"data.path={tiny_demos}",
