@@ -64,8 +64,9 @@ def hydra_main(cfg: DictConfig) -> None:
     summary = run_entry(lambda: run_training(cfg), failed_job_dir=out_dir if multirun else None,
                         job_overrides=overrides)
     if summary and summary.get("stopped_early"):
-        print(f"stopped by a signal at step {summary['step']} of {summary['total_steps']}; "
-              "latest.ckpt is written: continue with resume=true", file=sys.stderr)
+        if launch_world().main:
+            print(f"stopped by a signal at step {summary['step']} of {summary['total_steps']}; "
+                  "latest.ckpt is written: continue with resume=true", file=sys.stderr)
         if multirun:  # the sweep stops here: its table of the jobs so far
             from app.report import write_sweep_summary
 
