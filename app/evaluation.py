@@ -323,7 +323,7 @@ class AutoSettings:
 
         windows = config.get("windows") or [None]
         runtimes = config.get("runtimes") or ["eager"]
-        chunks = config.get("calibration_chunks", 3)
+        chunks = config.get("calibration_chunks", 2)
         raise_first_failure_plain(key, [
             ("windows", isinstance(windows, list | tuple) and all(
                 w is None or is_int(w, 1) for w in windows), "a list of ints >= 1 or null",

@@ -13,6 +13,8 @@ PNG: latency vs B per candidate, one panel per (threads, runtime).
     python bench/crossover.py --quick --out /tmp/crossover.json         # a few minutes
     python bench/crossover.py --out bench/results/crossover_cpu.json    # the full grid
     python bench/crossover.py --model large --batches 1 --out bench/results/crossover_large.json
+    python bench/crossover.py --calibration --batches 1 10 --threads 1 2 \
+        --out bench/results/auto_calibration_cpu.json   # only auto's choice and its time
 """
 
 from __future__ import annotations
@@ -95,12 +97,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda (then --runtimes eager "
                                                        "cuda_graph)")
     parser.add_argument("--quick", action="store_true", help="B 1 and 10, 2 threads, 2 chunks")
+    parser.add_argument("--calibration", action="store_true",
+                        help="only sampler=auto's calibration per (threads, B): choice and time")
     args = parser.parse_args(argv)
     if args.quick:
         args.batches, args.threads, args.chunks = [1, 10], [2], 2
     device = torch.device(args.device)
     policy = (load_policy(SHIPPED) if args.model == "shipped" else large_policy()).to(device)
     base = policy.make_sampler("picard", "ddpm", 100, tol=0.1)
+    if args.calibration:
+        calibrate_only(policy, base, args, device)
+        return
     rows: list[dict[str, Any]] = []
     started = time.time()
     for threads in args.threads:
@@ -144,6 +151,28 @@ def main(argv: list[str] | None = None) -> None:
     atomic_write(args.out, lambda f: f.write(json.dumps(payload, indent=1).encode()))
     plot(rows, args.out.with_suffix(".png"))
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+
+
+def calibrate_only(policy: DiffusionPolicy, base: Any, args: argparse.Namespace,
+                   device: torch.device) -> None:
+    """sampler=auto's choice and calibration time per (threads, B), from scratch (no cache)."""
+    rows = []
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for batch in args.batches:
+            obs = pusht_observations(batch, policy)
+            tick = time.perf_counter()
+            choice = choose_sampler(policy, obs, base, windows=WINDOWS, runtimes=args.runtimes,
+                                    cache_dir=None)
+            seconds = time.perf_counter() - tick
+            line = choice.line(device.type, threads, batch)
+            print(line, flush=True)
+            rows.append({"threads": threads, "batch": batch, "seconds": seconds, "line": line,
+                         "chosen": choice.candidate.short, "calibration": choice.calibration})
+            policy.use_runtime("eager")
+    payload = {"command": shlex.join([sys.executable, *sys.argv]), "run_info": run_info(device),
+               "rows": rows}
+    atomic_write(args.out, lambda f: f.write(json.dumps(payload, indent=1).encode()))
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
