@@ -97,11 +97,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda (then --runtimes eager "
                                                        "cuda_graph)")
     parser.add_argument("--quick", action="store_true", help="B 1 and 10, 2 threads, 2 chunks")
+    parser.add_argument("--replot", action="store_true",
+                        help="only redraw --out's PNG from its JSON")
     parser.add_argument("--calibration", action="store_true",
                         help="only sampler=auto's calibration per (threads, B): choice and time")
     args = parser.parse_args(argv)
     if args.quick:
         args.batches, args.threads, args.chunks = [1, 10], [2], 2
+    if args.replot:
+        plot(json.loads(args.out.read_text())["rows"], args.out.with_suffix(".png"))
+        return
     device = torch.device(args.device)
     policy = (load_policy(SHIPPED) if args.model == "shipped" else large_policy()).to(device)
     base = policy.make_sampler("picard", "ddpm", 100, tol=0.1)
@@ -183,6 +188,10 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     panels = sorted({(r["threads"], r["runtime"]) for r in rows if r["kind"] == "fixed"})
+    names = list(dict.fromkeys(r["candidate"].split(" +")[0] for r in rows
+                               if r["kind"] == "fixed"))
+    colours = dict(zip(names, plt.cm.tab20(np.linspace(0, 1, max(len(names), 2))),
+                       strict=True))  # 11 candidates: more than the default cycle's 10
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
     for ax, (threads, runtime) in zip(axes[0], panels, strict=True):
         mine = [r for r in rows if r["threads"] == threads and r["runtime"] == runtime
@@ -190,7 +199,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         for name in dict.fromkeys(r["candidate"] for r in mine):
             line = sorted((r["batch"], r["latency_ms_p50"]) for r in mine
                           if r["candidate"] == name)
-            ax.plot(*zip(*line, strict=True), marker="o", label=name,
+            label = name.replace(f" +{runtime}", "")  # the panel names the runtime
+            ax.plot(*zip(*line, strict=True), marker="o", label=label, color=colours[label],
                     linestyle="--" if "sequential" in name else "-")
         auto = sorted((r["batch"], r["latency_ms_p50"]) for r in rows
                       if r["kind"] == "auto" and r["threads"] == threads)
