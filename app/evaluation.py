@@ -324,28 +324,20 @@ class AutoSettings:
         windows = config.get("windows") or [None]
         runtimes = config.get("runtimes") or ["eager"]
         chunks = config.get("calibration_chunks", 2)
-        raise_first_failure_plain(key, [
-            ("windows", isinstance(windows, list | tuple) and all(
-                w is None or is_int(w, 1) for w in windows), "a list of ints >= 1 or null",
-             windows),
-            ("runtimes", isinstance(runtimes, list | tuple) and all(
-                r in RUNTIMES for r in runtimes), f"a list of {list(RUNTIMES)}", runtimes),
-            ("calibration_chunks", is_int(chunks, 1) and chunks <= 20, "an int in [1, 20]",
-             chunks),
-            ("recalibrate", isinstance(config.get("recalibrate", False), bool),
-             "true or false", config.get("recalibrate")),
+        raise_first_failure(OmegaConf.create({key: dict(config)}), [
+            (f"{key}.windows", isinstance(windows, list | tuple) and all(
+                w is None or is_int(w, 1) for w in windows), "a list of ints >= 1 or null"),
+            (f"{key}.runtimes", isinstance(runtimes, list | tuple) and all(
+                r in RUNTIMES for r in runtimes), f"a list of {list(RUNTIMES)}"),
+            (f"{key}.calibration_chunks", is_int(chunks, 1) and chunks <= 20,
+             "an int in [1, 20]"),
+            (f"{key}.recalibrate", isinstance(config.get("recalibrate", False), bool),
+             "true or false"),
         ])
         cache = config.get("cache_dir")
         return cls(tuple(windows), tuple(runtimes), int(chunks),
                    bool(config.get("recalibrate", False)),
                    None if cache in (None, "") else str(cache))
-
-
-def raise_first_failure_plain(key: str, checks: Sequence[tuple[str, bool, str, Any]]) -> None:
-    """A ConfigError for the first failing (name, ok, allowed, got) check under `key`."""
-    for name, ok, allowed, got in checks:
-        if not ok:
-            raise ConfigError(f"{key}.{name} must be {allowed}; got {got!r}")
 
 
 def split_auto(sampler_cfg: Mapping[str, Any] | DictConfig, key: str = "sampler"

@@ -186,14 +186,13 @@ def choose_sampler(
     sequential = pool[0]
     time_chunks(sequential, [0])  # the baseline, and the slowest that still counts
     # likely fastest first, so the pruning bound is tight early: calls x cost of a call
-    costs = _call_costs(policy, sorted({_rows(c, base, batch) for c in pool[1:]}), cond, 2)
+    costs = _call_costs(policy, sorted({_rows(c, base, batch) for c in pool}), cond)
     expected = {c: _prior_rounds(c, base) * costs[_rows(c, base, batch)] for c in pool[1:]}
     for candidate in sorted(pool[1:], key=expected.get):
         bound = min(timings[c][0] for c in timings)
         time_chunks(candidate, [0], budget_ms=PRUNE_FACTOR * bound)
     ranked = sorted(timings, key=lambda c: timings[c][0])
-    keep = KEEP
-    for candidate in ranked[:keep]:
+    for candidate in ranked[:KEEP]:
         if candidate is not sequential or candidate in ranked[:1]:
             time_chunks(candidate, range(1, chunks))
     measured = {c: statistics.median(timings[c]) for c in timings}
@@ -201,9 +200,9 @@ def choose_sampler(
     best = min(measured, key=measured.get)
     predictions: dict[str, float] = {}
     for runtime in runtimes[1:]:
-        finalists = sorted(measured, key=measured.get)[:keep]
+        finalists = sorted(measured, key=measured.get)[:KEEP]
         predicted = _predict_on_runtime(policy, runtime, options, finalists, measured, rounds,
-                                        base, cond, batch)
+                                        base, cond, batch, costs)
         if predicted is None:
             continue
         predictions.update({c.short: ms for c, ms in predicted.items()})
@@ -247,11 +246,12 @@ def time_chunk(policy: DiffusionPolicy, cond: torch.Tensor, sampler: Sampler,
 def _predict_on_runtime(policy: DiffusionPolicy, runtime: str, options: Mapping[str, Any],
                         finalists: Sequence[Candidate], measured: Mapping[Candidate, float],
                         rounds: Mapping[Candidate, Sequence[int]], base: Sampler,
-                        cond: torch.Tensor, batch: int) -> dict[Candidate, float] | None:
+                        cond: torch.Tensor, batch: int, first_cost: Mapping[int, float],
+                        ) -> dict[Candidate, float] | None:
     """Each finalist's latency predicted on `runtime`: measured + rounds x (its call cost at
-    the candidate's rows - the first runtime's); None when the runtime cannot run here."""
+    the candidate's rows - the first runtime's, `first_cost` by row count, measured when the
+    candidates were ordered); None when the runtime cannot run here."""
     rows = {c: _rows(c, base, batch) for c in finalists}
-    first_cost = _call_costs(policy, sorted(set(rows.values())), cond)
     try:
         _use_runtime(policy, runtime, options)
     except (ValueError, RuntimeError):

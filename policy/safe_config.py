@@ -191,7 +191,7 @@ def _spec(config: Any, slot: str, where: str, path: str
     provided_by_policy = ("input_dim", "global_cond_dim") if partial else ()
     names = [n for n, p in parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD,
                                                                p.KEYWORD_ONLY)]
-    unknown = sorted(set(arguments) - set(names) - set(SLOTS)) + sorted(
+    unknown = sorted(set(arguments) - set(names)) + sorted(
         set(arguments) & set(provided_by_policy))
     if unknown:
         settable = ", ".join(n for n in names if n not in provided_by_policy)
