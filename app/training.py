@@ -49,19 +49,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
-from app.config import (
-    DEVICE_ALLOWED,
-    Check,
-    ConfigError,
-    configure_torch,
-    device_ok,
-    is_int,
-    is_number,
-    plain,
-    prepare_output_dir,
-    raise_first_failure,
-)
+from app.checks import Check, ConfigError, is_int, is_number, plain, raise_first_failure
+from app.device import DEVICE_ALLOWED, configure_torch, device_ok
 from app.evaluation import build_sampler, evaluate, summarize
+from app.run_dirs import prepare_output_dir
 from envs.rollout import VECTOR_KINDS
 from picard_sampler import Schedule
 from policy.checkpoint import (
@@ -251,9 +242,19 @@ class PCMStage:
                     "delete it or point pcm.data.cache elsewhere"
                 )
             return _trajectory_dataset(saved["train"]), _trajectory_dataset(saved["val"])
+        image_shapes = camera_shapes(policy)  # an image base: frames encoded once per chunk
+        if image_shapes and not OmegaConf.is_dict(cfg.data.obs_keys):
+            raise ConfigError(
+                f"data.obs_keys must map each observation key of the image base policy to a "
+                f"data key (e.g. env=pusht_image); got {cfg.data.obs_keys}"
+            )
         windows = load_windows(data, policy.horizon, policy.n_obs_steps, policy.n_action_steps,
-                               cfg.seed)
+                               cfg.seed, image_shapes)
         check_enough_windows(windows, 1)
+        wanted = {k: tuple(v) for k, v in policy.obs_encoder.obs_shapes.items()}
+        if not windows.flat and windows.obs_shapes != wanted:
+            raise ConfigError(f"data.obs_keys give observations {windows.obs_shapes} but the "
+                              f"base policy takes {wanted}")
         splits = {}
         for split, source, n, seed in (
             ("train", windows, d.n_chunks, cfg.seed),

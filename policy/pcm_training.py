@@ -1,10 +1,11 @@
 """PCM training data and objectives: base-model trajectories and the losses of docs/design.md §4.7.
 
-Data (`collect_trajectories`): for observation windows of the demonstrations and pre-drawn
-noise z, the base policy's fixed point X* (= its sequential trajectory, Picard's unique fixed
-point) and optionally its first Picard iterates X^1..X^R (full window, no stopping). Iterates
-that blew up (the drift update's, docs/design.md §4.3) are flagged in `iterate_ok` and never
-trained on.
+Data (`collect_trajectories`): for observation windows of the demonstrations (low-dim, or an
+image policy's camera frames, encoded once per chunk into the global condition the base and
+the PCM share) and pre-drawn noise z, the base policy's fixed point X* (= its sequential
+trajectory, Picard's unique fixed point) and optionally its first Picard iterates X^1..X^R
+(full window, no stopping). Iterates that blew up (the drift update's, docs/design.md §4.3) are
+flagged in `iterate_ok` and never trained on.
 
 Objectives (`PCMObjective`), for the rounds k < K_s in which `pcm_sample` uses the PCM
 (lam_k = clip(1 - k/K_s, 0, 1) blends PCM and base epsilons), starting from the cold
@@ -65,6 +66,9 @@ def collect_trajectories(
 ) -> dict[str, torch.Tensor]:
     """Base-model fixed points (and Picard iterates) for `n_chunks` seeded (window, noise) pairs.
 
+    Windows are low-dim (a flat obs) or an image policy's dict with uint8 camera frames; each
+    chunk's observations are encoded once (`encode_for_sampling`: eval-mode centre crop) into
+    "cond", on which the base's trajectory, and later the PCM during training, condition.
     Returns batch-first CPU tensors: "cond" (N, Dc), "noise" (N, T+1, H, Da), "fixed_point"
     (N, T+1, H, Da), "window" (N,) the window indices; with `iterate_rounds` R > 0 also
     "iterates" (N, R, T+1, H, Da), round r+1's trajectory of Picard (`update`, full window, no
@@ -79,8 +83,8 @@ def collect_trajectories(
     parts: dict[str, list[torch.Tensor]] = {}
     for start in tqdm(range(0, n_chunks, batch_size), disable=not progress, desc="trajectories"):
         rows = picks[start : start + batch_size]
-        obs = torch.stack([windows[int(i)]["obs"] for i in rows])
-        cond = policy.encode_obs(policy.check_obs(obs))
+        obs = stack_obs([windows[int(i)]["obs"] for i in rows])
+        cond = encode_for_sampling(policy, obs)
         noise = torch.randn(T + 1, len(rows), H, Da, generator=generator).to(policy.device)
         _, stats = sequential_sample(policy.denoiser, schedule, noise, cond)
         batch = {"cond": cond, "noise": noise.transpose(0, 1),
@@ -103,6 +107,30 @@ def collect_trajectories(
     out = {key: torch.cat(values) for key, values in parts.items()}
     out["window"] = torch.as_tensor(picks)
     return out
+
+
+def stack_obs(items: list[Any]) -> torch.Tensor | dict[str, torch.Tensor]:
+    """Windows' observations as one batch: a flat (To, Do) tensor each, or an image policy's
+    dict {key: (To, ...)} (uint8 frames stay uint8; the encoder scales them)."""
+    if isinstance(items[0], Mapping):
+        return {key: torch.stack([item[key] for item in items]) for key in items[0]}
+    return torch.stack(items)
+
+
+def encode_for_sampling(
+    policy: DiffusionPolicy, obs: torch.Tensor | Mapping[str, torch.Tensor]
+) -> torch.Tensor:
+    """The global condition the base samples with: the observation encoder once per chunk, in
+    eval mode (an image encoder's centre crop, as at sampling time, even when the policy is
+    in train mode), without autograd. The PCM head and the base UNet both condition on it."""
+    encoder = policy.obs_encoder
+    training = encoder.training
+    encoder.eval()
+    try:
+        with torch.no_grad():
+            return policy.encode_obs(policy.check_obs(obs))
+    finally:
+        encoder.train(training)
 
 
 class TrajectoryDataset(Dataset):
