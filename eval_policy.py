@@ -22,8 +22,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from app.config import check_results_free, precheck_or_exit, run_entry
+from app.command_line import precheck_or_exit
+from app.entry import run_entry
 from app.evaluation import run_eval
+from app.run_dirs import check_results_free
 
 CHECKED_GROUPS = ("sampler", "env")
 

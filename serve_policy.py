@@ -22,7 +22,8 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from app.config import precheck_or_exit, run_entry
+from app.command_line import precheck_or_exit
+from app.entry import run_entry
 from app.serving import run_serve
 
 CHECKED_GROUPS = ("sampler", "runtime")

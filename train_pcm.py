@@ -28,7 +28,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
-from app.config import ConfigError, precheck_or_exit, run_entry
+from app.checks import ConfigError
+from app.command_line import precheck_or_exit
+from app.entry import run_entry
 from app.training import (
     check_fresh_or_resume,
     check_resume_world,

@@ -35,17 +35,8 @@ from picard_client.realtime import (
     timed_requests,
 )
 
-from app.config import (
-    DEVICE_ALLOWED,
-    ConfigError,
-    configure_torch,
-    device_ok,
-    is_int,
-    is_number,
-    plain,
-    prepare_output_dir,
-    raise_first_failure,
-)
+from app.checks import ConfigError, is_int, is_number, plain, raise_first_failure
+from app.device import DEVICE_ALLOWED, configure_torch, device_ok
 from app.report import (
     format_report,
     log_to_wandb,
@@ -53,6 +44,7 @@ from app.report import (
     save_video,
     write_results,
 )
+from app.run_dirs import prepare_output_dir
 from envs.rollout import VECTOR_KINDS, RolloutResult, rollout
 from picard_sampler import GUIDANCE_CLIP, INPAINT_METHODS, Sampler
 from picard_sampler.metrics import EXACT_RULE, is_exact

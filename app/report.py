@@ -1,6 +1,6 @@
 """What an evaluation leaves behind for people: results.json, plots, video, tables, wandb.
 
-Every file is written atomically (policy.checkpoint.atomic_write); a sweep's jobs are summed up
+Every file is written atomically (policy.file_io.atomic_write); a sweep's jobs are summed up
 in one table by `SweepSummary`, the Hydra callback registered in conf/eval.yaml and
 conf/train.yaml, whatever launcher ran them (joblib, Ray, submitit). `python -m app.report
 SWEEP_DIR` rebuilds that summary at any time from the jobs' own files: finished jobs, failed ones
@@ -32,13 +32,13 @@ from hydra.experimental.callback import Callback
 from matplotlib.figure import Figure
 from omegaconf import DictConfig
 
-from app.config import FAILED_JOB_FILE
-from policy.checkpoint import atomic_write
+from app.run_dirs import FAILED_JOB_FILE
+from policy.file_io import atomic_write
 
 METRICS = (
     "mean_score", "success_rate", "mean_steps", "rounds_mean", "rounds_p95", "nfe",
     "converged_rate", "exact_err_max", "exact_err_mean", "latency_ms_p50", "latency_ms_p95",
-    "latency_ms_p99", "encode_ms_p50", "deadline_miss_rate", "anytime_rate", "held_step_rate",
+    "latency_ms_p99", "sequential_ms_p50", "speedup_vs_sequential", "encode_ms_p50", "deadline_miss_rate", "anytime_rate", "held_step_rate",
     "boundary_jerk", "within_chunk_jerk",
 )
 """The metrics every report shows (defined in docs/design.md §5), in table order."""

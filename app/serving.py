@@ -978,7 +978,8 @@ def check_serve_config(cfg: Any) -> None:
     """Reject values serve_policy.py cannot use, naming the key and what is allowed."""
     import math
 
-    from app.config import DEVICE_ALLOWED, device_ok, is_int, is_number, raise_first_failure
+    from app.checks import is_int, is_number, raise_first_failure
+    from app.device import DEVICE_ALLOWED, device_ok
     from picard_sampler import INPAINT_METHODS
     from policy.chunking import WARM_STARTS
 
@@ -1029,7 +1030,7 @@ def serve_security(cfg: Any, environ: Mapping[str, str] = os.environ
     context of a serve config. Beyond loopback a server needs a token and TLS (insecure=true
     waives TLS on a network one trusts); ConfigError names what is missing. The token is never
     echoed."""
-    from app.config import ConfigError
+    from app.checks import ConfigError
 
     token = cfg.auth_token if cfg.auth_token is not None else environ.get(AUTH_ENV) or None
     if token is not None and (not isinstance(token, str) or len(token) < 16
@@ -1063,7 +1064,8 @@ def run_serve(cfg: Any) -> None:
     import sys
     from pathlib import Path
 
-    from app.config import ConfigError, configure_torch, plain
+    from app.checks import ConfigError, plain
+    from app.device import configure_torch
     from app.evaluation import (
         build_sampler,
         calibration_observations,

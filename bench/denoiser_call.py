@@ -34,7 +34,7 @@ if str(ROOT) not in sys.path:
 from picard_sampler import percentile  # noqa: E402
 from picard_sampler.runinfo import run_info  # noqa: E402
 from policy import load_policy  # noqa: E402
-from policy.checkpoint import atomic_write  # noqa: E402
+from policy.file_io import atomic_write  # noqa: E402
 
 CHECKPOINT = ROOT / "checkpoints/pusht_lowdim/policy.ckpt"
 VARIANTS = ("eager", "eager_bf16", "compile_dynamic", "compile_static", "compile_freezing",

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from app.config import compose_config
+from app.command_line import compose_config
 from app.evaluation import run_eval
 from app.report import write_results
 from envs.realtime import HANDOFFS

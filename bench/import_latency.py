@@ -42,8 +42,8 @@ import torch
 from picard_sampler import EXACT_RULE, Sampler, exact_errors, is_exact, percentile
 from picard_sampler.runinfo import provenance, run_info
 from policy import load_policy
-from policy.checkpoint import atomic_write
 from policy.diffusion_policy import DiffusionPolicy
+from policy.file_io import atomic_write
 
 MIN_CHUNKS = 3
 SLOW_FACTOR = 2.0

@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from app.config import compose_config
+from app.command_line import compose_config
 from app.evaluation import run_eval
 
 PCM_CHECKPOINT = "checkpoints/pusht_lowdim/pcm.ckpt"  # the shipped PCM of the shipped policy

@@ -251,7 +251,7 @@ def previous_rows(path: Path, network: str, n_chunks: int, where: dict) -> dict[
 def write_partial(path: Path, record: dict) -> None:
     """The rows so far, next to the output, so a killed run resumes where it stopped; written
     to a temp file and renamed, so a kill mid-write cannot lose the rows already there."""
-    from policy.checkpoint import atomic_write
+    from policy.file_io import atomic_write
 
     text = json.dumps(record, indent=1)
     atomic_write(path.with_suffix(".partial.json"), lambda f: f.write(text.encode()))

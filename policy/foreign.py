@@ -431,7 +431,7 @@ def _load_dp_payload(path: Path) -> dict[str, Any]:
     the file when it is not one."""
     from omegaconf import DictConfig
 
-    from policy.checkpoint import check_regular_file, check_torch_zip
+    from policy.file_io import check_regular_file, check_torch_zip
 
     check_regular_file(path)
     check_torch_zip(path)
@@ -1108,7 +1108,7 @@ def import_lerobot(folder: str | Path) -> Imported:
 def _read_json(path: Path) -> dict[str, Any]:
     """A JSON object from `path`; ValueError naming the file when it is unreadable, not JSON or
     not an object (at most 16 MB: a LeRobot config is a few kB)."""
-    from policy.checkpoint import check_regular_file
+    from policy.file_io import check_regular_file
 
     check_regular_file(path, "file")
     if path.stat().st_size > 16 * 2**20:
@@ -1127,7 +1127,7 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     ValueError naming the file when it is truncated or malformed."""
     from safetensors.torch import load_file
 
-    from policy.checkpoint import check_regular_file
+    from policy.file_io import check_regular_file
 
     check_regular_file(path, "file")
     try:
@@ -1147,7 +1147,7 @@ def detect_format(path: str | Path) -> str:
             return "lerobot"
         raise ValueError(f"{path} is a folder but not a LeRobot pretrained model (no config.json "
                          "+ model.safetensors)")
-    from policy.checkpoint import check_regular_file
+    from policy.file_io import check_regular_file
 
     check_regular_file(path)
     if not zipfile.is_zipfile(path):

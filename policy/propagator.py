@@ -35,7 +35,7 @@ def schedule_key(schedule: Schedule) -> str:
 
 def base_fingerprint(policy: Any) -> str:
     """The fingerprint of the weights a propagator is fitted on: the base UNet's."""
-    from policy.checkpoint import weights_fingerprint
+    from policy.file_io import weights_fingerprint
 
     return weights_fingerprint(policy.model.state_dict())
 
@@ -55,7 +55,7 @@ def save_propagators(path: str | Path, policy: Any,
     """Write `entries` ({schedule_key: {"propagator", "schedule", "calibration"}}) for the
     policy's base weights to `path` atomically, merged with the entries already there for the
     same weights (a file fitted for other weights, or unreadable, is replaced)."""
-    from policy.checkpoint import atomic_torch_save
+    from policy.file_io import atomic_torch_save
 
     path = Path(path)
     fingerprint = base_fingerprint(policy)
@@ -71,7 +71,7 @@ def save_propagators(path: str | Path, policy: Any,
 
 
 def _read(path: Path, fingerprint: str) -> Mapping[str, Any]:
-    from policy.checkpoint import check_regular_file, check_torch_zip
+    from policy.file_io import check_regular_file, check_torch_zip
 
     check_regular_file(path, "propagator file")
     check_torch_zip(path, "propagator file")

@@ -68,7 +68,7 @@ class EagerRuntime:
 def export_key(model: nn.Module, horizon: int) -> str:
     """What an ONNX export depends on: the weights (names, dtypes, bytes), the input shapes,
     the opset and the torch / onnxruntime versions."""
-    from policy.checkpoint import weights_fingerprint
+    from policy.file_io import weights_fingerprint
 
     digest = hashlib.sha256(weights_fingerprint(model.state_dict()).encode())
     dims = (model.input_dim, model.global_cond_dim, horizon, ONNX_OPSET, torch.__version__,
@@ -90,7 +90,7 @@ def _onnxruntime() -> Any:
 def export_onnx(model: nn.Module, horizon: int, path: Path, rows: int | None = None) -> Path:
     """Export the UNet to `path` (atomically) with a dynamic row axis, or for exactly `rows`
     rows per call (bench/denoiser_call.py compares the two)."""
-    from policy.checkpoint import atomic_write
+    from policy.file_io import atomic_write
 
     model = model.eval()
     n = 2 if rows is None else rows

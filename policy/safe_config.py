@@ -26,13 +26,9 @@ from torch import nn
 from picard_sampler import DDIMSchedule, DDPMSchedule
 from policy.diffusion_policy import DiffusionPolicy
 from policy.encoders import ConcatObsEncoder, ImageObsEncoder, LowDimObsEncoder
+from policy.file_io import CheckpointError as CheckpointError  # defined there, raised here
 from policy.normalizer import LinearNormalizer
 from policy.unet import ConditionalUnet1D
-
-
-class CheckpointError(ValueError):
-    """A file that cannot be loaded safely or correctly: one line naming the file and field."""
-
 
 SCHEDULES: dict[str, type] = {
     "picard_sampler.DDPMSchedule": DDPMSchedule,

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from app.config import script_errors
+from app.entry import script_errors
 from policy.data.lerobot_dataset import default_key, lerobot_to_replay_buffer
 
 

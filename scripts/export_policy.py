@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from app.config import script_errors
+from app.entry import script_errors
 from policy.checkpoint import export_pcm, export_policy, write_config_yaml
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import default_collate
 
-from app.config import script_errors
+from app.entry import script_errors
 from picard_sampler.parareal import FD_STEP
 from policy.data import windows_from_config
 from policy.loading import load_with_metadata

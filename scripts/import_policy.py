@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from app.config import script_errors
-from policy.checkpoint import FORMAT, atomic_torch_save, load_policy, write_config_yaml
+from app.entry import script_errors
+from policy.checkpoint import FORMAT, load_policy, write_config_yaml
+from policy.file_io import atomic_torch_save
 from policy.loading import import_foreign
 
 CONF_ENV = Path(__file__).resolve().parents[1] / "conf" / "env"

@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from app.config import ConfigError
+from app.checks import ConfigError
 from app.evaluation import AutoSettings, split_auto
 from picard_sampler import exact_errors
 from policy import load_policy

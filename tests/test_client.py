@@ -28,7 +28,8 @@ from websockets.sync.client import connect
 from websockets.sync.server import serve as sync_serve
 
 import app.serving
-from app.config import ConfigError, compose_config
+from app.checks import ConfigError
+from app.command_line import compose_config
 from app.serving import serve_security, server_ssl_context
 from policy.checkpoint import load_policy
 from tests.test_server_hostile import CHECKPOINT, OBS, WAIT_S, Gate, Running, make_server, wait_for

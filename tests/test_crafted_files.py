@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import torch
 
-from app.config import ConfigError
+from app.checks import ConfigError
 from app.evaluation import checked_checkpoint_env, load_checkpoint_and_policy
 from policy import load_policy
 from policy.checkpoint import load_checkpoint

@@ -29,11 +29,14 @@ from hydra import compose, initialize_config_dir
 
 import app.training as training
 from app import evaluation
-from app.config import CONF_DIR, ConfigError, run_entry
+from app.checks import ConfigError
+from app.command_line import CONF_DIR
+from app.entry import run_entry
 from picard_sampler import DDIMSchedule, Sampler
-from policy.checkpoint import clean_stale_temp_files, load_checkpoint, load_policy
+from policy.checkpoint import load_checkpoint, load_policy
 from policy.chunking import ChunkPolicy
 from policy.data import ReplayBuffer
+from policy.file_io import clean_stale_temp_files
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 120

@@ -22,7 +22,8 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from app import evaluation
-from app.config import CONF_DIR, ConfigError
+from app.checks import ConfigError
+from app.command_line import CONF_DIR
 from picard_sampler import DDIMSchedule, DDPMSchedule, exact_errors
 from policy import load_policy
 from policy.foreign import detect_format, import_diffusion_policy, import_lerobot

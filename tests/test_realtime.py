@@ -19,7 +19,7 @@ import torch
 from picard_client.realtime import RealtimeController, max_lead_steps, summarize_realtime
 
 from app import evaluation
-from app.config import CONF_DIR
+from app.command_line import CONF_DIR
 from envs.rollout import rollout
 from picard_sampler import DDIMSchedule, Sampler
 from policy.checkpoint import load_policy
@@ -277,7 +277,7 @@ def test_guided_inpainting_runs_realtime_exactly_and_refuses_exported_runtimes(
     """realtime.inpaint_method=guide: each chunk is guided towards its prefix, Picard still
     gives the guided sequential chunk (exact_err against it), and a runtime that cannot be
     differentiated is a one-line config error."""
-    from app.config import ConfigError
+    from app.checks import ConfigError
 
     guide = ("sampler=picard_ddim16", "sampler.tol=0.01", "n_envs=1", "n_episodes=1",
              "realtime.enabled=true", "realtime.handoff=inpaint", "realtime.inpaint_method=guide")

@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from app.config import CONF_DIR, ConfigError, check_run_dir, claim_output_dir
+from app.checks import ConfigError
+from app.command_line import CONF_DIR
 from app.evaluation import MAX_EPISODES, check_eval_config, exactness_warning
+from app.run_dirs import check_run_dir, claim_output_dir
 from picard_sampler import DDPMSchedule, Sampler
 from tests.conftest import run_repo_script
 
@@ -41,7 +43,7 @@ def test_two_runs_cannot_claim_one_folder(tmp_path: Path) -> None:
     folder.mkdir()
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys; from pathlib import Path; "
-         "from app.config import claim_output_dir; claim_output_dir(Path(sys.argv[1])); "
+         "from app.run_dirs import claim_output_dir; claim_output_dir(Path(sys.argv[1])); "
          "print('claimed', flush=True); sys.stdin.read()", str(folder)],
         cwd=REPO_ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:

@@ -859,7 +859,7 @@ def test_sigterm_stops_serve_policy_with_hostile_connections_open(tmp_path: Path
 )
 def test_serving_limits_are_checked_in_one_line(serve_cfg: Any, key: str, value: Any,
                                                  message: str) -> None:
-    from app.config import ConfigError
+    from app.checks import ConfigError
     from app.serving import check_serve_config
 
     cfg = copy.deepcopy(serve_cfg)
@@ -872,7 +872,7 @@ def test_serving_limits_are_checked_in_one_line(serve_cfg: Any, key: str, value:
 @pytest.fixture(scope="module")
 def serve_cfg() -> Any:
     """conf/serve.yaml as serve_policy.py composes it (the defaults pass the check)."""
-    from app.config import compose_config
+    from app.command_line import compose_config
     from app.serving import check_serve_config
 
     cfg = compose_config("serve")

@@ -193,7 +193,7 @@ def test_bad_server_config_is_one_line(tmp_path: Path) -> None:
 def test_guided_prefixes_need_an_eager_server(local: ChunkPolicy) -> None:
     """serve_policy.py inpaint_method=guide: a server whose runtime cannot be differentiated
     refuses to start, naming the runtime (run_serve turns it into a config error)."""
-    from app.config import compose_config
+    from app.command_line import compose_config
     from app.serving import check_serve_config
 
     guided = PolicyServer(local.policy, local.sampler, {}, inpaint_method="guide")
@@ -259,7 +259,7 @@ def test_waiting_requests_are_sampled_in_one_call(local: ChunkPolicy) -> None:
 
 
 def test_eval_runs_a_realtime_robot_against_the_server(server: int, tmp_path: Path) -> None:
-    from app.config import compose_config
+    from app.command_line import compose_config
     from app.evaluation import run_eval
 
     overrides = ["realtime.enabled=true", f"server=127.0.0.1:{server}", "n_episodes=1",
