@@ -5,11 +5,14 @@
     python scripts/convert_lerobot_dataset.py SRC OUT.zarr.zip \
         --key observation.state=state --key action=action
 
-Low-dim features only, as float32 `data/<key>` arrays, one episode per LeRobot episode (in
-episode_index order). Default keys drop `observation.` and turn dots into underscores
-(observation.environment_state -> environment_state); video/image features are skipped. A
-config then trains on it with `data.path=OUT.zarr.zip data.obs_keys=[environment_state,state]`.
-See policy/data/lerobot_dataset.py.
+Low-dim features as float32 `data/<key>` arrays, cameras (image features: PNG/JPEG frames in
+the parquet files; video features: mp4 files, decoded with PyAV) as uint8 (N, H, W, 3) arrays,
+one episode per LeRobot episode (in episode_index order). Default keys drop `observation.` and
+turn dots into underscores (observation.environment_state -> environment_state,
+observation.image -> image, observation.images.top -> images_top). A config then trains on it
+with `data.path=OUT.zarr.zip data.obs_keys=[environment_state,state]`, or for an image policy
+`data.obs_keys={image: image, agent_pos: state}`. Without PyAV a video feature is refused with
+one line naming it (convert the rest with --key). See policy/data/lerobot_dataset.py.
 """
 
 from __future__ import annotations
@@ -40,9 +43,10 @@ def convert(src: Path, out: Path, keys: dict[str, str] | None = None,
     source = buffer.attrs["source"]
     out.parent.mkdir(parents=True, exist_ok=True)
     buffer.save(out, zarr_format=zarr_format)
-    arrays = ", ".join(f"{key} {tuple(buffer[key].shape[1:])}" for key in buffer)
+    arrays = ", ".join(f"{key} {tuple(buffer[key].shape[1:])} {buffer[key].dtype}"
+                       for key in buffer)
     skipped = source["skipped_features"]
-    return (f"wrote {out}: {buffer.n_episodes} episodes, {buffer.n_steps} steps, float32 "
+    return (f"wrote {out}: {buffer.n_episodes} episodes, {buffer.n_steps} steps, "
             f"{arrays} from LeRobot {source['codebase_version']} dataset {src} "
             f"({', '.join(f'{f} -> {k}' for f, k in source['keys'].items())}"
             + (f"; skipped {', '.join(skipped)}" if skipped else "") + ")")
@@ -54,7 +58,7 @@ def main() -> None:
     parser.add_argument("out", type=Path, help="replay buffer to write: OUT.zarr.zip or OUT.zarr")
     parser.add_argument("--key", action="append", type=parse_key, metavar="FEATURE[=KEY]",
                         help="convert only these features (repeatable); default: every low-dim "
-                             "feature under its default key")
+                             "and camera feature under its default key")
     parser.add_argument("--zarr-format", type=int, choices=(2, 3), default=None,
                         help="2 writes a store Diffusion Policy's zarr 2 reads (default 3)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT")

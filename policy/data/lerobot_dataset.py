@@ -1,4 +1,4 @@
-"""LeRobot datasets (``LeRobotDataset`` folders) converted to our zarr replay buffer, low-dim only.
+"""LeRobot datasets (``LeRobotDataset`` folders) converted to our zarr replay buffer, cameras too.
 
 Layouts read (``meta/info.json`` ``codebase_version``)::
 
@@ -9,24 +9,42 @@ Layouts read (``meta/info.json`` ``codebase_version``)::
 
 Every data row is one frame: a column per feature of ``info["features"]`` (vectors as
 fixed-size lists, shape-[1] features as plain columns), plus the bookkeeping columns
-``episode_index``, ``frame_index``, ``index``, ``timestamp``, ``task_index``. Video features
-live in ``videos/*.mp4``, not in the parquet files; image features are encoded PNG/JPEG bytes.
+``episode_index``, ``frame_index``, ``index``, ``timestamp``, ``task_index``. Cameras come in
+two kinds (LeRobot's writer, ``dataset_writer.py`` / ``feature_utils.py`` of LeRobot 0.6.1):
+
+- ``dtype "image"``: a parquet column of Hugging Face ``Image()`` structs ``{bytes, path}``,
+  ``bytes`` the frame's PNG (or JPEG) file, embedded (``path`` its file name); where ``bytes``
+  is null, ``path`` is read relative to the dataset folder. Decoded with Pillow.
+- ``dtype "video"``: no parquet column; the frames are in ``info["video_path"]`` files, in v3.0
+  ``videos/<key>/chunk-XXX/file-YYY.mp4`` holding many episodes back to back (the episode
+  metadata's ``videos/<key>/chunk_index``, ``file_index``, ``from_timestamp``), in v2.1
+  ``videos/chunk-XXX/<key>/episode_NNNNNN.mp4`` (one per episode, from 0 s). Frame ``i`` of an
+  episode is the video frame at ``from_timestamp + timestamp[i]``, the closest decoded frame
+  within ``VIDEO_TOLERANCE_S`` (LeRobotDataset's default ``tolerance_s``), decoded with PyAV to
+  RGB24 as LeRobot's pyav backend does (``frame.to_ndarray(format="rgb24")``). Without PyAV a
+  video feature is refused with one line naming it.
+
+Cameras are converted to uint8 ``(N, H, W, 3)`` arrays (the layout of DP's ``img``, read by
+``SequenceDataset``'s ``image_shapes``); ``shape`` in info.json may be HWC or, with ``names``
+starting with ``channels``, CHW. Only RGB cameras convert (depth maps are refused).
 
 Conversion (`lerobot_to_replay_buffer`): episodes in ``episode_index`` order, rows of each in
-``frame_index`` order (which must run 0..L-1), every selected feature as a float32 ``data/<key>``
-array of shape (N, *feature shape). Default key names drop an ``observation.`` prefix and turn
+``frame_index`` order (which must run 0..L-1), every selected low-dim feature as a float32
+``data/<key>`` array of shape (N, *feature shape), cameras as uint8 (N, H, W, 3). Default key
+names drop an ``observation.`` prefix and turn
 the remaining dots into underscores (`default_key`)::
 
     observation.state               -> state
     observation.environment_state   -> environment_state
     action                          -> action
     next.reward                     -> next_reward
+    observation.image               -> image
+    observation.images.top          -> images_top
 
-With ``keys=None`` every numeric feature except the bookkeeping columns is converted; video,
-image and string features are skipped (and listed in the buffer's ``source`` attribute). A
-``keys`` mapping {feature: buffer key} converts exactly those features; asking for a video or
-image feature is an error (no video decoding here). pyarrow is imported only when reading data
-(``pip install 'picard-policy[lerobot]'``).
+With ``keys=None`` every numeric and camera feature except the bookkeeping columns is converted;
+string (and other) features are skipped (and listed in the buffer's ``source`` attribute). A
+``keys`` mapping {feature: buffer key} converts exactly those features. pyarrow, Pillow and
+PyAV are imported only when needed (``pip install 'picard-policy[lerobot]'``).
 """
 
 from __future__ import annotations
@@ -47,6 +65,9 @@ SUPPORTED_VERSIONS = ("v2.1", "v3.0")
 BOOKKEEPING_FEATURES = ("timestamp", "frame_index", "episode_index", "index", "task_index")
 """Per-frame columns every LeRobot dataset has; not converted unless `keys` names them."""
 VISUAL_DTYPES = ("video", "image")
+VIDEO_TOLERANCE_S = 1e-4
+"""Largest |video frame time - requested time| accepted (LeRobotDataset's default tolerance_s)."""
+CHANNEL_NAMES = ("channels", "channel", "c")
 _NUMERIC_KINDS = "biuf"  # numpy dtype kinds converted to float32: bool, int, uint, float
 CONVERT_SCRIPT = "scripts/convert_lerobot_dataset.py"
 
@@ -115,12 +136,37 @@ def read_info(root: str | Path) -> dict[str, Any]:
 
 
 def default_keys(info: Mapping[str, Any]) -> dict[str, str]:
-    """{feature: buffer key} for every numeric, non-bookkeeping feature of `info`, in order."""
+    """{feature: buffer key} for every numeric or camera (image / video), non-bookkeeping
+    feature of `info`, in order."""
     return {
         name: default_key(name)
         for name, spec in info["features"].items()
-        if name not in BOOKKEEPING_FEATURES and _is_numeric(spec)
+        if name not in BOOKKEEPING_FEATURES and (_is_numeric(spec) or _is_camera(spec))
     }
+
+
+def _is_camera(spec: Mapping[str, Any]) -> bool:
+    return spec.get("dtype") in VISUAL_DTYPES
+
+
+def camera_shape(name: str, spec: Mapping[str, Any]) -> tuple[int, int, int]:
+    """(H, W, 3) of camera feature `name` from info.json's ``shape`` (HWC, or CHW where
+    ``names`` starts with channels); ValueError unless it is an RGB camera."""
+    shape = [int(n) for n in spec.get("shape") or []]
+    names = [str(n).lower() for n in spec.get("names") or []]
+    info = spec.get("info") or {}
+    if info.get("video.is_depth_map"):
+        raise ValueError(f"LeRobot feature {name!r} is a depth-map video; only RGB cameras "
+                         "convert")
+    if len(shape) != 3:
+        raise ValueError(f"LeRobot feature {name!r} ({spec.get('dtype')}) has shape {shape}; "
+                         "expected [H, W, C] or [C, H, W]")
+    height, width, channels = ((shape[1], shape[2], shape[0])
+                               if names and names[0] in CHANNEL_NAMES else shape)
+    if channels != 3:
+        raise ValueError(f"LeRobot feature {name!r} has {channels} channels (shape {shape}, "
+                         f"names {spec.get('names')}); only RGB cameras (3) convert")
+    return height, width, channels
 
 
 def _is_numeric(spec: Mapping[str, Any]) -> bool:
@@ -136,7 +182,7 @@ def _select_keys(info: Mapping[str, Any], keys: Mapping[str, str] | None) -> dic
     if keys is None:
         selected = default_keys(info)
         if not selected:
-            raise ValueError(f"the dataset has no low-dim numeric features; features: "
+            raise ValueError(f"the dataset has no numeric or camera features; features: "
                              f"{_describe(features)}")
     else:
         selected = dict(keys)
@@ -147,12 +193,12 @@ def _select_keys(info: Mapping[str, Any], keys: Mapping[str, str] | None) -> dic
                 raise ValueError(f"LeRobot feature {name!r} is not in the dataset; available "
                                  f"features: {_describe(features)}")
             dtype = features[name].get("dtype")
-            if dtype in VISUAL_DTYPES:
-                raise ValueError(f"LeRobot feature {name!r} is a {dtype} feature: video/image "
-                                 "decoding is not supported (low-dim features only)")
-            if not _is_numeric(features[name]):
+            if not (_is_numeric(features[name]) or _is_camera(features[name])):
                 raise ValueError(f"LeRobot feature {name!r} has dtype {dtype!r}; only numeric "
-                                 "features can be converted")
+                                 "and camera (image, video) features can be converted")
+    for name in selected:
+        if _is_camera(features[name]):
+            camera_shape(name, features[name])  # an RGB camera, or one line saying why not
     bad = [key for key in selected.values()
            if not isinstance(key, str) or not key or "/" in key or key.startswith("__")]
     if bad:
@@ -203,6 +249,150 @@ def _column_values(column: Any, name: str, n_rows: int, shape: tuple[int, ...]) 
     return values.reshape(n_rows, *shape).astype(np.float32)
 
 
+def _image_values(column: Any, name: str, root: Path, shape: tuple[int, int, int]
+                  ) -> np.ndarray:
+    """A column of Hugging Face ``Image()`` structs {bytes, path} -> (n_rows, H, W, 3) uint8:
+    each embedded PNG/JPEG decoded with Pillow (a null ``bytes`` reads ``path`` under `root`)."""
+    import io
+
+    import pyarrow as pa
+    from PIL import Image
+
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if not pa.types.is_struct(array.type) or array.type.get_field_index("bytes") < 0:
+        raise ValueError(f"LeRobot feature {name!r} is an image feature but its column holds "
+                         f"{array.type}, not Image() structs {{bytes, path}}")
+    blobs = array.field("bytes").to_pylist()
+    has_path = array.type.get_field_index("path") >= 0
+    paths = array.field("path").to_pylist() if has_path else [None] * len(blobs)
+    out = np.empty((len(blobs), *shape), np.uint8)
+    for row, (blob, path) in enumerate(zip(blobs, paths, strict=True)):
+        try:
+            if blob is None:
+                if not path:
+                    raise ValueError("neither bytes nor a path")
+                blob = (root / path).read_bytes()
+            with Image.open(io.BytesIO(blob)) as image:
+                if image.mode not in ("RGB", "L", "P"):
+                    raise ValueError(f"a {image.mode} image, not RGB")
+                frame = np.asarray(image.convert("RGB"))
+        except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+            raise ValueError(f"LeRobot feature {name!r}: row {row} is not a readable image "
+                             f"({e})") from e
+        if frame.shape != shape:
+            raise ValueError(f"LeRobot feature {name!r}: row {row} holds a {frame.shape} image "
+                             f"but info.json says {list(shape)} (H, W, C)")
+        out[row] = frame
+    return out
+
+
+def _import_av(name: str, info: Mapping[str, Any]) -> Any:
+    """PyAV, or a one-line ValueError naming the video feature that needs it."""
+    try:
+        import av
+    except ImportError as e:
+        codec = (info["features"][name].get("info") or {}).get("video.codec", "?")
+        raise ValueError(
+            f"LeRobot feature {name!r} is a video feature (codec {codec}): decoding it needs "
+            f"PyAV: pip install 'picard-policy[lerobot]' (or convert only other features with "
+            f"--key) ({e})") from e
+    return av
+
+
+def _video_files(root: Path, info: Mapping[str, Any], name: str,
+                 episodes: np.ndarray) -> dict[int, tuple[Path, float]]:
+    """{episode: (video file, its start time in that file)} of video feature `name`."""
+    template = info.get("video_path")
+    if not template:
+        raise ValueError(f"LeRobot feature {name!r} is a video feature but info.json has no "
+                         "video_path")
+    if info["codebase_version"] == "v2.1":  # one file per episode, starting at 0 s
+        chunks = int(info.get("chunks_size", 1000))
+        return {int(ep): (root / template.format(video_key=name, episode_chunk=int(ep) // chunks,
+                                                 episode_index=int(ep)), 0.0)
+                for ep in episodes}
+    files = sorted((root / "meta" / "episodes").glob("chunk-*/file-*.parquet"))
+    prefix = f"videos/{name}/"
+    columns = ["episode_index", *(prefix + c for c in ("chunk_index", "file_index",
+                                                      "from_timestamp"))]
+    pq = _import_pyarrow()
+    found: dict[int, tuple[Path, float]] = {}
+    for path in files:
+        try:
+            table = pq.read_table(path, columns=columns)
+        except Exception as e:  # pyarrow: ArrowInvalid for a missing column
+            raise ValueError(f"LeRobot feature {name!r}: the episode metadata "
+                             f"{path.relative_to(root)} has no {prefix}* columns ({e})") from e
+        for ep, chunk, file, start in zip(*(table.column(c).to_pylist() for c in columns),
+                                          strict=True):
+            found[int(ep)] = (root / template.format(video_key=name, chunk_index=int(chunk),
+                                                     file_index=int(file)), float(start))
+    missing = sorted(set(episodes.tolist()) - set(found))
+    if missing:
+        raise ValueError(f"LeRobot feature {name!r}: no video in the episode metadata for "
+                         f"episodes {missing[:4]}")
+    return found
+
+
+def _video_values(root: Path, info: Mapping[str, Any], name: str, episode: np.ndarray,
+                  timestamps: np.ndarray) -> np.ndarray:
+    """(n_rows, H, W, 3) uint8 frames of video feature `name` for rows sorted by (episode,
+    frame): row i is the video frame at its episode's from_timestamp + timestamps[i], within
+    VIDEO_TOLERANCE_S (module doc). Each file is decoded once, front to back, and each frame
+    is copied straight to the rows that ask for it (no copy of the whole video in memory)."""
+    import av
+
+    shape = camera_shape(name, info["features"][name])
+    files = _video_files(root, info, name, np.unique(episode))
+    out = np.empty((len(episode), *shape), np.uint8)
+    by_file: dict[Path, list[int]] = {}
+    for ep in np.unique(episode).tolist():
+        by_file.setdefault(files[ep][0], []).append(ep)
+    tol = VIDEO_TOLERANCE_S
+    for path, eps in by_file.items():
+        where = path.relative_to(root)
+        if not path.is_file():
+            raise ValueError(f"LeRobot feature {name!r}: video file {where} of episodes "
+                             f"{eps[:4]} is missing")
+        rows = np.flatnonzero(np.isin(episode, eps))
+        query = np.array([files[int(ep)][1] for ep in episode[rows]]) + timestamps[rows]
+        order = np.argsort(query, kind="stable")
+        query, rows = query[order], rows[order]
+        filled = np.zeros(len(rows), bool)
+        times = []
+        try:
+            with av.open(str(path)) as container:
+                stream = container.streams.video[0]
+                for frame in container.decode(stream):
+                    if frame.pts is None:
+                        continue
+                    t = float(frame.pts * stream.time_base)
+                    times.append(t)
+                    lo = np.searchsorted(query, t - tol, side="right")  # |q - t| < tol
+                    hi = np.searchsorted(query, t + tol, side="left")
+                    if hi <= lo:
+                        continue
+                    image = frame.to_ndarray(format="rgb24")  # LeRobot's pyav conversion
+                    if image.shape != shape:
+                        raise ValueError(f"LeRobot feature {name!r}: {where} holds "
+                                         f"{image.shape} frames but info.json says "
+                                         f"{list(shape)} (H, W, C)")
+                    out[rows[lo:hi]] = image
+                    filled[lo:hi] = True
+        except (av.FFmpegError, IndexError) as e:
+            raise ValueError(f"LeRobot feature {name!r}: cannot decode {where} with PyAV "
+                             f"{av.__version__} ({type(e).__name__}: {e})") from e
+        if not filled.all():
+            bad = int(np.flatnonzero(~filled)[0])
+            gap = float(np.min(np.abs(np.asarray(times) - query[bad]))) if times else np.inf
+            row = int(rows[bad])
+            raise ValueError(
+                f"LeRobot feature {name!r}: episode {int(episode[row])} needs a frame at "
+                f"{query[bad]:.4f} s of {where}, but the closest video frame is {gap:.4f} s "
+                f"away (tolerance {tol} s; {len(times)} frames decoded)")
+    return out
+
+
 def _meta_episode_lengths(root: Path, version: str) -> dict[int, int] | None:
     """{episode_index: length} from the episode metadata, or None where there is none."""
     if version == "v2.1":
@@ -232,7 +422,8 @@ class LeRobotEpisodes:
     """The selected low-dim features of a LeRobot dataset, ordered by episode then frame."""
 
     arrays: dict[str, np.ndarray]
-    """{buffer key: (N, *feature shape) float32}, all episodes concatenated."""
+    """{buffer key: (N, *feature shape) float32, or (N, H, W, 3) uint8 for a camera}, all
+    episodes concatenated."""
     episode_index: np.ndarray
     """(E,) int64 LeRobot episode indices, increasing."""
     lengths: np.ndarray
@@ -255,9 +446,23 @@ def read_lerobot_episodes(
     files = sorted((root / "data").glob("chunk-*/*.parquet"))
     if not files:
         raise ValueError(f"{root}: no data files (data/chunk-*/*.parquet)")
-    columns = list(dict.fromkeys([*selected, "episode_index", "frame_index"]))
+    videos = [name for name in selected if info["features"][name].get("dtype") == "video"]
+    if videos:
+        _import_av(videos[0], info)  # before any work: no PyAV, no video feature
+    in_rows = [name for name in selected if name not in videos]  # videos are not columns
+    columns = list(dict.fromkeys([*in_rows, "episode_index", "frame_index",
+                                  *(["timestamp"] if videos else [])]))
     tables = []
     for path in files:
+        try:
+            absent = [c for c in columns if c not in pq.read_schema(path).names]
+        except Exception as e:  # pyarrow: ArrowInvalid (not parquet), OSError
+            raise ValueError(f"cannot read {path.relative_to(root)}: {type(e).__name__}: "
+                             f"{e}") from e
+        if absent:
+            kinds = [info["features"].get(c, {}).get("dtype", "?") for c in absent]
+            raise ValueError(f"LeRobot feature {absent[0]!r} ({kinds[0]}) is in info.json but "
+                             f"not a column of {path.relative_to(root)}")
         try:
             tables.append(pq.read_table(path, columns=columns))
         except Exception as e:  # pyarrow: ArrowInvalid (missing column, corrupt file), OSError
@@ -289,8 +494,16 @@ def read_lerobot_episodes(
                          f"metadata (episode, length) {diff}")
     arrays = {}
     for name, key in selected.items():
-        shape = tuple(int(n) for n in info["features"][name].get("shape", [1]))
-        arrays[key] = _column_values(table.column(name), name, n_rows, shape)[order]
+        spec = info["features"][name]
+        if spec.get("dtype") == "image":
+            arrays[key] = _image_values(table.column(name), name, root,
+                                        camera_shape(name, spec))[order]
+        elif spec.get("dtype") == "video":
+            timestamps = table.column("timestamp").to_numpy().astype(np.float64)[order]
+            arrays[key] = _video_values(root, info, name, episode, timestamps)
+        else:
+            shape = tuple(int(n) for n in spec.get("shape", [1]))
+            arrays[key] = _column_values(table.column(name), name, n_rows, shape)[order]
     return LeRobotEpisodes(arrays, episode_index.astype(np.int64), lengths.astype(np.int64),
                            selected, info)
 
