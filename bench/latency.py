@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from picard_sampler import Sampler, exact_errors, is_exact, percentile
+from picard_sampler import CallInputs, Sampler, exact_errors, is_exact, percentile
 from picard_sampler.runinfo import package_versions, run_info
 from policy import load_policy
 from policy.checkpoint import atomic_write
@@ -128,8 +128,8 @@ def time_chunks(policy: DiffusionPolicy, sampler: Sampler, noise: torch.Tensor,
             torch.cuda.synchronize()
         start = time.perf_counter()
         with torch.inference_mode():
-            result = sampler(policy.denoiser, noise, cond, denoiser_pcm=pcm,
-                             pcm_sees_noise=policy.pcm_sees_noise, propagator=propagator)
+            result = sampler(policy.denoiser, noise, cond, CallInputs(propagator=propagator),
+                             denoiser_pcm=pcm, pcm_sees_noise=policy.pcm_sees_noise)
         if noise.is_cuda:
             torch.cuda.synchronize()
         if i >= warmup:

@@ -10,7 +10,9 @@ from picard_sampler.parareal import fit_linear_propagator
 from picard_sampler.samplers import (
     SAMPLER_METHODS,
     UPDATES,
+    CallInputs,
     Sampler,
+    SamplerSettings,
     SampleStats,
     noise_path,
     pcm_sample,
@@ -29,6 +31,7 @@ from picard_sampler.schedules import (
 )
 
 __all__ = [
+    "CallInputs",
     "DDIMSchedule",
     "EXACT_RULE",
     "GUIDANCE_CLIP",
@@ -42,6 +45,7 @@ __all__ = [
     "UPDATES",
     "SampleStats",
     "Sampler",
+    "SamplerSettings",
     "Schedule",
     "exact_errors",
     "fit_linear_propagator",

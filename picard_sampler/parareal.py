@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from picard_sampler.schedules import Schedule
+from picard_sampler.tensors import check_noise, take_cond
 
 FD_STEP = 1e-3  # forward-difference step of the fit, in normalized action units
 
@@ -59,11 +60,9 @@ def fit_linear_propagator(
     E = H * D, by forward differences of size ``fd_step`` (E + 1 rows per sample and step,
     batched up to ``max_rows`` rows per call). Clipping of x0 and any other nonlinearity of the
     step are averaged in; the injected noise does not depend on x and drops out."""
-    from picard_sampler.samplers import _check_noise, _take_cond  # the samplers' own
-
     if not fd_step > 0:
         raise ValueError(f"fd_step must be > 0; got {fd_step!r}")
-    _check_noise(schedule, noise)
+    check_noise(schedule, noise)
     T, B = schedule.num_inference_steps, noise.shape[1]
     event = noise.shape[2:]
     elems = noise[0, 0].numel()
@@ -80,7 +79,7 @@ def fit_linear_propagator(
             probes = torch.cat([x[rows, None], x[rows, None] + basis[None]], 1)
             probes = probes.reshape(-1, *event)  # (n (E + 1), *event)
             idx = torch.full((probes.shape[0],), i, dtype=torch.long, device=noise.device)
-            out = denoiser(probes, timesteps[idx], _take_cond(cond, rows.repeat_interleave(
+            out = denoiser(probes, timesteps[idx], take_cond(cond, rows.repeat_interleave(
                 elems + 1)))
             f = schedule.step_mean(out, probes, idx).reshape(len(rows), elems + 1, elems)
             total[i] += ((f[:, 1:] - f[:, :1]) / fd_step).transpose(1, 2).double().sum(0)

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import functools
-import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -29,12 +29,13 @@ from picard_sampler.anderson import Anderson
 from picard_sampler.inpaint import Inpaint
 from picard_sampler.parareal import check_propagator
 from picard_sampler.schedules import Schedule
+from picard_sampler.settings import UPDATES, Callback, CallInputs, SamplerSettings
+from picard_sampler.tensors import check_noise, clone_cond, take_cond
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
-Callback = Callable[[dict[str, Any]], None]
 Update = Literal["scan", "drift", "parareal"]
-UPDATES = ("scan", "drift", "parareal")
-ACCELERATIONS = ("none", "anderson")
+__all__ = ["UPDATES", "CallInputs", "SampleStats", "Sampler", "SamplerSettings",
+           "noise_path", "pcm_sample", "picard_sample", "sequential_sample", "switch_weight"]
 
 
 @dataclass
@@ -80,17 +81,6 @@ class SampleStats:
         return self.trajectory[-1]
 
 
-def _check_noise(schedule: Schedule, noise: torch.Tensor) -> None:
-    T = schedule.num_inference_steps
-    if noise.dim() < 3 or noise.shape[0] != T + 1:
-        raise ValueError(
-            f"noise must have shape (T+1, B, ...) = ({T + 1}, B, H, D) for {schedule!r}; "
-            f"got {tuple(noise.shape)}"
-        )
-    if not torch.isfinite(noise).all():
-        raise ValueError("noise contains NaN or inf")
-
-
 def _prepare_inpaint(inpaint: Inpaint | None, noise: torch.Tensor) -> Inpaint | None:
     """``inpaint`` checked against the noise's batch and moved to its device and dtype."""
     if inpaint is None:
@@ -99,26 +89,6 @@ def _prepare_inpaint(inpaint: Inpaint | None, noise: torch.Tensor) -> Inpaint | 
         raise TypeError(f"inpaint must be a picard_sampler.Inpaint; got {type(inpaint).__name__}")
     inpaint.check_batch(noise)
     return inpaint.to(noise)
-
-
-def _take_cond(cond: Any, sample_idx: torch.Tensor) -> Any:
-    """Rows ``sample_idx`` of the conditioning (a tensor, a dict of tensors, or None)."""
-    if cond is None:
-        return None
-    if isinstance(cond, torch.Tensor):
-        return cond[sample_idx]
-    if isinstance(cond, dict):
-        return {k: _take_cond(v, sample_idx) for k, v in cond.items()}
-    raise TypeError(f"cond must be a tensor, a dict of tensors or None; got {type(cond).__name__}")
-
-
-def _clone_cond(cond: Any) -> Any:
-    """A copy of the conditioning made outside inference mode, so autograd may save it."""
-    if isinstance(cond, torch.Tensor):
-        return cond.clone()
-    if isinstance(cond, dict):
-        return {k: _clone_cond(v) for k, v in cond.items()}
-    return cond
 
 
 class _FiniteGuard:
@@ -204,7 +174,7 @@ def sequential_sample(
 ) -> tuple[torch.Tensor, SampleStats]:
     """Plain reverse diffusion: T denoiser calls one after another (DDPM / DDIM step loop);
     with ``inpaint`` every step is followed by its constraint (picard_sampler.inpaint)."""
-    _check_noise(schedule, noise)
+    check_noise(schedule, noise)
     inpaint = _prepare_inpaint(inpaint, noise)
     start = time.perf_counter()
     T, B = schedule.num_inference_steps, noise.shape[1]
@@ -267,51 +237,10 @@ def _guided(evaluate: Evaluator, schedule: Schedule, inpaint: Inpaint | None) ->
     def guided(x, t, c, slot, sample, age):
         with torch.inference_mode(False), torch.enable_grad():
             x = x.detach().clone().requires_grad_(True)
-            out, exact = evaluate(x, t.clone(), _clone_cond(c), slot, sample, age)
+            out, exact = evaluate(x, t.clone(), clone_cond(c), slot, sample, age)
             return inpaint.guided_output(schedule, out, x, slot, sample), exact
 
     return guided
-
-
-def _validate_picard_args(
-    schedule: Schedule, window: int | None, tol: float, update: str, max_rounds: int | None
-) -> int:
-    T = schedule.num_inference_steps
-    if update not in UPDATES:
-        raise ValueError(f"update must be one of {list(UPDATES)}; got {update!r}")
-    if window is None:
-        window = T
-    if not _is_int(window) or window < 1:
-        raise ValueError(f"window must be a positive int or None (= all {T} steps); got {window!r}")
-    if not _is_number(tol) or not 0 <= tol < math.inf:
-        raise ValueError(f"tol must be a finite number >= 0 (inf would stop after one round, "
-                         f"never exact); got {tol!r}")
-    if max_rounds is not None and (not _is_int(max_rounds) or max_rounds < 1):
-        raise ValueError(f"max_rounds must be a positive int or None; got {max_rounds!r}")
-    return min(window, T)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _validate_accel(accel: Any, memory: Any, window: int, steps: int) -> None:
-    if accel not in ACCELERATIONS:
-        raise ValueError(f"accel must be one of {list(ACCELERATIONS)}; got {accel!r}")
-    if not _is_int(memory) or memory < 1:
-        raise ValueError(f"accel_memory must be an int >= 1; got {memory!r}")
-    if accel != "none" and window < steps:
-        raise ValueError(f"accel={accel!r} needs the full window (window=None or >= {steps}); "
-                         f"got window {window}")
-
-
-def _validate_budget(budget_s: Any) -> None:
-    if budget_s is not None and (not _is_number(budget_s) or not budget_s > 0):
-        raise ValueError(f"budget_s must be None or a number of seconds > 0; got {budget_s!r}")
 
 
 @_checks_finite_outputs
@@ -320,29 +249,25 @@ def _picard_iterate(
     schedule: Schedule,
     noise: torch.Tensor,
     cond: Any,
-    window: int | None,
-    tol: float,
-    update: str,
-    max_rounds: int | None,
-    budget_s: float | None,
-    init: torch.Tensor | None,
-    callback: Callback | None,
-    clock: Callable[[], float],
-    inpaint: Inpaint | None = None,
-    accel: str = "none",
-    accel_memory: int = 3,
-    propagator: torch.Tensor | None = None,
+    settings: SamplerSettings,
+    inputs: CallInputs,
 ) -> tuple[torch.Tensor, SampleStats]:
-    """The round machinery shared by ``picard_sample`` and ``pcm_sample``. ``accel="anderson"``
-    mixes the last ``accel_memory`` rounds (picard_sampler.anderson; full window only). With
-    ``inpaint`` each step is ``g_j = lerp(f_j, c_{j+1}, W)`` and its x-coefficient
-    ``(1 - W) a_j``, so the fixed point is the constrained sequential sample (design §4.8)."""
-    _check_noise(schedule, noise)
-    inpaint = _prepare_inpaint(inpaint, noise)
+    """The round machinery shared by ``picard_sample``, ``pcm_sample`` and ``Sampler``, with
+    the knobs of ``settings`` and the per-call ``inputs``; the time limit is the smaller of the
+    two budgets. ``accel="anderson"`` mixes the last ``accel_memory`` rounds
+    (picard_sampler.anderson; full window only). With ``inpaint`` each step is
+    ``g_j = lerp(f_j, c_{j+1}, W)`` and its x-coefficient ``(1 - W) a_j``, so the fixed point
+    is the constrained sequential sample (design §4.8)."""
+    check_noise(schedule, noise)
+    inpaint = _prepare_inpaint(inputs.inpaint, noise)
     evaluate = _guided(evaluate, schedule, inpaint)
-    p = _validate_picard_args(schedule, window, tol, update, max_rounds)
-    _validate_accel(accel, accel_memory, p, schedule.num_inference_steps)
-    anderson = Anderson(accel_memory) if accel == "anderson" else None
+    p = settings.window_for(schedule.num_inference_steps)
+    tol, update, max_rounds = settings.tol, settings.update, settings.max_rounds
+    budgets = [b for b in (settings.budget_s, inputs.budget_s) if b is not None]
+    budget_s = min(budgets) if budgets else None
+    init, callback, propagator = inputs.init, inputs.callback, inputs.propagator
+    clock = inputs.clock or time.perf_counter
+    anderson = Anderson(settings.accel_memory) if settings.accel == "anderson" else None
     start = clock()
     device = noise.device
     T, B = schedule.num_inference_steps, noise.shape[1]
@@ -408,7 +333,7 @@ def _picard_iterate(
 
         x_old = X[j_flat, s_flat]  # (N, H, D)
         out, exact = evaluate(
-            x_old, timesteps[j_flat], _take_cond(cond, s_flat), j_flat, s_flat,
+            x_old, timesteps[j_flat], take_cond(cond, s_flat), j_flat, s_flat,
             age[j_flat, s_flat],
         )
         age[j_flat, s_flat] += 1
@@ -538,25 +463,11 @@ def picard_sample(
     linear coarse steps ``propagator`` (T, E, E) instead of the scan's a_j (same fixed point,
     picard_sampler.parareal, docs/design.md §4.10).
     """
-
-    return _picard_iterate(
-        _base_evaluator(denoiser),
-        schedule,
-        noise,
-        cond,
-        window,
-        tol,
-        update,
-        max_rounds,
-        budget_s,
-        init,
-        callback,
-        clock,
-        inpaint,
-        accel,
-        accel_memory,
-        propagator,
-    )
+    settings = SamplerSettings(window=window, tol=tol, update=update, max_rounds=max_rounds,
+                               budget_s=budget_s, accel=accel, accel_memory=accel_memory)
+    inputs = CallInputs(init=init, clock=clock, callback=callback, inpaint=inpaint,
+                        propagator=propagator)
+    return _picard_iterate(_base_evaluator(denoiser), schedule, noise, cond, settings, inputs)
 
 
 def noise_path(schedule: Schedule, noise: torch.Tensor) -> torch.Tensor:
@@ -565,7 +476,7 @@ def noise_path(schedule: Schedule, noise: torch.Tensor) -> torch.Tensor:
     scale), shape ``(T+1, B, ...)`` like ``noise``. Zero for DDIM. A noise-aware PCM sees
     ``N[j]`` at slot j: with stochastic DDPM the fixed point of slot j depends on z[1..j], which
     a cold-started slot (still x_T) cannot know otherwise (docs/design.md §4.7, objective (c))."""
-    _check_noise(schedule, noise)
+    check_noise(schedule, noise)
     a, s = schedule.table("scan_coef", noise), schedule.table("noise_std", noise)
     trail = [1] * (noise.dim() - 2)
     path = torch.zeros_like(noise)
@@ -613,7 +524,21 @@ def pcm_sample(
     walks base-model slots with ``propagator`` and PCM slots with the scan's a_j (the walk the
     PCM was trained for; docs/design.md §4.10).
     """
-    path = noise_path(schedule, noise) if pcm_sees_noise else None
+    settings = SamplerSettings(window=window, tol=tol, update=update, max_rounds=max_rounds,
+                               budget_s=budget_s, accel=accel, accel_memory=accel_memory,
+                               switch_rounds=switch_rounds)
+    inputs = CallInputs(init=init, clock=clock, callback=callback, inpaint=inpaint,
+                        propagator=propagator)
+    evaluate = _pcm_evaluator(denoiser_base, denoiser_pcm, switch_rounds,
+                              noise_path(schedule, noise) if pcm_sees_noise else None)
+    return _picard_iterate(evaluate, schedule, noise, cond, settings, inputs)
+
+
+def _pcm_evaluator(denoiser_base: Denoiser, denoiser_pcm: Callable[..., torch.Tensor],
+                   switch_rounds: int, path: torch.Tensor | None) -> Evaluator:
+    """The evaluator of PCM sampling with model switching: the k-th evaluation of a slot blends
+    ``switch_weight(k)`` of the PCM with the base; only pure-base outputs count as exact. With
+    a noise ``path`` the PCM is also handed each slot's row of it."""
 
     def evaluate(x, t, c, slot, sample, age):
         lam = switch_weight(age, switch_rounds).to(x.dtype)
@@ -624,71 +549,76 @@ def pcm_sample(
             w = lam[rows].view(-1, *([1] * (x.dim() - 1)))
             extra = () if path is None else (path[slot[rows], sample[rows]],)
             out[rows] += w * _call_denoiser(
-                denoiser_pcm, x[rows], t[rows], _take_cond(c, rows), *extra
+                denoiser_pcm, x[rows], t[rows], take_cond(c, rows), *extra
             )
         if bool(use_base.any()):
             rows = torch.nonzero(use_base).flatten()
             w = (1 - lam[rows]).view(-1, *([1] * (x.dim() - 1)))
-            out[rows] += w * _call_denoiser(denoiser_base, x[rows], t[rows], _take_cond(c, rows))
+            out[rows] += w * _call_denoiser(denoiser_base, x[rows], t[rows], take_cond(c, rows))
         return out, ~use_pcm
 
-    return _picard_iterate(
-        evaluate,
-        schedule,
-        noise,
-        cond,
-        window,
-        tol,
-        update,
-        max_rounds,
-        budget_s,
-        init,
-        callback,
-        clock,
-        inpaint,
-        accel,
-        accel_memory,
-        propagator,
-    )
+    return evaluate
 
 
 SAMPLER_METHODS = ("sequential", "picard", "pcm")
 
 
-@dataclass
+def _knob(name: str) -> property:
+    """A read-only view of one field of ``Sampler.settings`` (``sampler.window`` etc.)."""
+    return property(lambda self: getattr(self.settings, name),
+                    doc=f"``settings.{name}`` (see SamplerSettings).")
+
+
+@dataclass(frozen=True, init=False)
 class Sampler:
     """A schedule plus a sampling method and its knobs: what a config chooses.
 
-    ``sampler(denoiser, noise, cond, init=None, denoiser_pcm=None, pcm_sees_noise=False,
-    budget_s=None, clock=None, callback=None) -> (x, SampleStats)``. Policies draw noise of
-    ``sampler.noise_shape(B, H, D)`` and call this; they own no sampling loop. What a run needs
-    at call time (a time budget, the clock it is measured on, an observer) is a call argument,
-    never a field: the same Sampler serves every caller (``pcm_sees_noise``: see ``pcm_sample``).
+    ``Sampler(schedule, method="picard", settings=None, **knobs)``: the knobs are one
+    ``SamplerSettings`` record (``settings``, with any ``knobs`` such as ``window=8`` or
+    ``tol=1e-3`` replacing its fields), checked when built; ``sampler.window`` etc. read it.
+    ``sampler(denoiser, noise, cond, inputs=None, denoiser_pcm=None, pcm_sees_noise=False,
+    **overrides) -> (x, SampleStats)``. Policies draw noise of ``sampler.noise_shape(B, H, D)``
+    and call this; they own no sampling loop. What a run needs at call time (a warm start, a
+    time budget and its clock, an observer, a constraint) is a ``CallInputs`` record, never a
+    field: the same Sampler serves every caller (``pcm_sees_noise``: see ``pcm_sample``).
     """
 
     schedule: Schedule
-    method: str = "picard"
-    window: int | None = None
-    tol: float = 0.1
-    update: str = "scan"
-    switch_rounds: int = 1
-    max_rounds: int | None = None
-    budget_s: float | None = None
-    accel: str = "none"
-    accel_memory: int = 3
+    method: str
+    settings: SamplerSettings
 
-    def __post_init__(self) -> None:
-        if self.method not in SAMPLER_METHODS:
-            raise ValueError(
-                f"sampler method must be one of {list(SAMPLER_METHODS)}; got {self.method!r}"
-            )
+    def __init__(self, schedule: Schedule, method: str = "picard",
+                 settings: SamplerSettings | None = None, **knobs: Any) -> None:
+        if method not in SAMPLER_METHODS:
+            raise ValueError(f"sampler method must be one of {list(SAMPLER_METHODS)}; "
+                             f"got {method!r}")
+        settings = SamplerSettings() if settings is None else settings
+        if not isinstance(settings, SamplerSettings):
+            raise TypeError(f"settings must be a SamplerSettings; got {type(settings).__name__}")
+        unknown = sorted(set(knobs) - set(SamplerSettings.names()))
+        if unknown:
+            raise TypeError(f"unknown sampler knobs {unknown}; allowed: "
+                            f"{list(SamplerSettings.names())}")
+        settings = dataclasses.replace(settings, **knobs) if knobs else settings
         # the sequential sampler ignores the knobs, but a bad value is still a mistake
-        window = _validate_picard_args(self.schedule, self.window, self.tol, self.update,
-                                       self.max_rounds)
-        _validate_accel(self.accel, self.accel_memory, window, self.num_steps)
-        _validate_budget(self.budget_s)
-        if not _is_int(self.switch_rounds) or self.switch_rounds < 0:
-            raise ValueError(f"switch_rounds must be an int >= 0; got {self.switch_rounds!r}")
+        settings.window_for(schedule.num_inference_steps)
+        object.__setattr__(self, "schedule", schedule)
+        object.__setattr__(self, "method", method)
+        object.__setattr__(self, "settings", settings)
+
+    window = _knob("window")
+    tol = _knob("tol")
+    update = _knob("update")
+    switch_rounds = _knob("switch_rounds")
+    max_rounds = _knob("max_rounds")
+    budget_s = _knob("budget_s")
+    accel = _knob("accel")
+    accel_memory = _knob("accel_memory")
+
+    @staticmethod
+    def config_keys() -> tuple[str, ...]:
+        """The keys a sampler config may set besides its schedule: the method and the knobs."""
+        return ("method", *SamplerSettings.names())
 
     @property
     def num_steps(self) -> int:
@@ -724,9 +654,9 @@ class Sampler:
         return {
             "method": self.method,
             "schedule": {"class": type(self.schedule).__name__, **self.schedule.config},
-            **{k: getattr(self, k) for k in ("window", "tol", "update", "switch_rounds",
-                                             "max_rounds", "budget_s", "accel",
-                                             "accel_memory")},
+            **{k: getattr(self.settings, k) for k in ("window", "tol", "update", "switch_rounds",
+                                                      "max_rounds", "budget_s", "accel",
+                                                      "accel_memory")},
         }
 
     def noise_shape(self, batch: int, *event_shape: int) -> tuple[int, ...]:
@@ -738,53 +668,33 @@ class Sampler:
         denoiser: Denoiser,
         noise: torch.Tensor,
         cond: Any = None,
-        init: torch.Tensor | None = None,
+        inputs: CallInputs | None = None,
         denoiser_pcm: Callable[..., torch.Tensor] | None = None,
         pcm_sees_noise: bool = False,
-        *,
-        budget_s: float | None = None,
-        clock: Callable[[], float] | None = None,
-        callback: Callback | None = None,
-        inpaint: Inpaint | None = None,
-        propagator: torch.Tensor | None = None,
         **overrides: Any,
     ) -> tuple[torch.Tensor, SampleStats]:
-        """Sample with this configuration. ``budget_s`` (seconds, measured on ``clock``) caps
-        this call's time on top of the sampler's own ``budget_s`` (the smaller wins);
-        ``overrides`` replace knobs (window, tol, update, max_rounds, switch_rounds) for one
-        call. The sequential sampler ignores budgets: it always returns the exact sample.
-        ``inpaint`` constrains the sample to known values (picard_sampler.inpaint) for every
-        method alike. ``propagator`` (T, E, E) is the linear coarse step of
-        ``update="parareal"`` (picard_sampler.parareal)."""
-        _validate_budget(budget_s)
+        """Sample with this configuration and this call's ``inputs`` (a ``CallInputs``: warm
+        start, budget in seconds on its clock (the smaller of it and the sampler's own wins),
+        callback, inpainting constraint, Parareal propagator). ``overrides`` replace knobs
+        (window, tol, update, max_rounds, switch_rounds, ...) for one call. The sequential
+        sampler ignores budgets and warm starts: it always returns the exact sample;
+        ``inpaint`` constrains the sample for every method alike."""
+        inputs = CallInputs() if inputs is None else inputs
+        if not isinstance(inputs, CallInputs):
+            raise TypeError(f"inputs must be a CallInputs; got {type(inputs).__name__}")
         if self.method == "sequential":
-            return sequential_sample(denoiser, self.schedule, noise, cond, callback=callback,
-                                     inpaint=inpaint)
-        unknown = sorted(set(overrides) - {"window", "tol", "update", "max_rounds",
-                                          "switch_rounds", "accel", "accel_memory"})
+            return sequential_sample(denoiser, self.schedule, noise, cond,
+                                     callback=inputs.callback, inpaint=inputs.inpaint)
+        # a call's own budget is `inputs.budget_s`: it tightens the knob, never replaces it
+        unknown = sorted(set(overrides) - (set(SamplerSettings.names()) - {"budget_s"}))
         if unknown:
             raise TypeError(f"unknown sampler overrides {unknown}")
-        budgets = [b for b in (self.budget_s, budget_s) if b is not None]
-        knobs = {
-            "window": self.window,
-            "tol": self.tol,
-            "update": self.update,
-            "max_rounds": self.max_rounds,
-            "accel": self.accel,
-            "accel_memory": self.accel_memory,
-            **{k: v for k, v in overrides.items() if k != "switch_rounds"},
-            "budget_s": min(budgets) if budgets else None,
-            "callback": callback,
-            "clock": clock or time.perf_counter,
-            "inpaint": inpaint,
-            "propagator": propagator,
-        }
+        settings = dataclasses.replace(self.settings, **overrides) if overrides else self.settings
         if self.method == "picard":
-            return picard_sample(denoiser, self.schedule, noise, cond, init=init, **knobs)
+            return _picard_iterate(_base_evaluator(denoiser), self.schedule, noise, cond,
+                                   settings, inputs)
         if denoiser_pcm is None:
             raise ValueError("sampler method 'pcm' needs a PCM denoiser (denoiser_pcm=...)")
-        return pcm_sample(
-            denoiser, denoiser_pcm, self.schedule, noise, cond,
-            switch_rounds=overrides.get("switch_rounds", self.switch_rounds), init=init,
-            pcm_sees_noise=pcm_sees_noise, **knobs,
-        )
+        path = noise_path(self.schedule, noise) if pcm_sees_noise else None
+        evaluate = _pcm_evaluator(denoiser, denoiser_pcm, settings.switch_rounds, path)
+        return _picard_iterate(evaluate, self.schedule, noise, cond, settings, inputs)

@@ -8,7 +8,6 @@ action steps, Da action dims, Dc global condition dims; an `n` prefix marks norm
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -20,6 +19,7 @@ from torch import nn
 from picard_sampler import (
     GUIDANCE_CLIP,
     TRAINING_SETTINGS,
+    CallInputs,
     Inpaint,
     Sampler,
     SampleStats,
@@ -326,12 +326,13 @@ class DiffusionPolicy(nn.Module):
             if tuple(noise.shape) != shape:
                 raise ValueError(f"noise: expected shape {shape}, got {tuple(noise.shape)}")
         pcm = self.pcm_denoiser if self.pcm is not None else None
-        naction, stats = sampler(
-            self.denoiser, noise.to(self.device), cond, init=init, denoiser_pcm=pcm,
-            pcm_sees_noise=self.pcm_sees_noise, budget_s=budget_s, clock=clock, inpaint=inpaint,
+        inputs = CallInputs(
+            init=init, budget_s=budget_s, clock=clock, inpaint=inpaint,
             propagator=(self.propagator_for(sampler.schedule) if sampler.needs_propagator
                         else None),
         )
+        naction, stats = sampler(self.denoiser, noise.to(self.device), cond, inputs,
+                                 denoiser_pcm=pcm, pcm_sees_noise=self.pcm_sees_noise)
         start = self.n_obs_steps - 1
         action = self.normalizer.unnormalize("action", naction)
         if not bool(torch.isfinite(action).all()):
@@ -400,8 +401,7 @@ class DiffusionPolicy(nn.Module):
         try:
             return Sampler(schedule, **config)
         except TypeError as e:
-            allowed = [f.name for f in dataclasses.fields(Sampler) if f.name != "schedule"]
-            allowed.append("schedule")  # the Sampler's own keys, then the schedule block
+            allowed = [*Sampler.config_keys(), "schedule"]  # then the schedule block
             raise ValueError(f"{key}: {e}; allowed keys: {allowed}") from e
         except ValueError as e:
             raise ValueError(f"{key}: {e}") from e

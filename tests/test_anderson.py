@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from picard_sampler import (
+    CallInputs,
     DDIMSchedule,
     DDPMSchedule,
     Inpaint,
@@ -56,7 +57,7 @@ def test_budgets_warm_starts_pcm_and_inpainting_still_work():
     reference, ref_stats = sequential_sample(net, schedule, noise, cond)
     x, stats = sampler(net, noise, cond, max_rounds=2)
     assert not stats.converged and stats.rounds == 2 and torch.isfinite(x).all()
-    x, stats = sampler(net, noise, cond, init=ref_stats.trajectory, tol=1e-4)
+    x, stats = sampler(net, noise, cond, CallInputs(init=ref_stats.trajectory), tol=1e-4)
     assert stats.rounds == 1 and (x - reference).abs().max() <= 1e-5
     x, stats = pcm_sample(net, SmallNet(seed=7), schedule, noise, cond, tol=1e-6,
                           accel="anderson")
@@ -64,7 +65,7 @@ def test_budgets_warm_starts_pcm_and_inpainting_still_work():
     inpaint = Inpaint(torch.full((2, H, D), 0.3), torch.cat(
         [torch.ones(2, 4, 1), torch.zeros(2, H - 4, 1)], 1))
     constrained, _ = sequential_sample(net, schedule, noise, cond, inpaint=inpaint)
-    x, stats = sampler(net, noise, cond, inpaint=inpaint)
+    x, stats = sampler(net, noise, cond, CallInputs(inpaint=inpaint))
     assert stats.converged and (x - constrained).abs().max() <= 1e-5
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from picard_sampler import (
+    CallInputs,
     DDIMSchedule,
     DDPMSchedule,
     Inpaint,
@@ -79,11 +80,12 @@ def test_constraint_with_warm_start_and_budget_through_the_sampler():
     net, noise = SmallNet(), make_noise(16, 2)
     cond = torch.randn(2, 3, generator=torch.Generator().manual_seed(2))
     inpaint = rtc_like(2)
-    reference, ref_stats = Sampler(schedule, "sequential")(net, noise, cond, inpaint=inpaint)
+    reference, ref_stats = Sampler(schedule, "sequential")(net, noise, cond,
+                                                          CallInputs(inpaint=inpaint))
     picard = Sampler(schedule, "picard", tol=1e-4)  # above float rounding: one round
-    x, stats = picard(net, noise, cond, init=ref_stats.trajectory, inpaint=inpaint)
+    x, stats = picard(net, noise, cond, CallInputs(init=ref_stats.trajectory, inpaint=inpaint))
     assert stats.rounds == 1 and (x - reference).abs().max() <= 1e-5
-    x, stats = picard(net, noise, cond, inpaint=inpaint, max_rounds=2)
+    x, stats = picard(net, noise, cond, CallInputs(inpaint=inpaint), max_rounds=2)
     assert not stats.converged and torch.isfinite(x).all()
 
 

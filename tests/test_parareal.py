@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from picard_sampler import (
+    CallInputs,
     DDIMSchedule,
     DDPMSchedule,
     Inpaint,
@@ -100,23 +101,24 @@ def test_budgets_warm_starts_pcm_and_inpainting_still_work():
     matrices = fit_linear_propagator(net, schedule, make_noise(16, 3, seed=5), _cond(3, 5))
     sampler = Sampler(schedule, "picard", tol=1e-6, update="parareal")
     reference, ref_stats = sequential_sample(net, schedule, noise, cond)
-    x, stats = sampler(net, noise, cond, max_rounds=2, propagator=matrices)
+    x, stats = sampler(net, noise, cond, CallInputs(propagator=matrices), max_rounds=2)
     assert not stats.converged and stats.rounds == 2 and torch.isfinite(x).all()
-    x, stats = sampler(net, noise, cond, init=ref_stats.trajectory, tol=1e-4,
-                       propagator=matrices)
+    x, stats = sampler(net, noise, cond,
+                       CallInputs(init=ref_stats.trajectory, propagator=matrices), tol=1e-4)
     assert stats.rounds == 1 and (x - reference).abs().max() <= 1e-5
     x, stats = pcm_sample(net, SmallNet(seed=7), schedule, noise, cond, tol=1e-6,
                           update="parareal", propagator=matrices)
     assert stats.converged and (x - reference).abs().max() <= 1e-5
-    x, stats = sampler(net, noise, cond, accel="anderson", propagator=matrices)
+    x, stats = sampler(net, noise, cond, CallInputs(propagator=matrices), accel="anderson")
     assert stats.converged and (x - reference).abs().max() <= 1e-5
     inpaint = Inpaint(torch.full((2, H, D), 0.3), torch.cat(
         [torch.ones(2, 4, 1), 0.5 * torch.ones(2, 3, 1), torch.zeros(2, H - 7, 1)], 1))
     constrained, _ = sequential_sample(net, schedule, noise, cond, inpaint=inpaint)
-    x, stats = sampler(net, noise, cond, inpaint=inpaint, propagator=matrices)
+    x, stats = sampler(net, noise, cond, CallInputs(inpaint=inpaint, propagator=matrices))
     assert stats.converged and (x - constrained).abs().max() <= 1e-5
     # the sequential sampler has no rounds to speed up: it ignores the propagator
-    x, _ = Sampler(schedule, "sequential")(net, noise, cond, propagator=matrices)
+    x, _ = Sampler(schedule, "sequential")(net, noise, cond,
+                                        CallInputs(propagator=matrices))
     assert torch.equal(x, reference)
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from picard_sampler import (
+    CallInputs,
     DDIMSchedule,
     DDPMSchedule,
     Sampler,
@@ -378,7 +379,7 @@ def test_sampler_budget_argument_and_knob_overrides() -> None:
         return net(x, t, c)
 
     sampler = Sampler(schedule, method="picard", tol=1e-6, budget_s=10.0)
-    _, stats = sampler(slow, noise, cond, budget_s=2.5, clock=lambda: now[0])
+    _, stats = sampler(slow, noise, cond, CallInputs(budget_s=2.5, clock=lambda: now[0]))
     assert stats.rounds == 2
     with pytest.raises(TypeError, match="unknown sampler overrides"):
         sampler(net, noise, cond, windw=4)
