@@ -152,7 +152,25 @@ def format_report(results: Mapping[str, Any]) -> str:
         f"{results['noise_seed']}) | {info['device']} ({info['device_name']}), threads "
         f"{info['threads']}, torch {info['versions']['torch']}",
         markdown_table(("metric", "value"), [(k, results["metrics"].get(k)) for k in METRICS]),
+        *speedup_lines(results),
     ])
+
+
+def speedup_lines(results: Mapping[str, Any]) -> list[str]:
+    """The line saying what the sampler bought over sequential sampling in this run (measured
+    on the exactness check's chunks) and what that check cost; none when it was not measured."""
+    metrics = results["metrics"]
+    speedup = metrics.get("speedup_vs_sequential")
+    if speedup is None:
+        return []
+    checks = metrics.get("n_exact_err_chunks") or 0
+    choice = results.get("sampler_choice")
+    name = f"auto ({choice['candidate']})" if choice else results["sampler"]["label"]
+    cost = metrics.get("exact_check_s")
+    spent = f"; the {checks} checks took {cost:.1f} s of the run" if cost is not None else ""
+    return [f"{name}: {speedup:.2f}x sequential sampling, measured in this run on the "
+            f"{checks} exactness-checked chunks ({metrics['sequential_ms_p50']:.0f} ms sequential "
+            f"vs {metrics['sequential_ms_p50'] / speedup:.0f} ms, p50){spent}"]
 
 
 def _job_number(job_dir: Path | str) -> tuple[int, str]:

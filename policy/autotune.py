@@ -6,16 +6,28 @@ the device, the thread count and the runtime: a many-row call costs little more 
 call on a GPU and nearly proportionally more on a small CPU. So it is measured, not assumed
 (docs/design.md §4.11):
 
-1. every candidate (sequential; Picard / PCM over each window, scan and, with a fitted
-   propagator, Parareal) samples one chunk of real observations under the first runtime, the
-   likely fastest first (a prior: ~T / window + 6 rounds x the measured cost of a call of its
-   rows), each under an anytime budget of 1.5x the fastest so far (a slower one is dropped);
-2. the fastest two sample `chunks - 1` more; a candidate's latency is its median;
-3. for each other runtime (e.g. onnxruntime, fast at few rows per call), the denoiser's cost
-   per call is timed at the row counts the candidates use, and a candidate's latency there is
+1. the call cost of the denoiser is timed at every row count a candidate uses (window x
+   batch), and sequential (T calls of the batch) samples one chunk: the baseline;
+2. every other candidate (Picard / PCM over each window, scan and, with a fitted propagator,
+   Parareal) samples one chunk of the FIRST observation only, the likely fastest first (a
+   prior: ~T / window + 6 rounds x the cost of a call of its rows), for its rounds: at one
+   robot that chunk is the measurement itself, under an anytime budget of 1.5x the fastest so
+   far; at a batch its latency there is predicted as (rounds + 1) x the cost of a call of its
+   rows at the batch (a batch waits for its slowest sample), and the chunk is capped at the
+   rounds that keep it within 1.5x the best so far;
+3. at one robot the fastest two sample `chunks - 1` more chunks; at a batch the two predicted
+   fastest sample `max(1, chunks - 1)` chunks of the whole batch. A candidate's latency is its
+   median, and the choice is the fastest measured, sequential included (a bad prediction can
+   cost speed, never give a choice measured slower than sequential);
+4. for each other runtime (e.g. onnxruntime, fast at few rows per call), the denoiser's cost
+   per call is timed at the row counts the finalists use, and a finalist's latency there is
    predicted as its measured latency plus rounds x (that runtime's call cost - the first's);
    the winner, if predicted on another runtime, is then timed there, and kept only if it is
    faster in fact.
+
+Exploring on one observation instead of the batch is what keeps calibration short at a batch:
+a chunk of one observation costs a tenth of a chunk of ten on a CPU, and the candidates' call
+costs differ only by their rows.
 
 The choice is cached on disk, keyed by the weights (PCM and propagators included), device,
 threads, batch, schedule and knobs, runtimes and package versions: a later run on the same
@@ -136,12 +148,13 @@ def choose_sampler(
     policy: DiffusionPolicy, obs: Obs, base: Sampler, *, windows: Sequence[int | None],
     runtimes: Sequence[str] = ("eager",), runtime_options: Mapping[str, Any] | None = None,
     chunks: int = 2, cache_dir: str | Path | None = None, recalibrate: bool = False,
-    seed: int = 0, clock: Callable[[], float] = time.perf_counter,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> AutoChoice:
     """The fastest exact configuration for `policy` on observations `obs` (its batch is the
     batch calibrated for), on `base`'s schedule and knobs; leaves the policy on the chosen
     runtime. `runtime_options` go to every runtime but eager (e.g. onnxruntime's cache_dir).
-    Cached under `cache_dir` (None: no cache)."""
+    Cached under `cache_dir` (None: no cache). The procedure: module docstring and
+    docs/design.md §4.11."""
     if chunks < 1:
         raise ValueError(f"calibration chunks must be >= 1; got {chunks}")
     options = dict(runtime_options or {})
@@ -161,74 +174,146 @@ def choose_sampler(
     start = clock()
     first = runtimes[0]
     _use_runtime(policy, first, options)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(0)
     noises = [torch.randn(base.noise_shape(batch, policy.horizon, policy.action_dim),
                           generator=generator) for _ in range(chunks)]
-    timings: dict[Candidate, list[float]] = {}
-    rounds: dict[Candidate, list[int]] = {}
-
-    def time_chunks(candidate: Candidate, which: Sequence[int],
-                    budget_ms: float | None = None) -> bool:
-        """Time `candidate` on the chunks `which`; False (and no timing kept) if a chunk ran
-        out of `budget_ms` unconverged: it cannot win."""
-        sampler = candidate.sampler(base)
-        for i in which:
-            timed = time_chunk(policy, cond, sampler, noises[i], clock, budget_ms)
-            if timed is None:
-                pruned.append(candidate)
-                return False
-            timings.setdefault(candidate, []).append(timed[0])
-            rounds.setdefault(candidate, []).append(timed[1])
-        return True
-
-    pruned: list[Candidate] = []
     pool = candidates(policy, base, windows, first)
     sequential = pool[0]
-    time_chunks(sequential, [0])  # the baseline, and the slowest that still counts
-    # likely fastest first, so the pruning bound is tight early: calls x cost of a call
     costs = _call_costs(policy, sorted({_rows(c, base, batch) for c in pool}), cond)
-    expected = {c: _prior_rounds(c, base) * costs[_rows(c, base, batch)] for c in pool[1:]}
-    for candidate in sorted(pool[1:], key=expected.get):
-        bound = min(timings[c][0] for c in timings)
-        time_chunks(candidate, [0], budget_ms=PRUNE_FACTOR * bound)
-    ranked = sorted(timings, key=lambda c: timings[c][0])
-    for candidate in ranked[:KEEP]:
-        if candidate is not sequential or candidate in ranked[:1]:
-            time_chunks(candidate, range(1, chunks))
-    measured = {c: statistics.median(timings[c]) for c in timings}
-    sequential_ms = measured[sequential]
+    run = _Calibration(policy, base, cond, noises, clock, costs)
+    run.time_at_batch(sequential, [0])  # the baseline: measured, never predicted
+    run.explore(pool[1:])
+    if batch == 1:  # explored on the batch itself: the fastest get the further chunks
+        ranked = sorted(run.timings, key=lambda c: run.timings[c][0])[:KEEP]
+        for candidate in ranked:
+            if candidate is not sequential or candidate is ranked[0]:
+                run.time_at_batch(candidate, range(1, chunks))
+    else:  # the KEEP predicted fastest, timed on the batch
+        for candidate in run.finalists():
+            run.time_at_batch(candidate, range(max(1, chunks - 1)))
+    measured = {c: statistics.median(ms) for c, ms in run.timings.items()}
     best = min(measured, key=measured.get)
     predictions: dict[str, float] = {}
     for runtime in runtimes[1:]:
-        finalists = sorted(measured, key=measured.get)[:KEEP]
-        predicted = _predict_on_runtime(policy, runtime, options, finalists, measured, rounds,
-                                        base, cond, batch, costs)
+        ranked = sorted(measured, key=measured.get)[:KEEP]
+        predicted = _predict_on_runtime(policy, runtime, options, ranked, measured,
+                                        run.rounds, base, cond, batch, costs)
         if predicted is None:
             continue
         predictions.update({c.short: ms for c, ms in predicted.items()})
         fastest = min(predicted, key=predicted.get)
         if predicted[fastest] < measured[best]:
             _use_runtime(policy, runtime, options)
-            time_chunks(fastest, range(chunks))
-            measured[fastest] = statistics.median(timings[fastest])
-            if measured[fastest] < measured[best]:
-                best = fastest
+            run.time_at_batch(fastest, range(chunks))
+            if fastest in run.timings:  # else a max_rounds / budget_s stopped it there
+                measured[fastest] = statistics.median(run.timings[fastest])
+                if measured[fastest] < measured[best]:
+                    best = fastest
         _use_runtime(policy, first, options)
     _use_runtime(policy, best.runtime, options)
+    sequential_ms = measured[sequential]
     calibration = {
         "seconds": clock() - start, "batch": batch, "chunks": chunks,
         "threads": torch.get_num_threads(), "device": str(policy.device),
         "chosen": best.short, "chosen_ms": measured[best], "sequential_ms": sequential_ms,
         "speedup": sequential_ms / measured[best],
-        "candidates": [{"candidate": c.short, "latency_ms": statistics.median(timings[c]),
-                        "chunks_timed": len(timings[c]),
-                        "rounds_mean": statistics.fmean(rounds[c])} for c in timings],
-        "pruned": [c.short for c in pruned], "predicted_ms": predictions, "cached": False,
+        "candidates": [run.summary(c) for c in pool if c in run.rounds],
+        "pruned": [c.short for c in run.pruned], "predicted_ms": predictions, "cached": False,
     }
     if cache is not None:
         _write_cache(cache, best, calibration)
         calibration["cache"] = str(cache)
     return AutoChoice(best, best.sampler(base), calibration)
+
+
+ROUNDS_MARGIN = 1
+"""Rounds added to a candidate's one-robot round count to predict it for a batch: a batched
+chunk runs until its slowest sample converges (measured on PushT DDPM-100: 0-1 rounds more at
+B=10 than on the first observation alone)."""
+
+
+class _Calibration:
+    """The measurements of one calibration: each candidate's rounds on the first observation
+    (a one-row-per-slot chunk, cheap), its latency predicted for the batch from them and the
+    measured cost of a call of its rows, and the finalists timed on the whole batch."""
+
+    def __init__(self, policy: DiffusionPolicy, base: Sampler, cond: torch.Tensor,
+                 noises: Sequence[torch.Tensor], clock: Callable[[], float],
+                 costs: Mapping[int, float]) -> None:
+        self.policy, self.base, self.cond, self.noises, self.clock = (
+            policy, base, cond, noises, clock)
+        self.batch = cond.shape[0]
+        self.costs = costs
+        self.timings: dict[Candidate, list[float]] = {}  # ms per chunk of the whole batch
+        self.rounds: dict[Candidate, list[int]] = {}
+        self.predicted: dict[Candidate, float] = {}  # at a batch: ms per chunk, predicted
+        self.pruned: list[Candidate] = []
+
+    def call_cost(self, candidate: Candidate) -> float:
+        """ms of one denoiser call of `candidate`'s rows at the calibrated batch."""
+        return self.costs[_rows(candidate, self.base, self.batch)]
+
+    def explore(self, pool: Sequence[Candidate]) -> None:
+        """Rounds (and, at one robot, latency) of every candidate of `pool` on the first
+        observation, the likely fastest first; one that cannot come within PRUNE_FACTOR of the
+        best so far (the sequential baseline included) is stopped early and dropped: by an
+        anytime budget at one robot, by a round cap at a batch, where a round's cost is known
+        from the call costs."""
+        expected = {c: _prior_rounds(c, self.base) * self.call_cost(c) for c in pool}
+        for candidate in sorted(pool, key=expected.get):
+            bound = PRUNE_FACTOR * min([*self.predicted.values(),
+                                        *(ms[0] for ms in self.timings.values())])
+            sampler = candidate.sampler(self.base)
+            if self.batch == 1:
+                timed = time_chunk(self.policy, self.cond, sampler, self.noises[0], self.clock,
+                                   budget_ms=bound)
+            else:
+                cap = int(bound // self.call_cost(candidate)) - ROUNDS_MARGIN
+                if cap < 1:
+                    self.pruned.append(candidate)
+                    continue
+                if sampler.max_rounds is not None:
+                    cap = min(cap, sampler.max_rounds)
+                sampler = dataclasses.replace(sampler, max_rounds=cap)
+                timed = time_chunk(self.policy, self.cond[:1], sampler, self.noises[0][:, :1],
+                                   self.clock)
+            if timed is None:
+                self.pruned.append(candidate)
+                continue
+            ms, rounds = timed
+            self.rounds[candidate] = [rounds]
+            if self.batch == 1:
+                self.timings[candidate] = [ms]
+            else:
+                self.predicted[candidate] = (rounds + ROUNDS_MARGIN) * self.call_cost(candidate)
+
+    def finalists(self) -> list[Candidate]:
+        """The KEEP candidates predicted fastest for the batch."""
+        return sorted(self.predicted, key=self.predicted.get)[:KEEP]
+
+    def time_at_batch(self, candidate: Candidate, which: Sequence[int]) -> None:
+        """Time `candidate` on the whole batch, on the calibration chunks `which`."""
+        sampler = candidate.sampler(self.base)
+        if self.batch > 1 and candidate.method != "sequential":
+            self.rounds[candidate] = []  # the batch's own rounds replace the first sample's
+        for i in which:
+            timed = time_chunk(self.policy, self.cond, sampler, self.noises[i], self.clock)
+            if timed is None:  # a max_rounds / budget_s the user set: it cannot converge
+                self.pruned.append(candidate)
+                self.timings.pop(candidate, None)
+                return
+            self.timings.setdefault(candidate, []).append(timed[0])
+            self.rounds.setdefault(candidate, []).append(timed[1])
+
+    def summary(self, candidate: Candidate) -> dict[str, Any]:
+        """What results.json records of one candidate."""
+        timed = self.timings.get(candidate)
+        return {"candidate": candidate.short,
+                "latency_ms": statistics.median(timed) if timed else None,
+                "predicted_ms": self.predicted.get(candidate),
+                "chunks_timed": len(timed or []),
+                "rounds_mean": statistics.fmean(self.rounds[candidate])
+                if self.rounds.get(candidate) else None}
 
 
 def time_chunk(policy: DiffusionPolicy, cond: torch.Tensor, sampler: Sampler,
@@ -281,22 +366,28 @@ def _prior_rounds(candidate: Candidate, base: Sampler) -> float:
     return steps / (candidate.window or steps) + 6
 
 
+CHEAP_ROWS = 64
+"""Calls of up to this many rows are timed three times (median); bigger ones, which cost
+tens to hundreds of ms on a CPU and vary less, once."""
+
+
 def _call_costs(policy: DiffusionPolicy, row_counts: Sequence[int], cond: torch.Tensor,
-                repeats: int = 3) -> dict[int, float]:
-    """Median ms of one denoiser call at each row count (after one warm-up call)."""
-    costs = {}
-    for n in row_counts:
+                ) -> dict[int, float]:
+    """ms of one denoiser call at each row count, after one warm-up call at the smallest."""
+    costs: dict[int, float] = {}
+
+    def call(n: int) -> float:
         x = torch.randn(n, policy.horizon, policy.action_dim)
         t = torch.full((n,), 1, dtype=torch.long)
         c = cond.repeat((n + cond.shape[0] - 1) // cond.shape[0], 1)[:n]
-        with torch.inference_mode():
-            policy.denoiser(x, t, c)
-            samples = []
-            for _ in range(repeats):
-                tick = time.perf_counter()
-                policy.denoiser(x, t, c)
-                samples.append((time.perf_counter() - tick) * 1e3)
-        costs[n] = statistics.median(samples)
+        tick = time.perf_counter()
+        policy.denoiser(x, t, c)
+        return (time.perf_counter() - tick) * 1e3
+
+    with torch.inference_mode():
+        call(min(row_counts))
+        for n in row_counts:
+            costs[n] = statistics.median(call(n) for _ in range(3 if n <= CHEAP_ROWS else 1))
     return costs
 
 

@@ -69,6 +69,8 @@ class ChunkRecord:
     converged_rows: list[bool] | None = None  # per sampled env (left out of flat reports)
     server_overhead_ms: float | None = None  # from a policy server: latency - its inference
     encode_ms: float | None = None  # the observation encoder's share of latency_ms
+    sequential_ms: float | None = None  # the exactness check's sequential sample of the same
+    # condition and noise (a measured call only): what sequential sampling costs here
 
     @property
     def converged(self) -> bool:
@@ -239,7 +241,10 @@ class ChunkPolicy:
             for k, row in enumerate(rows):
                 self._trajectories[row] = stats.trajectory[:, k]
         if self.exact_err_every and self._calls % self.exact_err_every == 0:
+            tick = self.clock()
             errors = self._exact_errors(cond, noise, stats.sample, inpaint)
+            if self.reference is not None:
+                record.sequential_ms = (self.clock() - tick) * 1e3
             record.exact_err, record.exact_err_mean = float(errors.max()), float(errors.mean())
         self._calls += 1
         if subset:
@@ -271,6 +276,9 @@ def summarize_chunks(
     rounds = [r.rounds for r in records]
     latency = np.array([r.latency_ms for r in records[warmup_chunks:]], dtype=float)
     measured = [r for r in records if r.exact_err is not None]
+    # the same timed calls, sampled by the sampler and by the exactness check's sequential
+    paired = [r for r in records[warmup_chunks:] if r.sequential_ms is not None]
+    sequential_p50 = percentile([r.sequential_ms for r in paired], 50)
     return {
         "rounds_mean": float(np.mean(rounds)) if rounds else None,
         "rounds_p95": percentile(rounds, 95),
@@ -284,6 +292,9 @@ def summarize_chunks(
         "latency_ms_p50": percentile(latency, 50),
         "encode_ms_p50": percentile(
             [r.encode_ms for r in records[warmup_chunks:] if r.encode_ms is not None], 50),
+        "sequential_ms_p50": sequential_p50,
+        "speedup_vs_sequential": (
+            sequential_p50 / percentile([r.latency_ms for r in paired], 50) if paired else None),
         "latency_ms_p95": percentile(latency, 95),
         "latency_ms_p99": percentile(latency, 99),
         "deadline_miss_rate": (
@@ -293,4 +304,6 @@ def summarize_chunks(
         "n_chunks": len(records),
         "n_timed_chunks": int(latency.size),
         "n_exact_err_chunks": len(measured),
+        "exact_check_s": (sum(r.sequential_ms for r in records if r.sequential_ms is not None)
+                          / 1e3 if measured else None),
     }
