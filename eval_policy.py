@@ -22,12 +22,13 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from app.builder import POLICY_RUN_GROUPS
 from app.command_line import precheck_or_exit
 from app.entry import run_entry
 from app.evaluation import run_eval
 from app.run_dirs import check_results_free
 
-CHECKED_GROUPS = ("sampler", "env")
+CHECKED_GROUPS = POLICY_RUN_GROUPS  # conf/policy_run/: sampler, runtime, env
 
 
 @hydra.main(config_path="conf", config_name="eval", version_base="1.3")

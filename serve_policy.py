@@ -22,11 +22,12 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from app.builder import POLICY_RUN_GROUPS
 from app.command_line import precheck_or_exit
 from app.entry import run_entry
 from app.serving import run_serve
 
-CHECKED_GROUPS = ("sampler", "runtime")
+CHECKED_GROUPS = POLICY_RUN_GROUPS  # conf/policy_run/: sampler, runtime, env
 
 
 @hydra.main(config_path="conf", config_name="serve", version_base="1.3")

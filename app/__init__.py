@@ -7,5 +7,6 @@
 one-line errors and exit statuses (`app.entry`), run folders (`app.run_dirs`), the policy
 builder eval and serve share (`app.builder`), evaluation runs (`app.evaluation`), training runs
 (`app.training`), reports (`app.report`) and the policy server (`app.serving`). Entry scripts
-(`eval_policy.py`, `train_pcm.py`, `serve_policy.py`) are thin Hydra wrappers over it; nothing here imports an entry script (docs/design.md §2).
+(`eval_policy.py`, `train_pcm.py`, `serve_policy.py`) are thin Hydra wrappers over it; nothing
+here imports an entry script (docs/design.md §2).
 """

@@ -11,11 +11,8 @@ what training's periodic rollouts call too.
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import importlib
 import time
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,8 +32,15 @@ from picard_client.realtime import (
     timed_requests,
 )
 
+from app.builder import (
+    PolicySpec,
+    build_policy,
+    check_env_fits,
+    make_env_factory,
+    policy_run_checks,
+)
 from app.checks import ConfigError, is_int, is_number, plain, raise_first_failure
-from app.device import DEVICE_ALLOWED, configure_torch, device_ok
+from app.device import configure_torch
 from app.report import (
     format_report,
     log_to_wandb,
@@ -49,18 +53,13 @@ from envs.rollout import VECTOR_KINDS, RolloutResult, rollout
 from picard_sampler import GUIDANCE_CLIP, INPAINT_METHODS, Sampler
 from picard_sampler.metrics import EXACT_RULE, is_exact
 from picard_sampler.runinfo import run_info
-from policy.autotune import AutoChoice
-from policy.checkpoint import PCM_KEY
 from policy.chunking import (
-    WARM_STARTS,
     ChunkPolicy,
     ChunkRecord,
     resolve_warm_start,
     summarize_chunks,
 )
 from policy.diffusion_policy import DiffusionPolicy
-from policy.loading import load_with_metadata
-from policy.runtime import RuntimeUnavailable
 
 # ----------------------------------------------------------------------------- config, setup
 MAX_EPISODES = 100_000
@@ -72,11 +71,10 @@ def check_eval_config(cfg: DictConfig) -> None:
     """Reject values an eval run cannot use, naming the key and what is allowed."""
     rt = cfg.realtime
     raise_first_failure(cfg, [
+        *policy_run_checks(cfg),
         ("n_episodes", is_int(cfg.n_episodes, 1) and cfg.n_episodes <= MAX_EPISODES,
          f"an int in [1, {MAX_EPISODES}]"),
         ("n_envs", is_int(cfg.n_envs, 1), "an int >= 1"),
-        ("checkpoint", isinstance(cfg.checkpoint, str) and bool(cfg.checkpoint),
-         "a path (a checkpoint file or a LeRobot folder)"),
         ("seed_start", is_int(cfg.seed_start, 0) and cfg.seed_start + _n(cfg) <= 2**32 - 1,
          "an int >= 0 with seed_start + n_episodes < 2**32 (env seeds are 32-bit)"),
         ("noise_seed", is_int(cfg.noise_seed, 0), "an int >= 0"),
@@ -87,10 +85,6 @@ def check_eval_config(cfg: DictConfig) -> None:
         ("deadline_ms", cfg.deadline_ms is None or is_number(cfg.deadline_ms, 0, strict=True),
          "null or a number > 0"),
         ("vector", cfg.vector in VECTOR_KINDS, f"one of {list(VECTOR_KINDS)}"),
-        ("device", device_ok(cfg.device), DEVICE_ALLOWED),
-        ("threads", cfg.threads is None or is_int(cfg.threads, 1), "null or an int >= 1"),
-        ("warm_start", isinstance(cfg.warm_start, bool) or cfg.warm_start in WARM_STARTS,
-         f"one of {list(WARM_STARTS)}"),
         ("realtime.enabled", isinstance(rt.enabled, bool), "true or false"),
         ("server", cfg.server is None or (isinstance(cfg.server, str) and ":" in cfg.server),
          "null or HOST:PORT of a running serve_policy.py"),
@@ -172,77 +166,7 @@ def realtime_settings(cfg: DictConfig, dims: tuple[int, int, int]) -> Realtime |
                     None if rt.model_latency_ms is None else float(rt.model_latency_ms))
 
 
-# ------------------------------------------------------------------------ checkpoint, env
-def load_checkpoint_and_policy(
-    path: str | Path, device: torch.device
-) -> tuple[dict[str, Any], DiffusionPolicy]:
-    """The checkpoint record and its EMA policy on `device`: ours, a Diffusion Policy
-    workspace checkpoint or a LeRobot folder (policy.loading); a missing or unreadable one is a
-    ConfigError naming the path."""
-    if not Path(path).expanduser().exists():
-        raise ConfigError(
-            f"checkpoint not found: {path} (pass checkpoint=PATH to a train_pcm.py checkpoint, "
-            "a Diffusion Policy .ckpt or a LeRobot pretrained-model folder)"
-        )
-    try:
-        policy, record = load_with_metadata(path, map_location=device)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        raise ConfigError(str(message)) from e
-    except OSError as e:  # unreadable file or folder
-        raise ConfigError(f"checkpoint {e.filename or path} cannot be read: "
-                          f"{e.strerror or e}") from e
-    return record, policy
-
-
-def resolve_env(env_cfg: DictConfig | None, checkpoint_config: Mapping[str, Any]) -> dict:
-    """The env config to evaluate in: the explicit `env=...` choice, else the checkpoint's own
-    (an imported policy names none: then `env=` is required)."""
-    if env_cfg is not None:
-        return plain(env_cfg)
-    if not checkpoint_config.get("env"):
-        source = (checkpoint_config.get("imported_from") or {}).get("format", "this")
-        raise ConfigError(f"env must be set (env=<name>, e.g. env=pusht_lowdim): a {source} "
-                          "checkpoint does not name one of our envs")
-    return checked_checkpoint_env(checkpoint_config["env"])
-
-
-def our_env_ids() -> list[str]:
-    """The gymnasium ids (with their "envs:" prefix) of the envs this package registers."""
-    import envs  # noqa: F401  (registers them)
-
-    return sorted(f"envs:{env_id}" for env_id, spec in gym.registry.items()
-                  if isinstance(spec.entry_point, str) and spec.entry_point.startswith("envs."))
-
-
-def checked_checkpoint_env(env: Any) -> dict[str, Any]:
-    """A checkpoint's stored env config, taken as data: plain values only and the id of one of
-    our envs (a file must not make gym.make import a module of its choosing)."""
-    from policy.safe_config import CheckpointError, check_plain
-
-    try:
-        check_plain(env, "checkpoint", "config.env")
-    except CheckpointError as e:
-        raise ConfigError(str(e)) from e
-    allowed = our_env_ids()
-    if not isinstance(env, Mapping) or env.get("id") not in allowed:
-        got = env.get("id") if isinstance(env, Mapping) else env
-        raise ConfigError(f"the checkpoint's config.env.id {got!r:.80} is not one of our envs "
-                          f"({', '.join(allowed)}); pass env=<name> to choose one")
-    if not isinstance(env.get("kwargs") or {}, Mapping):
-        raise ConfigError("the checkpoint's config.env.kwargs is not a mapping")
-    return dict(env)
-
-
-def make_env_factory(env: Mapping[str, Any], max_steps: int, render: bool) -> Callable[[], gym.Env]:
-    """A picklable thunk making one env of `env` (gymnasium id + kwargs) that ends at
-    `max_steps`, rendering RGB frames if `render`."""
-    kwargs = dict(env.get("kwargs") or {}, max_episode_steps=max_steps)
-    if render:
-        kwargs["render_mode"] = "rgb_array"
-    return functools.partial(gym.make, env["id"], **kwargs)
-
-
+# ------------------------------------------------------------------------------ env
 def env_class_attribute(env: Mapping[str, Any], name: str, default: Any) -> Any:
     """Attribute `name` of the class an env config (gymnasium id, "module:" prefix allowed)
     makes, read from its registration: no env is built (a robosuite env takes seconds)."""
@@ -252,194 +176,6 @@ def env_class_attribute(env: Mapping[str, Any], name: str, default: Any) -> Any:
     entry_point = gym.spec(env_id).entry_point
     creator = load_env_creator(entry_point) if isinstance(entry_point, str) else entry_point
     return getattr(creator, name, default)
-
-
-def check_env_fits_policy(
-    make_env: Callable[[], gym.Env], policy: DiffusionPolicy, env_name: str, checkpoint: str
-) -> None:
-    """Reject an env whose observation or action shapes are not the ones the policy takes."""
-    check_env_fits(make_env, policy.obs_encoder.obs_shapes, policy.action_dim, env_name,
-                   f"the policy in {checkpoint}", getattr(policy.obs_encoder, "aliases", {}))
-
-
-def check_env_fits(
-    make_env: Callable[[], gym.Env], obs_shapes: Mapping[str, Sequence[int]], action_dim: int,
-    env_name: str, source: str, aliases: Mapping[str, str] | None = None,
-) -> None:
-    """Reject an env whose observation or action shapes are not `obs_shapes` (per key, one step)
-    and (action_dim,); `aliases` map the env's keys to the policy's (e.g. gym-pusht's for
-    LeRobot's); `source` names the policy in the message."""
-    env = make_env()
-    obs_space, action_space = env.observation_space, env.action_space
-    env.close()
-    wanted = {key: tuple(shape) for key, shape in obs_shapes.items()}
-    aliases = aliases or {}
-    if isinstance(obs_space, gym.spaces.Dict):
-        got: Any = {aliases.get(key, key): tuple(space.shape)
-                    for key, space in obs_space.spaces.items()}
-        fits = all(got.get(key) == shape for key, shape in wanted.items())
-    else:
-        got = tuple(obs_space.shape)
-        fits = len(wanted) == 1 and next(iter(wanted.values())) == got
-    if not fits:
-        raise ConfigError(
-            f"env {env_name} does not fit {source}: the env observes {got}, the policy takes "
-            f"{wanted}"
-        )
-    if tuple(action_space.shape) != (action_dim,):
-        raise ConfigError(
-            f"env {env_name} does not fit {source}: the env takes actions of shape "
-            f"{tuple(action_space.shape)}, the policy outputs ({action_dim},)"
-        )
-
-
-# ---------------------------------------------------------------------------------- sampler
-AUTO_KEYS = ("windows", "runtimes", "calibration_chunks", "recalibrate", "cache_dir")
-"""The keys of conf/sampler/auto.yaml beyond a Picard sampler's."""
-
-
-@dataclass(frozen=True)
-class AutoSettings:
-    """sampler=auto's calibration settings (conf/sampler/auto.yaml), checked."""
-
-    windows: tuple[int | None, ...]
-    runtimes: tuple[str, ...]
-    chunks: int
-    recalibrate: bool
-    cache_dir: str | None
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any], key: str = "sampler") -> AutoSettings:
-        """The settings of a `method: auto` block; a bad value is a ConfigError naming it."""
-        from policy.runtime import RUNTIMES
-
-        windows = config.get("windows") or [None]
-        runtimes = config.get("runtimes") or ["eager"]
-        chunks = config.get("calibration_chunks", 2)
-        raise_first_failure(OmegaConf.create({key: dict(config)}), [
-            (f"{key}.windows", isinstance(windows, list | tuple) and all(
-                w is None or is_int(w, 1) for w in windows), "a list of ints >= 1 or null"),
-            (f"{key}.runtimes", isinstance(runtimes, list | tuple) and all(
-                r in RUNTIMES for r in runtimes), f"a list of {list(RUNTIMES)}"),
-            (f"{key}.calibration_chunks", is_int(chunks, 1) and chunks <= 20,
-             "an int in [1, 20]"),
-            (f"{key}.recalibrate", isinstance(config.get("recalibrate", False), bool),
-             "true or false"),
-        ])
-        cache = config.get("cache_dir")
-        return cls(tuple(windows), tuple(runtimes), int(chunks),
-                   bool(config.get("recalibrate", False)),
-                   None if cache in (None, "") else str(cache))
-
-
-def split_auto(sampler_cfg: Mapping[str, Any] | DictConfig, key: str = "sampler"
-               ) -> tuple[dict[str, Any], AutoSettings | None]:
-    """A sampler config without its auto settings (as a Picard sampler's: the candidates'
-    common schedule and knobs), and those settings (None unless `method: auto`)."""
-    config = plain(sampler_cfg)
-    if config.get("method") != "auto":
-        return config, None
-    settings = AutoSettings.from_config(config, key)
-    base = {k: v for k, v in config.items() if k not in AUTO_KEYS}
-    return {**base, "method": "picard", "window": None, "update": "scan"}, settings
-
-
-def calibration_observations(make_env: Callable[[], gym.Env], policy: DiffusionPolicy,
-                             batch: int, seed_start: int) -> Any:
-    """(batch, To, ...) first observations of episodes seed_start, seed_start + 1, ... as the
-    rollout stacks them (MultiStepWrapper): what sampler=auto calibrates on."""
-    from envs.rollout import MultiStepWrapper, _stack_obs
-
-    observations = []
-    for i in range(batch):
-        env = MultiStepWrapper(make_env(), policy.n_obs_steps, policy.n_action_steps, 1)
-        obs, _ = env.reset(seed=seed_start + i)
-        observations.append(obs)
-        env.close()
-    return _stack_obs(observations)
-
-
-def choose_auto_sampler(policy: DiffusionPolicy, base: Sampler, settings: AutoSettings,
-                        obs: Any, runtime_cfg: Mapping[str, Any] | DictConfig,
-                        device: torch.device) -> AutoChoice:
-    """sampler=auto's choice for this policy and batch (policy.autotune), printed in one line;
-    the configured runtime is the first timed, then `settings.runtimes`' others."""
-    from policy.autotune import choose_sampler
-
-    options = plain(runtime_cfg)
-    first = options.pop("kind", "eager")
-    runtimes = [first, *[r for r in settings.runtimes if r != first]]
-    if device.type != "cuda":
-        runtimes = [r for r in runtimes if r != "cuda_graph"]
-    extra = {k: v for k, v in options.items() if k in ("cache_dir", "spinning")}
-    try:
-        choice = choose_sampler(policy, obs, base, windows=settings.windows, runtimes=runtimes,
-                                runtime_options=extra, chunks=settings.chunks,
-                                cache_dir=settings.cache_dir, recalibrate=settings.recalibrate)
-    except (ValueError, RuntimeUnavailable) as e:
-        raise ConfigError(f"sampler=auto: {e}") from e
-    print(choice.line(device.type, torch.get_num_threads(), choice.calibration["batch"]))
-    return choice
-
-
-def build_sampler(sampler_cfg: Mapping[str, Any] | DictConfig, policy: DiffusionPolicy,
-                  key: str = "sampler") -> Sampler:
-    """The Sampler of a conf/sampler config on `policy`'s training settings
-    (`DiffusionPolicy.sampler_from_config`); a bad value is a ConfigError naming its key.
-    `update=parareal` without a propagator fitted for this policy and schedule falls back to
-    `update=scan` with a warning: the same chunks (both converge to the sequential one), more
-    rounds; the run then records scan, which is what it ran."""
-    config, _ = split_auto(sampler_cfg, key)
-    try:
-        sampler = policy.sampler_from_config(config, key)
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
-    if sampler.needs_propagator and not policy.has_propagator(sampler.schedule):
-        steps = f"{sampler.schedule.name}-{sampler.num_steps}"
-        warnings.warn(
-            f"{key}.update=parareal: no linear propagator is fitted for this policy and "
-            f"{steps.upper()}; sampling with update=scan instead (the same chunks, more "
-            f"rounds). Fit one: python scripts/fit_propagator.py CHECKPOINT --schedules {steps}",
-            stacklevel=2,
-        )
-        sampler = dataclasses.replace(sampler, update="scan")
-    return sampler
-
-
-def check_pcm_weights(sampler: Sampler, checkpoint: Mapping[str, Any], path: str) -> None:
-    """PCM sampling needs a PCM in the checkpoint: say which key is missing, up front; warn when
-    the PCM was trained for another schedule (still exact by switching, but no faster)."""
-    if sampler.method != "pcm":
-        return
-    if PCM_KEY not in checkpoint:
-        raise ConfigError(
-            f"sampler=pcm needs PCM weights under the checkpoint key '{PCM_KEY}', "
-            f"which {path} does not have: train a PCM for this policy or pick another sampler"
-        )
-    pcm_config = (checkpoint.get("config") or {}).get("pcm")
-    trained = pcm_config.get("schedule") if isinstance(pcm_config, Mapping) else None
-    trained = trained if isinstance(trained, Mapping) else {}  # data from the file: only read
-    name = str(trained.get("_target_", "")).rsplit(".", 1)[-1]
-    steps = trained.get("num_inference_steps")
-    if name and (name, steps) != (type(sampler.schedule).__name__, sampler.num_steps):
-        warnings.warn(
-            f"the PCM in {path} was trained for {name} with {steps} steps, but the sampler runs "
-            f"{type(sampler.schedule).__name__} with {sampler.num_steps}: the chunks stay exact "
-            "(model switching), but expect no gain over Picard (sampler=pcm_ddim16 is DDIM-16, "
-            "sampler=pcm_ddpm100 DDPM-100)",
-            stacklevel=2,
-        )
-
-
-def choose_runtime(policy: DiffusionPolicy, runtime_cfg: Mapping[str, Any] | DictConfig) -> None:
-    """Run the policy's denoiser with the conf/runtime choice; one line if it cannot run here
-    (a missing package, no CUDA) or a value is wrong."""
-    options = plain(runtime_cfg)
-    kind = options.pop("kind", "eager")
-    try:
-        policy.use_runtime(kind, **options)
-    except (ValueError, TypeError, RuntimeUnavailable) as e:
-        raise ConfigError(f"runtime: {e}") from e
 
 
 # ------------------------------------------------------------------------------- rollouts
@@ -612,29 +348,16 @@ class _Run:
 
 def _run_local(cfg: DictConfig, device: torch.device) -> _Run:
     """Load the checkpoint here and roll it out (offline, or on the control clock)."""
-    checkpoint, policy = load_checkpoint_and_policy(cfg.checkpoint, device)
-    env = resolve_env(cfg.env, checkpoint["config"])
+    n_envs = 1 if cfg.realtime.enabled else cfg.n_envs  # real time: one robot, one env
+    built = build_policy(PolicySpec.from_config(  # sampler=auto: calibrated for that batch
+        cfg, env_required=True, max_steps=cfg.max_steps,
+        calibration_batch=min(n_envs, cfg.n_episodes), calibration_seed=cfg.seed_start), device)
+    policy, sampler, checkpoint, env = built.policy, built.sampler, built.checkpoint, built.env
+    runtime, choice = built.runtime, built.auto
     max_steps = env["max_steps"] if cfg.max_steps is None else cfg.max_steps
-    check_env_fits_policy(
-        make_env_factory(env, max_steps, render=False), policy, env["name"], cfg.checkpoint
-    )
-    sampler = build_sampler(cfg.sampler, policy)
-    check_pcm_weights(sampler, checkpoint, cfg.checkpoint)
-    choose_runtime(policy, cfg.runtime)
     realtime = realtime_settings(cfg, (policy.n_obs_steps, policy.n_action_steps,
                                        policy.horizon))
-    n_envs, exact_err_every = cfg.n_envs, cfg.exact_err_every if cfg.exact_err else 0
-    if realtime is not None:
-        n_envs = 1
-    runtime = plain(cfg.runtime)
-    auto = split_auto(cfg.sampler)[1]
-    choice = None
-    if auto is not None:  # calibrated for the batch the rollout samples (real time: one robot)
-        obs = calibration_observations(make_env_factory(env, max_steps, render=False), policy,
-                                       min(n_envs, cfg.n_episodes), cfg.seed_start)
-        choice = choose_auto_sampler(policy, sampler, auto, obs, cfg.runtime, device)
-        sampler = choice.sampler
-        runtime = {**runtime, "kind": choice.candidate.runtime}
+    exact_err_every = cfg.exact_err_every if cfg.exact_err else 0
     print(f"evaluating {cfg.checkpoint} (step {checkpoint['step']}) with {sampler.label}: "
           f"{cfg.n_episodes} episodes of {env['name']} on {device}")
     if realtime is not None:

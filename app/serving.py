@@ -219,43 +219,81 @@ class _Connection:
         return self.closed is not None and self.closed.done()
 
 
+@dataclass(frozen=True)
+class ServerSettings:
+    """How a PolicyServer serves (conf/serve.yaml, docs/design.md §11): the episodes' noise seed
+    and warm start, batching, connection and message limits, the idle and ping clocks, how a
+    request's prefix constrains its chunk, the wire protocol, the token and the resume window.
+    The token is kept out of the record's repr."""
+
+    noise_seed: int = 0
+    warm_start: str | bool = "none"
+    max_batch: int = 8
+    max_clients: int = 16
+    max_episodes_per_client: int = 8
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    max_message_items: int = DEFAULT_MAX_MESSAGE_ITEMS
+    idle_timeout_s: float = 60.0
+    ping_interval_s: float | None = 20.0
+    ping_timeout_s: float | None = 20.0
+    inpaint_method: str = "replace"
+    guidance_clip: float = GUIDANCE_CLIP
+    protocol: str = "picard"
+    openpi_actions: str = "executable"
+    auth_token: str | None = field(default=None, repr=False)
+    resume_window_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS or self.openpi_actions not in OPENPI_ACTIONS:
+            raise ValueError(f"protocol must be one of {list(PROTOCOLS)} and openpi_actions one "
+                             f"of {list(OPENPI_ACTIONS)}; got {self.protocol!r}, "
+                             f"{self.openpi_actions!r}")
+
+    @classmethod
+    def from_config(cls, cfg: Any, auth_token: str | None) -> ServerSettings:
+        """The settings of a checked conf/serve.yaml config (`auth_token`: serve_security's)."""
+        return cls(
+            noise_seed=cfg.noise_seed, warm_start=cfg.warm_start, max_batch=cfg.max_batch,
+            max_clients=cfg.max_clients, max_episodes_per_client=cfg.max_episodes_per_client,
+            max_message_bytes=int(cfg.max_message_mb * 2**20),
+            max_message_items=cfg.max_message_items, idle_timeout_s=float(cfg.idle_timeout_s),
+            ping_interval_s=cfg.ping_interval_s, ping_timeout_s=cfg.ping_timeout_s,
+            inpaint_method=cfg.inpaint_method, guidance_clip=float(cfg.guidance_clip),
+            protocol=cfg.protocol, openpi_actions=cfg.openpi_actions, auth_token=auth_token,
+            resume_window_s=float(cfg.resume_window_s))
+
+
 class PolicyServer:
     """Serves chunks of `policy` sampled by `sampler` (see the module docstring)."""
 
-    def __init__(
-        self, policy: DiffusionPolicy, sampler: Any, metadata: Mapping[str, Any], *,
-        noise_seed: int = 0, warm_start: str = "none", max_batch: int = 8,
-        max_clients: int = 16, max_episodes_per_client: int = 8,
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        max_message_items: int = DEFAULT_MAX_MESSAGE_ITEMS, idle_timeout_s: float = 60.0,
-        ping_interval_s: float | None = 20.0, ping_timeout_s: float | None = 20.0,
-        inpaint_method: str = "replace", guidance_clip: float = GUIDANCE_CLIP,
-        protocol: str = "picard", openpi_actions: str = "executable",
-        auth_token: str | None = None, resume_window_s: float = 30.0,
-    ):
-        if protocol not in PROTOCOLS or openpi_actions not in OPENPI_ACTIONS:
-            raise ValueError(f"protocol must be one of {list(PROTOCOLS)} and openpi_actions one "
-                             f"of {list(OPENPI_ACTIONS)}; got {protocol!r}, {openpi_actions!r}")
+    def __init__(self, policy: DiffusionPolicy, sampler: Any, metadata: Mapping[str, Any],
+                 settings: ServerSettings | None = None):
+        settings = ServerSettings() if settings is None else settings
+        protocol, openpi_actions = settings.protocol, settings.openpi_actions
+        max_batch = settings.max_batch
+        self.settings = settings
         self.policy = policy
-        self.chunks = ChunkPolicy(policy, sampler, noise_seed, warm_start, full_horizon=True,
-                                  inpaint_method=inpaint_method, guidance_clip=guidance_clip)
+        self.chunks = ChunkPolicy(policy, sampler, settings.noise_seed, settings.warm_start,
+                                  full_horizon=True, inpaint_method=settings.inpaint_method,
+                                  guidance_clip=settings.guidance_clip)
         self.protocol = protocol
         self.openpi_actions = openpi_actions
-        self._token_digest = (None if auth_token is None
-                              else hashlib.sha256(auth_token.encode()).digest())
-        self.resume_window_s = float(resume_window_s)
+        self._token_digest = (None if settings.auth_token is None
+                              else hashlib.sha256(settings.auth_token.encode()).digest())
+        self.resume_window_s = float(settings.resume_window_s)
         self.max_batch = max_batch
-        self.max_clients = max_clients
-        self.max_episodes_per_client = max_episodes_per_client
-        self.max_message_bytes = max_message_bytes
-        self.max_message_items = max_message_items
-        self.idle_timeout_s = float(idle_timeout_s)
-        self.ping_interval_s = ping_interval_s
-        self.ping_timeout_s = ping_timeout_s
+        self.max_clients = settings.max_clients
+        self.max_episodes_per_client = settings.max_episodes_per_client
+        self.max_message_bytes = settings.max_message_bytes
+        self.max_message_items = settings.max_message_items
+        self.idle_timeout_s = float(settings.idle_timeout_s)
+        self.ping_interval_s = settings.ping_interval_s
+        self.ping_timeout_s = settings.ping_timeout_s
         self.metadata = {
             **metadata, "protocol": PROTOCOL_VERSION, "wire": protocol, "max_batch": max_batch,
-            "max_message_bytes": max_message_bytes, "max_message_items": max_message_items,
-            "max_episodes_per_client": max_episodes_per_client,
+            "max_message_bytes": self.max_message_bytes,
+            "max_message_items": self.max_message_items,
+            "max_episodes_per_client": self.max_episodes_per_client,
             "idle_timeout_s": self.idle_timeout_s, "resume_window_s": self.resume_window_s,
             "obs_spec": {key: [policy.n_obs_steps, *shape]
                          for key, shape in policy.obs_encoder.obs_shapes.items()},
@@ -978,20 +1016,18 @@ def check_serve_config(cfg: Any) -> None:
     """Reject values serve_policy.py cannot use, naming the key and what is allowed."""
     import math
 
+    from app.builder import policy_run_checks
     from app.checks import is_int, is_number, raise_first_failure
-    from app.device import DEVICE_ALLOWED, device_ok
     from picard_sampler import INPAINT_METHODS
-    from policy.chunking import WARM_STARTS
 
     def seconds(value: Any) -> bool:
         return is_number(value, 0, strict=True) and math.isfinite(value)
 
     raise_first_failure(cfg, [
-        ("checkpoint", isinstance(cfg.checkpoint, str) and bool(cfg.checkpoint), "a path"),
+        *policy_run_checks(cfg),
         ("host", isinstance(cfg.host, str) and bool(cfg.host), "a host name or address"),
         ("port", is_int(cfg.port, 0) and cfg.port <= 65535, "an int in [0, 65535]"),
         ("noise_seed", is_int(cfg.noise_seed, 0), "an int >= 0"),
-        ("warm_start", cfg.warm_start in WARM_STARTS, f"one of {list(WARM_STARTS)}"),
         ("inpaint_method", cfg.inpaint_method in INPAINT_METHODS,
          f"one of {list(INPAINT_METHODS)}"),
         ("guidance_clip", is_number(cfg.guidance_clip, 0, strict=True), "a number > 0"),
@@ -1019,8 +1055,6 @@ def check_serve_config(cfg: Any) -> None:
          and (cfg.ssl_keyfile is None or isinstance(cfg.ssl_keyfile, str)),
          "a path exactly when ssl_certfile is one"),
         ("insecure", isinstance(cfg.insecure, bool), "true or false"),
-        ("device", device_ok(cfg.device), DEVICE_ALLOWED),
-        ("threads", cfg.threads is None or is_int(cfg.threads, 1), "null or an int >= 1"),
     ])
 
 
@@ -1064,63 +1098,31 @@ def run_serve(cfg: Any) -> None:
     import sys
     from pathlib import Path
 
-    from app.checks import ConfigError, plain
+    from app.builder import PolicySpec, build_policy
+    from app.checks import ConfigError
     from app.device import configure_torch
-    from app.evaluation import (
-        build_sampler,
-        calibration_observations,
-        check_pcm_weights,
-        choose_auto_sampler,
-        choose_runtime,
-        load_checkpoint_and_policy,
-        make_env_factory,
-        resolve_env,
-        split_auto,
-    )
     from app.report import write_text
+    from policy.chunking import resolve_warm_start
 
     check_serve_config(cfg)
     token, ssl_context = serve_security(cfg)
     device = configure_torch(cfg.device, cfg.threads)
-    checkpoint, policy = load_checkpoint_and_policy(cfg.checkpoint, device)
-    sampler = build_sampler(cfg.sampler, policy)
-    check_pcm_weights(sampler, checkpoint, cfg.checkpoint)
-    choose_runtime(policy, cfg.runtime)
-    try:
-        env = resolve_env(cfg.env, checkpoint["config"])
-    except ValueError:
-        env = None  # an imported policy names no env: clients bring their own
-    runtime, auto = plain(cfg.runtime), None
-    settings = split_auto(cfg.sampler)[1]
-    if settings is not None:  # calibrated for one robot (a batch forms only under load)
-        if env is None:
-            raise ConfigError("sampler=auto calibrates on the env's observations: this "
-                              "checkpoint names no env, pass env=<name>")
-        obs = calibration_observations(make_env_factory(env, int(env["max_steps"]), False),
-                                       policy, 1, int(cfg.noise_seed))
-        choice = choose_auto_sampler(policy, sampler, settings, obs, cfg.runtime, device)
-        sampler, runtime = choice.sampler, {**runtime, "kind": choice.candidate.runtime}
-        auto = {"candidate": choice.candidate.short, "calibration": choice.calibration}
+    # sampler=auto is calibrated for one robot (a batch forms only under load)
+    built = build_policy(PolicySpec.from_config(
+        cfg, env_required=False, calibration_seed=int(cfg.noise_seed)), device)
+    sampler, auto = built.sampler, built.auto
     metadata = {
-        "checkpoint": {"path": str(cfg.checkpoint), "step": checkpoint["step"]},
-        "sampler": {"label": sampler.label, **sampler.config, "auto": auto},
-        "runtime": runtime,
-        "env": env, "control_hz": float(cfg.control_hz), "noise_seed": cfg.noise_seed,
-        "warm_start": cfg.warm_start, "device": str(device),
+        "checkpoint": {"path": str(cfg.checkpoint), "step": built.checkpoint["step"]},
+        "sampler": {"label": sampler.label, **sampler.config, "auto": None if auto is None else
+                    {"candidate": auto.candidate.short, "calibration": auto.calibration}},
+        "runtime": built.runtime,
+        "env": built.env, "control_hz": float(cfg.control_hz), "noise_seed": cfg.noise_seed,
+        "warm_start": resolve_warm_start(cfg.warm_start), "device": str(device),
         "inpaint": {"method": cfg.inpaint_method, "guidance_clip": float(cfg.guidance_clip)},
     }
     try:
-        server = PolicyServer(
-            policy, sampler, metadata, noise_seed=cfg.noise_seed, warm_start=cfg.warm_start,
-            max_batch=cfg.max_batch, max_clients=cfg.max_clients,
-            max_episodes_per_client=cfg.max_episodes_per_client,
-            max_message_bytes=int(cfg.max_message_mb * 2**20),
-            max_message_items=cfg.max_message_items, idle_timeout_s=float(cfg.idle_timeout_s),
-            ping_interval_s=cfg.ping_interval_s, ping_timeout_s=cfg.ping_timeout_s,
-            inpaint_method=cfg.inpaint_method, guidance_clip=float(cfg.guidance_clip),
-            protocol=cfg.protocol, openpi_actions=cfg.openpi_actions, auth_token=token,
-            resume_window_s=float(cfg.resume_window_s),
-        )
+        server = PolicyServer(built.policy, sampler, metadata,
+                              ServerSettings.from_config(cfg, token))
     except ValueError as e:
         raise ConfigError(str(e)) from e
 

@@ -49,9 +49,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
+from app.builder import build_sampler
 from app.checks import Check, ConfigError, is_int, is_number, plain, raise_first_failure
 from app.device import DEVICE_ALLOWED, configure_torch, device_ok
-from app.evaluation import build_sampler, evaluate, summarize
+from app.evaluation import evaluate, summarize
 from app.run_dirs import prepare_output_dir
 from envs.rollout import VECTOR_KINDS
 from picard_sampler import Schedule

@@ -44,7 +44,7 @@ WINDOWS = (4, 8, 16, 32, None)
 def pusht_observations(batch: int, policy: DiffusionPolicy) -> Any:
     """The first observations of PushT episodes 100000.. (keypoints), as the rollout stacks
     them: what eval's sampler=auto calibrates on."""
-    from app.evaluation import calibration_observations, make_env_factory
+    from app.builder import calibration_observations, make_env_factory
 
     env = {"id": "envs:PushT-v0", "kwargs": {"obs_type": "keypoints"}}
     return calibration_observations(make_env_factory(env, 300, render=False), policy, batch,

@@ -8,8 +8,8 @@ import copy
 import pytest
 import torch
 
+from app.builder import AutoSettings, split_auto
 from app.checks import ConfigError
-from app.evaluation import AutoSettings, split_auto
 from picard_sampler import exact_errors
 from policy import load_policy
 from policy.autotune import Candidate, candidates, choose_sampler

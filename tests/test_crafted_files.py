@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 import torch
 
+from app.builder import checked_checkpoint_env, load_checkpoint_and_policy
 from app.checks import ConfigError
-from app.evaluation import checked_checkpoint_env, load_checkpoint_and_policy
 from policy import load_policy
 from policy.checkpoint import load_checkpoint
 from policy.diffusion_policy import NonFiniteChunkError

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import HEADLESS, run_repo_script
 
-from app import evaluation, report
+from app import builder, evaluation, report
 from envs.rollout import PolicyCall, RolloutResult
 from policy.chunking import ChunkRecord
 
@@ -85,10 +85,10 @@ def test_pcm_trained_for_another_schedule_is_a_warning() -> None:
     same = Sampler(DDIMSchedule(num_inference_steps=16), method="pcm")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        evaluation.check_pcm_weights(same, checkpoint, "pcm.ckpt")
+        builder.check_pcm_weights(same, checkpoint, "pcm.ckpt")
     other = Sampler(DDPMSchedule(num_inference_steps=100), method="pcm")
     with pytest.warns(UserWarning, match="trained for DDIMSchedule with 16 steps, but the sampler"):
-        evaluation.check_pcm_weights(other, checkpoint, "pcm.ckpt")
+        builder.check_pcm_weights(other, checkpoint, "pcm.ckpt")
 
 
 @pytest.mark.parametrize("warm_start", ["none", "reuse", "shift", True])

@@ -18,7 +18,7 @@ import pytest
 import torch
 from picard_client.realtime import RealtimeController, max_lead_steps, summarize_realtime
 
-from app import evaluation
+from app import builder, evaluation
 from app.command_line import CONF_DIR
 from envs.rollout import rollout
 from picard_sampler import DDIMSchedule, Sampler
@@ -159,7 +159,7 @@ def evaluate_realtime(policy: Any, sampler_name: str, clock: FakeClock, **knobs:
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("eval", overrides=[f"sampler={sampler_name}"])
-    sampler = evaluation.build_sampler(cfg.sampler, policy)
+    sampler = builder.build_sampler(cfg.sampler, policy)
     for key, value in knobs.items():
         setattr(sampler, key, value)
     env = {"id": "envs:PushT-v0", "kwargs": {"obs_type": "keypoints"}, "max_steps": 40}

@@ -36,7 +36,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
 import app.serving
-from app.serving import InferenceThreadDied, PolicyServer
+from app.serving import InferenceThreadDied, PolicyServer, ServerSettings
 from policy.checkpoint import load_policy
 from tests.conftest import HEADLESS
 
@@ -216,7 +216,7 @@ def policy() -> Any:
 
 def make_server(policy: Any, **knobs: Any) -> PolicyServer:
     return PolicyServer(policy, policy.make_sampler("sequential", "ddim", 4), {},
-                        noise_seed=100000, **knobs)
+                        ServerSettings(noise_seed=100000, **knobs))
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from picard_client import PolicyClient, ServerError
 from picard_client.protocol import pack, unpack
 from websockets.sync.client import connect
 
-from app.serving import PolicyServer, _Connection
+from app.serving import PolicyServer, ServerSettings, _Connection
 from policy.checkpoint import load_policy
 from policy.chunking import ChunkPolicy
 from tests.conftest import HEADLESS
@@ -196,13 +196,13 @@ def test_guided_prefixes_need_an_eager_server(local: ChunkPolicy) -> None:
     from app.command_line import compose_config
     from app.serving import check_serve_config
 
-    guided = PolicyServer(local.policy, local.sampler, {}, inpaint_method="guide")
+    guided = PolicyServer(local.policy, local.sampler, {}, ServerSettings(inpaint_method="guide"))
     assert guided.chunks.inpaint_method == "guide"
     runtime = local.policy.__dict__.get("_runtime")
     try:
         local.policy.use_runtime("compile")
         with pytest.raises(ValueError, match="needs runtime=eager; got runtime=compile"):
-            PolicyServer(local.policy, local.sampler, {}, inpaint_method="guide")
+            PolicyServer(local.policy, local.sampler, {}, ServerSettings(inpaint_method="guide"))
     finally:
         local.policy.__dict__["_runtime"] = runtime
     with pytest.raises(Exception, match=r"inpaint_method must be one of \['replace', 'guide'\]"):
@@ -212,7 +212,8 @@ def test_guided_prefixes_need_an_eager_server(local: ChunkPolicy) -> None:
 def test_waiting_requests_are_sampled_in_one_call(local: ChunkPolicy) -> None:
     """Requests that queue while the worker is busy go into ONE sampler call; their chunks
     equal the one-by-one chunks up to float rounding (docs/design.md §9)."""
-    server = PolicyServer(local.policy, local.sampler, {}, noise_seed=NOISE_SEED, max_batch=8)
+    server = PolicyServer(local.policy, local.sampler, {},
+                          ServerSettings(noise_seed=NOISE_SEED, max_batch=8))
     ports: list[int] = []
     loop = asyncio.new_event_loop()
     stop_event = asyncio.Event()
@@ -284,8 +285,8 @@ def test_eval_runs_a_realtime_robot_against_the_server(server: int, tmp_path: Pa
 def test_an_episode_ending_during_its_sampler_call_is_freed_after_it(local: ChunkPolicy) -> None:
     """The event loop never waits for inference: releasing a busy slot is deferred to the
     worker, which frees it once the call is done (and never resets it mid-call)."""
-    server = PolicyServer(local.policy, local.sampler, {}, noise_seed=NOISE_SEED,
-                          max_clients=1, max_episodes_per_client=2)
+    server = PolicyServer(local.policy, local.sampler, {}, ServerSettings(
+        noise_seed=NOISE_SEED, max_clients=1, max_episodes_per_client=2))
     connection = _Connection()
     (slot,) = [server._reset(5, connection).slot]
     server._busy.add(slot)  # as when its request was queued
