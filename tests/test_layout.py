@@ -99,3 +99,115 @@ def test_the_robot_side_client_runs_without_torch() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             cwd=REPO_ROOT, check=True)
     assert result.stdout.strip() == "False"
+
+
+PACKAGES = {"app": REPO_ROOT / "app", "policy": REPO_ROOT / "policy",
+            "picard_sampler": REPO_ROOT / "picard_sampler", "envs": REPO_ROOT / "envs",
+            "serving": REPO_ROOT / "serving",
+            "picard_client": REPO_ROOT / "client" / "picard_client"}
+"""Each package of docs/design.md §2 and its folder (picard_client lives in client/)."""
+
+
+def module_name(package: str, root: Path, path: Path) -> str:
+    """`path`'s dotted module name in `package` (a package's __init__ is the package itself)."""
+    parts = [package, *path.relative_to(root).with_suffix("").parts]
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def internal_imports(package: str, root: Path) -> dict[str, set[str]]:
+    """module -> the modules of the same package it imports, at module level or inside
+    functions (`from pkg import name` counts as importing pkg.name when that is a module)."""
+    paths = {module_name(package, root, p): p for p in sorted(root.rglob("*.py"))}
+    graph: dict[str, set[str]] = {name: set() for name in paths}
+    for name, path in paths.items():
+        is_init = path.name == "__init__.py"
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # relative: from the module's own package upwards
+                    anchor = name.split(".")[: len(name.split(".")) - node.level + is_init]
+                    base = ".".join([*anchor, *([base] if base else [])])
+                targets = [base, *(f"{base}.{alias.name}" for alias in node.names)]
+            else:
+                continue
+            for target in targets:
+                while target and target not in paths:  # pkg.mod.attr -> pkg.mod
+                    target = target.rpartition(".")[0]
+                if target and target != name:
+                    graph[name].add(target)
+    return graph
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One cycle (a list of modules, the first repeated at the end) per strongly connected
+    group of more than one module (Tarjan's algorithm)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    groups: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in sorted(graph[node]):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            group = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                group.append(member)
+                if member == node:
+                    break
+            if len(group) > 1:
+                groups.append(sorted(group))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    cycles = []
+    for group in groups:  # walk inside the group from its first module back to it
+        members, path, seen = set(group), [group[0]], {group[0]}
+        while True:
+            options = sorted(graph[path[-1]] & members)
+            if group[0] in options and len(path) > 1:
+                break
+            step = next((m for m in options if m not in seen), group[0])
+            if step == group[0]:
+                break
+            path.append(step)
+            seen.add(step)
+        cycles.append([*path, group[0]])
+    return cycles
+
+
+@pytest.mark.parametrize("package", sorted(PACKAGES))
+def test_no_import_cycles_inside_a_package(package: str) -> None:
+    """Modules of one package import each other one way only (function-level imports count:
+    they hide a cycle, they do not remove it)."""
+    cycles = import_cycles(internal_imports(package, PACKAGES[package]))
+    assert not cycles, f"import cycles in {package}: " + "; ".join(
+        " -> ".join(cycle) for cycle in cycles)
+
+
+def test_the_cycle_finder_sees_function_level_and_relative_imports(tmp_path: Path) -> None:
+    root = tmp_path / "pkg"
+    (root / "sub").mkdir(parents=True)
+    (root / "__init__.py").write_text("")
+    (root / "a.py").write_text("from pkg.b import f\n")
+    (root / "b.py").write_text("def f():\n    from . import c\n")
+    (root / "c.py").write_text("import pkg.a\n")
+    (root / "sub" / "__init__.py").write_text("")
+    (root / "sub" / "d.py").write_text("from ..a import x\nfrom pkg.sub import e\n")
+    (root / "sub" / "e.py").write_text("")
+    graph = internal_imports("pkg", root)
+    assert graph["pkg.sub.d"] == {"pkg.a", "pkg.sub", "pkg.sub.e"}
+    assert import_cycles(graph) == [["pkg.a", "pkg.b", "pkg.c", "pkg.a"]]
