@@ -8,8 +8,11 @@ the dataset's own layout, (H, W, C) with values in [0, 255] (uint8 or float).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -192,45 +195,55 @@ POOLS = ("spatial_softmax", "avg")
 policy, LeRobot), or torchvision's global average pool (DP's `MultiImageObsEncoder`)."""
 
 
+@dataclass(frozen=True)
+class CameraSettings:
+    """How each camera of an ImageObsEncoder is encoded (each default is the original
+    behaviour): the `crop_shape` (h, w) taken from every frame, `num_keypoints` of the spatial
+    softmax, `feature_dim` of the feature layer (None: no layer, F = the pooled size), the
+    ResNet `width`, `feature_activation` after the feature layer (FEATURE_ACTIVATIONS),
+    `crop_rounding` of the eval crop (CROP_ROUNDINGS), `pool` (POOLS), `random_crop=False`
+    for the centre crop in training too. These are keys of an `obs_encoder` config (flat,
+    beside image_shapes). Checked when built; whether the crop fits is checked per camera."""
+
+    crop_shape: Sequence[int] = (84, 84)
+    num_keypoints: int = 32
+    feature_dim: int | None = 64
+    width: int = 64
+    feature_activation: str | None = None
+    crop_rounding: str = "floor"
+    pool: str = "spatial_softmax"
+    random_crop: bool = True
+
+    def __post_init__(self) -> None:
+        if self.feature_activation not in FEATURE_ACTIVATIONS:
+            raise ValueError(f"feature_activation must be one of {FEATURE_ACTIVATIONS}; got "
+                             f"{self.feature_activation!r}")
+        if self.crop_rounding not in CROP_ROUNDINGS:
+            raise ValueError(f"crop_rounding must be one of {CROP_ROUNDINGS}; got "
+                             f"{self.crop_rounding!r}")
+        if self.pool not in POOLS:
+            raise ValueError(f"pool must be one of {POOLS}; got {self.pool!r}")
+
+
 class CameraEncoder(nn.Module):
     """One camera: (H, W, C) [0, 255] -> crop -> [-1, 1] -> ResNet-18 -> keypoints -> F.
 
-    Options (each default is the original behaviour): `feature_activation` after the feature
-    layer (FEATURE_ACTIVATIONS), `crop_rounding` of the eval crop (CROP_ROUNDINGS), `pool`
-    (POOLS), `feature_dim=None` for no feature layer (F = the pooled size), `random_crop=False`
-    for the centre crop in training too. Another normalisation than [-1, 1] is passed in by the
-    caller (`ImageNormalization`, per camera: a shared encoder sees several cameras).
+    `settings` (CameraSettings) holds the options. Another normalisation than [-1, 1] is passed
+    in by the caller (`ImageNormalization`, per camera: a shared encoder sees several cameras).
     """
 
-    def __init__(
-        self,
-        image_shape: Sequence[int],
-        crop_shape: Sequence[int],
-        num_keypoints: int,
-        feature_dim: int | None,
-        width: int,
-        feature_activation: str | None = None,
-        crop_rounding: str = "floor",
-        pool: str = "spatial_softmax",
-        random_crop: bool = True,
-    ):
+    def __init__(self, image_shape: Sequence[int], settings: CameraSettings):
         super().__init__()
+        crop_shape, num_keypoints = settings.crop_shape, settings.num_keypoints
+        feature_dim, width, pool = settings.feature_dim, settings.width, settings.pool
         h, w, c = image_shape
         ch, cw = crop_shape
         if not (0 < ch <= h and 0 < cw <= w):
             raise ValueError(f"crop_shape {tuple(crop_shape)} must fit inside image (h, w)={h, w}")
-        if feature_activation not in FEATURE_ACTIVATIONS:
-            raise ValueError(f"feature_activation must be one of {FEATURE_ACTIVATIONS}; got "
-                             f"{feature_activation!r}")
-        if crop_rounding not in CROP_ROUNDINGS:
-            raise ValueError(f"crop_rounding must be one of {CROP_ROUNDINGS}; got "
-                             f"{crop_rounding!r}")
-        if pool not in POOLS:
-            raise ValueError(f"pool must be one of {POOLS}; got {pool!r}")
         self.crop_shape = (ch, cw)
-        self.crop_rounding = crop_rounding
-        self.random_crop = bool(random_crop)
-        self.feature_activation = feature_activation
+        self.crop_rounding = settings.crop_rounding
+        self.random_crop = bool(settings.random_crop)
+        self.feature_activation = settings.feature_activation
         self.pool = pool
         self.trunk = ResNet18Trunk(c, width)
         if pool == "spatial_softmax":
@@ -271,32 +284,32 @@ class ImageObsEncoder(nn.Module):
     F = len(image_shapes) * feature_dim + sum of the low-dim key sizes. Cameras take frames
     (B, To, H, W, C) in [0, 255], whatever project the weights came from.
 
+    `camera` holds the CameraSettings keys (crop_shape, num_keypoints, feature_dim, width,
+    feature_activation, crop_rounding, pool, random_crop), flat beside the others as in an
+    `obs_encoder` config; KEYWORD_SETTINGS tells policy.safe_config they are settings too.
     Options for other projects' encoders (policy/foreign.py; each default keeps the original
     behaviour and state-dict names): `feature_activation`, `crop_rounding`, `pool`,
-    `random_crop` (see CameraEncoder); `image_mean` / `image_std` {camera: per-channel values}
+    `random_crop` (see CameraSettings); `image_mean` / `image_std` {camera: per-channel values}
     for `(frames / 255 - mean) / std` instead of `frames / 127.5 - 1`; `order`, the keys in the
     order their features are concatenated per step (default: cameras, then low-dim keys);
     `shared_encoder`, one trunk for every camera (held under the first camera's name);
     `aliases`, other names of the observation keys (see ConcatObsEncoder).
     """
 
+    KEYWORD_SETTINGS = CameraSettings
+    """The record whose fields `**camera` takes (what a config may set besides the named
+    parameters)."""
+
     def __init__(
         self,
         image_shapes: Mapping[str, Sequence[int]],
         lowdim_shapes: Mapping[str, Sequence[int]] | None = None,
-        crop_shape: Sequence[int] = (84, 84),
-        num_keypoints: int = 32,
-        feature_dim: int | None = 64,
-        width: int = 64,
-        feature_activation: str | None = None,
-        crop_rounding: str = "floor",
-        pool: str = "spatial_softmax",
-        random_crop: bool = True,
         image_mean: Mapping[str, Sequence[float]] | None = None,
         image_std: Mapping[str, Sequence[float]] | None = None,
         order: Sequence[str] | None = None,
         shared_encoder: bool = False,
         aliases: Mapping[str, str] | None = None,
+        **camera: Any,
     ):
         super().__init__()
         if not image_shapes:
@@ -312,13 +325,14 @@ class ImageObsEncoder(nn.Module):
         if self.shared_encoder and len({tuple(s) for s in image_shapes.values()}) != 1:
             raise ValueError("obs_encoder.shared_encoder needs cameras of one shape; got "
                              f"{dict(image_shapes)}")
-        settings = dict(crop_shape=crop_shape, num_keypoints=num_keypoints,
-                        feature_dim=feature_dim, width=width,
-                        feature_activation=feature_activation, crop_rounding=crop_rounding,
-                        pool=pool, random_crop=random_crop)
+        unknown = sorted(set(camera) - {f.name for f in dataclasses.fields(CameraSettings)})
+        if unknown:
+            raise TypeError(f"ImageObsEncoder.__init__() got an unexpected keyword argument "
+                            f"{unknown[0]!r}")
+        settings = CameraSettings(**camera)
         owners = self.camera_keys[:1] if self.shared_encoder else self.camera_keys
         self.cameras = nn.ModuleDict({
-            key: CameraEncoder(image_shapes[key], **settings) for key in owners
+            key: CameraEncoder(image_shapes[key], settings) for key in owners
         })
         if (image_mean is None) != (image_std is None):
             raise ValueError("obs_encoder.image_mean and image_std go together; got only one")

@@ -23,9 +23,10 @@ change, so the head moves x0 directly. At initialisation phi equals the base exa
 from __future__ import annotations
 
 import copy
-import inspect
+import dataclasses
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -76,61 +77,76 @@ class LoRA(nn.Module):
         return out
 
 
+@dataclass(frozen=True)
+class PcmSettings:
+    """What a PCM is built with: the keys of `pcm.model` in a training config and of the
+    `pcm.config` a checkpoint stores. `finetune` picks the trunk (FINETUNE_MODES) with
+    `lora_rank` / `lora_alpha` for "lora"; `head_*` size the head's ConditionalUnet1D;
+    `clip_range` clips the trunk's x0 the head sees; `sees_noise` also hands it the slots'
+    noise path. Checked when built."""
+
+    finetune: str = "none"
+    lora_rank: int = 8
+    lora_alpha: float | None = None
+    head_down_dims: Sequence[int] = (64, 128)
+    head_kernel_size: int = 5
+    head_n_groups: int = 8
+    head_step_embed_dim: int = 64
+    clip_range: float = 1.0
+    sees_noise: bool = False
+
+    def __post_init__(self) -> None:
+        if self.finetune not in FINETUNE_MODES:
+            raise ValueError(
+                f"pcm.model.finetune must be one of {list(FINETUNE_MODES)}; got {self.finetune!r}"
+            )
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        """The setting names, in field order (the keys a config may set)."""
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    def to_config(self) -> dict[str, Any]:
+        """The settings as a checkpoint stores them (`pcm.config`)."""
+        config = {name: getattr(self, name) for name in self.names()}
+        config["head_down_dims"] = [int(d) for d in self.head_down_dims]
+        config["sees_noise"] = bool(self.sees_noise)
+        return config
+
+
 class PicardConsistencyModel(nn.Module):
     """phi(x, t, cond) -> eps: the base's x0 plus a zero-initialised head's shift (module doc).
 
     `base` fixes the shapes (and is copied for finetune="full"); it is NOT a submodule: the
     policy passes its own network to `forward`, so the stored PCM holds only what it learned.
-    `alphas_cumprod` (num_train_timesteps,) is the policy's training schedule.
+    `alphas_cumprod` (num_train_timesteps,) is the policy's training schedule; `settings` the
+    PcmSettings it is built with (`config` holds them as a checkpoint stores them).
     """
 
-    def __init__(
-        self,
-        base: ConditionalUnet1D,
-        alphas_cumprod: torch.Tensor,
-        finetune: str = "none",
-        lora_rank: int = 8,
-        lora_alpha: float | None = None,
-        head_down_dims: Sequence[int] = (64, 128),
-        head_kernel_size: int = 5,
-        head_n_groups: int = 8,
-        head_step_embed_dim: int = 64,
-        clip_range: float = 1.0,
-        sees_noise: bool = False,
-    ):
+    def __init__(self, base: ConditionalUnet1D, alphas_cumprod: torch.Tensor,
+                 settings: PcmSettings | None = None):
         super().__init__()
-        if finetune not in FINETUNE_MODES:
-            raise ValueError(
-                f"pcm.model.finetune must be one of {list(FINETUNE_MODES)}; got {finetune!r}"
-            )
-        self.config: dict[str, Any] = {
-            "finetune": finetune,
-            "lora_rank": lora_rank,
-            "lora_alpha": lora_alpha,
-            "head_down_dims": [int(d) for d in head_down_dims],
-            "head_kernel_size": head_kernel_size,
-            "head_n_groups": head_n_groups,
-            "head_step_embed_dim": head_step_embed_dim,
-            "clip_range": clip_range,
-            "sees_noise": bool(sees_noise),
-        }
-        self.finetune = finetune
-        self.sees_noise = bool(sees_noise)
-        self.clip_range = float(clip_range)
+        settings = PcmSettings() if settings is None else settings
+        self.config: dict[str, Any] = settings.to_config()
+        self.finetune = settings.finetune
+        self.sees_noise = bool(settings.sees_noise)
+        self.clip_range = float(settings.clip_range)
         self.register_buffer(
             "alphas_cumprod", torch.as_tensor(alphas_cumprod).float().clone(), persistent=False
         )
-        self.trunk = copy.deepcopy(base).requires_grad_(True) if finetune == "full" else None
-        self.lora = LoRA(base, lora_rank, lora_alpha) if finetune == "lora" else None
+        self.trunk = (copy.deepcopy(base).requires_grad_(True) if self.finetune == "full"
+                      else None)
+        self.lora = (LoRA(base, settings.lora_rank, settings.lora_alpha)
+                     if self.finetune == "lora" else None)
         da = base.input_dim
         self.head = ConditionalUnet1D(
             input_dim=(3 if self.sees_noise else 2) * da,
             output_dim=da,
             global_cond_dim=base.global_cond_dim,
-            down_dims=head_down_dims,
-            kernel_size=head_kernel_size,
-            n_groups=head_n_groups,
-            diffusion_step_embed_dim=head_step_embed_dim,
+            down_dims=settings.head_down_dims,
+            kernel_size=settings.head_kernel_size,
+            n_groups=settings.head_n_groups,
+            diffusion_step_embed_dim=settings.head_step_embed_dim,
         )
         last = self.head.final[-1]
         nn.init.zeros_(last.weight)
@@ -186,16 +202,13 @@ class PicardConsistencyModel(nn.Module):
 def complete_config(config: dict[str, Any]) -> dict[str, Any]:
     """A stored PCM config with the settings it predates (e.g. `sees_noise` in checkpoints from
     before it existed) filled in with their defaults, so configs of any age compare equal."""
-    defaults = {
-        name: param.default
-        for name, param in inspect.signature(PicardConsistencyModel.__init__).parameters.items()
-        if param.default is not inspect.Parameter.empty
-    }
+    defaults = {f.name: f.default for f in dataclasses.fields(PcmSettings)}
     return {**defaults, **config}
 
 
 def build_pcm(policy: nn.Module, **config: Any) -> PicardConsistencyModel:
-    """A PCM for `policy` (a DiffusionPolicy): shapes from its network, its training schedule."""
+    """A PCM for `policy` (a DiffusionPolicy) from PcmSettings keys `config`: shapes from its
+    network, its training schedule."""
     return PicardConsistencyModel(
-        policy.model, policy.train_schedule.alphas_cumprod, **config
+        policy.model, policy.train_schedule.alphas_cumprod, PcmSettings(**config)
     ).to(policy.device)

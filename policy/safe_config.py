@@ -15,6 +15,7 @@ field. What this guarantees and what it does not: docs/design.md §11.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 from collections.abc import Callable, Mapping
@@ -147,7 +148,9 @@ def _check_ints(value: Any, where: str, path: str, limits: tuple[int, int]) -> N
 
 def constructor_parameters(cls: Callable[..., Any]) -> Mapping[str, inspect.Parameter]:
     """The settings `cls(...)` takes: its own __init__'s, or for a subclass that forwards
-    `*args, **kwargs`, the first base's in the MRO that names them."""
+    `*args, **kwargs`, the first base's in the MRO that names them. A class whose `**kwargs`
+    are the fields of a settings record names it as `KEYWORD_SETTINGS` (a dataclass); those
+    fields are then settings too (e.g. ImageObsEncoder's CameraSettings)."""
     forwarding = {inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD}
     for klass in getattr(cls, "__mro__", (cls,)):
         init = klass.__dict__.get("__init__")
@@ -157,6 +160,13 @@ def constructor_parameters(cls: Callable[..., Any]) -> Mapping[str, inspect.Para
                       if n != "self"}
         if all(p.kind in forwarding for p in parameters.values()):
             continue
+        record = klass.__dict__.get("KEYWORD_SETTINGS")
+        if record is not None:
+            parameters = {n: p for n, p in parameters.items()
+                          if p.kind != inspect.Parameter.VAR_KEYWORD}
+            parameters.update({f.name: inspect.Parameter(
+                f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default)
+                for f in dataclasses.fields(record)})
         return parameters
     return {}
 
@@ -372,15 +382,14 @@ PCM_LIMITS: dict[str, tuple[int, int]] = {
 
 
 def check_pcm_config(config: Any, where: str) -> dict[str, Any]:
-    """A PCM's constructor settings from a file: plain values named in
-    PicardConsistencyModel's signature, sizes within PCM_LIMITS."""
-    from policy.pcm import PicardConsistencyModel
+    """A PCM's constructor settings from a file: plain values named in PcmSettings (what
+    PicardConsistencyModel is built with), sizes within PCM_LIMITS."""
+    from policy.pcm import PcmSettings
 
     check_plain(config, where, "pcm.config")
     if not isinstance(config, Mapping):
         raise CheckpointError(f"{where}: pcm.config must be a mapping")
-    names = [n for n in inspect.signature(PicardConsistencyModel).parameters
-             if n not in ("base", "alphas_cumprod")]
+    names = list(PcmSettings.names())
     unknown = sorted(set(config) - set(names))
     if unknown:
         raise CheckpointError(f"{where}: pcm.config.{unknown[0]} is not a PCM setting; "

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import zarr
 
-from policy.data import ReplayBuffer, SequenceDataset, split_episodes
+from policy.data import EpisodeSplit, ReplayBuffer, SequenceDataset, split_episodes
 
 
 def dp_style_store(path: Path, jpeg2k_images: bool = True) -> Path:
@@ -33,12 +33,13 @@ def test_an_unknown_codec_does_not_block_the_low_dim_keys(tmp_path: Path) -> Non
     store = dp_style_store(tmp_path / "dp.zarr")
     assert ReplayBuffer.open(store).keys() == ["action", "img", "obs"]
     windows = SequenceDataset(store, ["obs"], horizon=4, n_obs_steps=2, n_action_steps=2,
-                              val_ratio=0)
+                              episode_split=EpisodeSplit(val_ratio=0))
     assert len(windows) > 0
     with pytest.raises(ValueError, match=r"data key 'img' cannot be read: codec "
                                          r"'imagecodecs_jpeg2k' is not installed; the package "
                                          r"'imagecodecs' provides it"):
-        SequenceDataset(store, ["img"], horizon=4, n_obs_steps=2, n_action_steps=2, val_ratio=0)
+        SequenceDataset(store, ["img"], horizon=4, n_obs_steps=2, n_action_steps=2,
+                        episode_split=EpisodeSplit(val_ratio=0))
 
 
 @pytest.mark.parametrize("suffix", [".zarr", ".zarr.zip"])

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from policy.data import ReplayBuffer, SequenceDataset
+from policy.data import EpisodeSplit, ReplayBuffer, SequenceDataset
 from policy.data.robomimic_hdf5 import RobomimicHDF5Writer, robomimic_to_replay_buffer
 from policy.encoders import ImageObsEncoder, crop_images
 
@@ -47,7 +47,8 @@ IMAGES = {"image": (SIZE, SIZE, 3)}
 
 def test_image_windows_are_uint8_hwc_as_stored_with_lowdim_keys_beside() -> None:
     dataset = SequenceDataset(image_buffer(), OBS_KEYS, horizon=4, n_obs_steps=2,
-                              n_action_steps=2, val_ratio=0.0, image_shapes=IMAGES)
+                              n_action_steps=2, episode_split=EpisodeSplit(val_ratio=0.0),
+                              image_shapes=IMAGES)
     assert dataset._obs["image"].dtype == np.uint8  # frames kept as stored: no float copy
     assert dataset.obs_shapes == {"image": (SIZE, SIZE, 3), "agent_pos": (2,)}
     assert dataset.obs_dim == 2 and dataset.lowdim_keys == ["agent_pos"]
@@ -68,7 +69,8 @@ def test_image_windows_are_uint8_hwc_as_stored_with_lowdim_keys_beside() -> None
 
 def test_normalizer_statistics_cover_lowdim_keys_and_action_only() -> None:
     dataset = SequenceDataset(image_buffer(), OBS_KEYS, horizon=4, n_obs_steps=2,
-                              n_action_steps=2, val_ratio=0.34, image_shapes=IMAGES)
+                              n_action_steps=2, episode_split=EpisodeSplit(val_ratio=0.34),
+                              image_shapes=IMAGES)
     stats = dataset.all_obs_and_actions()
     assert set(stats) == {"agent_pos", "action"}
     assert stats["agent_pos"].shape == (sum(LENGTHS), 2)
@@ -165,7 +167,8 @@ def test_robomimic_hdf5_cameras_train_as_uint8_frames(tmp_path: Path) -> None:
     assert buffer["agentview_image"].dtype == np.uint8
     shapes = {"agentview_image": (12, 12, 3), "robot0_eye_in_hand_image": (12, 12, 3)}
     dataset = SequenceDataset(buffer, {key: key for key in CAMERA_KEYS}, horizon=4,
-                              n_obs_steps=2, n_action_steps=2, val_ratio=0.0, image_shapes=shapes)
+                              n_obs_steps=2, n_action_steps=2,
+                              episode_split=EpisodeSplit(val_ratio=0.0), image_shapes=shapes)
     item = dataset[3]
     assert item["obs"]["agentview_image"].dtype == torch.uint8
     assert item["obs"]["robot0_eye_in_hand_image"].shape == (2, 12, 12, 3)

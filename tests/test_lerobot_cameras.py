@@ -46,7 +46,7 @@ import numpy as np
 import pytest
 from conftest import run_repo_script
 
-from policy.data import ReplayBuffer, SequenceDataset
+from policy.data import EpisodeSplit, ReplayBuffer, SequenceDataset
 from policy.data.lerobot_dataset import lerobot_to_replay_buffer
 
 pa = pytest.importorskip("pyarrow")
@@ -333,7 +333,8 @@ def test_converted_cameras_give_image_training_windows(converted, tmp_path: Path
     converted.save(path)
     windows = SequenceDataset(path, obs_keys={"image": "image", "top": "images_top",
                                               "agent_pos": "state"},
-                              horizon=4, n_obs_steps=2, n_action_steps=2, val_ratio=0.0,
+                              horizon=4, n_obs_steps=2, n_action_steps=2,
+                              episode_split=EpisodeSplit(val_ratio=0.0),
                               image_shapes={"image": (*IMAGE_HW, 3), "top": (*VIDEO_HW, 3)})
     first = windows[1]["obs"]
     assert first["image"].dtype.is_floating_point is False

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from conftest import run_repo_script
 
-from policy.data import ReplayBuffer, SequenceDataset
+from policy.data import EpisodeSplit, ReplayBuffer, SequenceDataset
 from policy.data.lerobot_dataset import (
     check_not_lerobot_dataset,
     default_key,
@@ -125,7 +125,8 @@ def test_saved_buffer_gives_training_windows(tmp_path: Path, reference) -> None:
     lerobot_to_replay_buffer(FIXTURE / "v3.0").save(path)
     check_against_reference(ReplayBuffer.load(path), reference)
     windows = SequenceDataset(path, obs_keys=["environment_state", "state"], horizon=4,
-                              n_obs_steps=2, n_action_steps=2, val_ratio=0.0)
+                              n_obs_steps=2, n_action_steps=2,
+                              episode_split=EpisodeSplit(val_ratio=0.0))
     lengths = reference["episode_lengths"]
     assert len(windows) == int((lengths - 4 + 1 + 1 + 1).sum())
     assert (windows.obs_dim, windows.action_dim) == (18, 2)

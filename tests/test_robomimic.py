@@ -19,7 +19,7 @@ import pytest
 from omegaconf import OmegaConf
 
 import envs
-from policy.data import ReplayBuffer, SequenceDataset
+from policy.data import EpisodeSplit, ReplayBuffer, SequenceDataset
 from policy.data.robomimic_hdf5 import (
     DP_LOWDIM_OBS_KEYS,
     RobomimicHDF5Writer,
@@ -208,7 +208,8 @@ def test_lowdim_configs_feature_specs_give_obs_dim(
             }
         )
     buffer.save(buffer_path)
-    dataset = SequenceDataset(buffer_path, obs_keys=list(cfg.dataset.obs_keys), val_ratio=0.0)
+    dataset = SequenceDataset(buffer_path, obs_keys=list(cfg.dataset.obs_keys),
+                              episode_split=EpisodeSplit(val_ratio=0.0))
     assert (dataset.obs_dim, dataset.action_dim) == (cfg.obs_dim, cfg.action_dim)
 
 

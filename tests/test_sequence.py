@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from policy.data import FeatureSpec, ReplayBuffer, SequenceDataset, sequence_row_indices
+from policy.data import (
+    EpisodeSplit,
+    FeatureSpec,
+    ReplayBuffer,
+    SequenceDataset,
+    sequence_row_indices,
+)
 from policy.data.sequence import split_episodes
 
 EPISODE_LENGTHS = (20, 11, 30, 16, 25, 9, 40, 18, 22, 14)
@@ -56,7 +62,7 @@ def test_first_window_repeats_frame_zero_and_last_windows_repeat_final_action() 
         horizon=16,
         n_obs_steps=3,
         n_action_steps=8,
-        val_ratio=0.0,
+        episode_split=EpisodeSplit(val_ratio=0.0),
     )
     first = dataset[0]
     assert first["obs"].shape == (3, 20) and first["action"].shape == (16, 2)
@@ -79,7 +85,7 @@ def test_window_count_per_episode() -> None:
         horizon=horizon,
         n_obs_steps=n_obs_steps,
         n_action_steps=n_action_steps,
-        val_ratio=0.0,
+        episode_split=EpisodeSplit(val_ratio=0.0),
     )
     episodes = np.array([int(dataset[i]["action"][-1, 0]) // 1000 for i in range(len(dataset))])
     counts = np.bincount(episodes, minlength=len(EPISODE_LENGTHS))
@@ -88,7 +94,8 @@ def test_window_count_per_episode() -> None:
 
 
 def test_obs_concatenates_flattened_keys_and_slices() -> None:
-    dataset = SequenceDataset(step_valued_buffer(), ["keypoint", "state[:2]"], val_ratio=0.0)
+    dataset = SequenceDataset(step_valued_buffer(), ["keypoint", "state[:2]"],
+                              episode_split=EpisodeSplit(val_ratio=0.0))
     assert (dataset.obs_dim, dataset.action_dim) == (20, 2)
     obs = dataset[5]["obs"]
     code = obs[-1, 0]
@@ -107,14 +114,15 @@ def test_obs_concatenates_flattened_keys_and_slices() -> None:
 
 def test_split_is_by_episode_disjoint_and_seeded() -> None:
     buffer = step_valued_buffer()
-    train = SequenceDataset(buffer, ["state"], val_ratio=0.2, seed=3)
+    train = SequenceDataset(buffer, ["state"], episode_split=EpisodeSplit(val_ratio=0.2, seed=3))
     val = train.get_validation_dataset()
     assert len(val.episode_indices) == 2
     assert set(train.episode_indices).isdisjoint(val.episode_indices)
     assert len(train.episode_indices) + len(val.episode_indices) == len(EPISODE_LENGTHS)
     sample_episodes = {int(val[i]["action"][0, 0]) // 1000 for i in range(len(val))}
     assert sample_episodes == set(val.episode_indices)
-    again = SequenceDataset(buffer, ["state"], val_ratio=0.2, seed=3, split="val")
+    again = SequenceDataset(buffer, ["state"], episode_split=EpisodeSplit(val_ratio=0.2, seed=3),
+                            split="val")
     np.testing.assert_array_equal(again.episode_indices, val.episode_indices)
     other_seeds = {
         tuple(split_episodes(len(EPISODE_LENGTHS), 0.2, seed)[1].nonzero()[0]) for seed in range(8)

@@ -2,6 +2,7 @@
 
 from policy.data.replay_buffer import ReplayBuffer
 from policy.data.sequence import (
+    EpisodeSplit,
     FeatureSpec,
     SequenceDataset,
     sequence_row_indices,
@@ -10,6 +11,7 @@ from policy.data.sequence import (
 )
 
 __all__ = [
+    "EpisodeSplit",
     "FeatureSpec",
     "ReplayBuffer",
     "SequenceDataset",

@@ -260,6 +260,21 @@ def check_episode_ends(episode_ends: np.ndarray, n_rows: int) -> None:
                          f"hold {n_rows} rows")
 
 
+@dataclass(frozen=True)
+class EpisodeSplit:
+    """How a dataset's episodes divide into train and val (`split_episodes`): `val_ratio` of
+    them held out by a generator seeded with `seed`, and at most `max_train_episodes` of the
+    rest trained on (None: all). The values are checked by `split_episodes`."""
+
+    val_ratio: float = 0.02
+    seed: int = 42
+    max_train_episodes: int | None = None
+
+    def masks(self, n_episodes: int) -> tuple[np.ndarray, np.ndarray]:
+        """(train_mask, val_mask) of `n_episodes` episodes."""
+        return split_episodes(n_episodes, self.val_ratio, self.seed, self.max_train_episodes)
+
+
 class SequenceDataset(Dataset):
     """Padded (obs, action) windows of a replay buffer, for Diffusion Policy training.
 
@@ -278,15 +293,13 @@ class SequenceDataset(Dataset):
         horizon: int = 16,
         n_obs_steps: int = 2,
         n_action_steps: int = 8,
-        val_ratio: float = 0.02,
-        seed: int = 42,
+        episode_split: EpisodeSplit | None = None,
         split: Split = "train",
-        max_train_episodes: int | None = None,
         image_shapes: Mapping[str, Sequence[int]] | None = None,
     ) -> None:
         """Load `obs_keys` / `action_key` features (and the frames of the `image_shapes`
         cameras, {obs key: (H, W, C)}) from a buffer or a store path and index the windows of
-        the `split` episodes (split by `val_ratio`, `seed`, `max_train_episodes`)."""
+        the `split` episodes of `episode_split` (default EpisodeSplit())."""
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val'; got {split!r}")
         if not obs_keys:
@@ -350,9 +363,7 @@ class SequenceDataset(Dataset):
         check_episode_ends(self.episode_ends, len(self._action))
         for shared in (*self._obs.values(), self._action, self.episode_ends):
             shared.flags.writeable = False  # shared with get_validation_dataset() and callers
-        train_mask, val_mask = split_episodes(
-            len(self.episode_ends), val_ratio, seed, max_train_episodes
-        )
+        train_mask, val_mask = (episode_split or EpisodeSplit()).masks(len(self.episode_ends))
         self._split_masks = {"train": train_mask, "val": val_mask}
         self._rows = self._window_rows(split)
 
@@ -426,11 +437,12 @@ def windows_from_config(
     episodes and windows. `~` in the path is expanded; a path that is not a zarr replay buffer
     is a ValueError naming it."""
     obs_keys = data["obs_keys"]
+    episode_split = EpisodeSplit(val_ratio=data.get("val_ratio", 0.02), seed=seed,
+                                 max_train_episodes=data.get("max_train_episodes"))
     return SequenceDataset(
         data["path"], obs_keys=dict(obs_keys) if isinstance(obs_keys, Mapping) else list(obs_keys),
         action_key=data.get("action_key", "action"), horizon=horizon, n_obs_steps=n_obs_steps,
-        n_action_steps=n_action_steps, val_ratio=data.get("val_ratio", 0.02), seed=seed,
-        split=split, max_train_episodes=data.get("max_train_episodes"),
+        n_action_steps=n_action_steps, episode_split=episode_split, split=split,
         image_shapes=image_shapes,
     )
 
