@@ -11,6 +11,7 @@ what training's periodic rollouts call too.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -23,10 +24,9 @@ import torch
 from gymnasium.envs.registration import load_env_creator
 from omegaconf import DictConfig, OmegaConf
 from picard_client.realtime import (
-    CLOCKS,
-    HANDOFFS,
     ChunkRequest,
     RealtimeController,
+    RealtimeSettings,
     max_lead_steps,
     summarize_realtime,
     timed_requests,
@@ -49,8 +49,8 @@ from app.report import (
     write_results,
 )
 from app.run_dirs import prepare_output_dir
-from envs.rollout import VECTOR_KINDS, RolloutResult, rollout
-from picard_sampler import GUIDANCE_CLIP, INPAINT_METHODS, Sampler
+from envs.rollout import VECTOR_KINDS, EpisodeSpec, RolloutResult, rollout
+from picard_sampler import Sampler
 from picard_sampler.metrics import EXACT_RULE, is_exact
 from picard_sampler.runinfo import run_info
 from policy.chunking import (
@@ -94,27 +94,20 @@ def check_eval_config(cfg: DictConfig) -> None:
         ("progress", isinstance(cfg.progress, bool), "true or false"),
         ("overwrite", isinstance(cfg.overwrite, bool), "true or false"),
         ("logger.wandb", isinstance(cfg.logger.wandb, bool), "true or false"),
-        ("realtime.control_hz", is_number(rt.control_hz, 0, strict=True), "a number > 0"),
-        ("realtime.clock", rt.clock in CLOCKS, f"one of {list(CLOCKS)}"),
-        ("realtime.budget_margin_ms", is_number(rt.budget_margin_ms, 0), "a number >= 0"),
-        ("realtime.lead_steps", rt.lead_steps is None or is_int(rt.lead_steps, 1),
-         "null or an int >= 1"),
-        ("realtime.handoff", rt.handoff in HANDOFFS, f"one of {list(HANDOFFS)}"),
-        ("realtime.delay_ms", is_number(rt.delay_ms, 0), "a number >= 0"),
-        ("realtime.ensemble_decay", is_number(rt.ensemble_decay, 0), "a number >= 0"),
-        ("realtime.soft_mask", is_number(rt.soft_mask, 0) and rt.soft_mask <= 1,
-         "a number in [0, 1]"),
-        ("realtime.inpaint_method", rt.inpaint_method in INPAINT_METHODS,
-         f"one of {list(INPAINT_METHODS)}"),
-        ("realtime.guidance_clip", is_number(rt.guidance_clip, 0, strict=True), "a number > 0"),
-        ("realtime.model_latency_ms", rt.model_latency_ms is None or is_number(
-            rt.model_latency_ms, 0), "null or a number >= 0"),
-        ("realtime.model_latency_ms", rt.model_latency_ms is None or rt.clock == "simulated",
-         "null with realtime.clock=wall (a modelled latency needs the simulated clock)"),
         ("deadline_ms", not (rt.enabled and cfg.deadline_ms is not None),
          "null with realtime.enabled=true (the deadline is realtime.lead_steps ticks at "
          "realtime.control_hz)"),
     ])
+    _realtime_block(cfg)  # checked by the record it becomes, naming the realtime.* key
+
+
+def _realtime_block(cfg: DictConfig) -> RealtimeSettings:
+    """The `realtime` block (times in ms) as the controller's RealtimeSettings (seconds); a
+    bad value is a ConfigError naming its key."""
+    try:
+        return RealtimeSettings.from_config(cfg.realtime)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
 
 
 def _n(cfg: DictConfig) -> int:
@@ -122,48 +115,28 @@ def _n(cfg: DictConfig) -> int:
     return cfg.n_episodes if is_int(cfg.n_episodes) else 0
 
 
-@dataclass
-class Realtime:
-    """Real-time rollout settings (envs.realtime): the control rate, which clock, the lead,
-    the hand-off between chunks and an injected inference delay."""
-
-    control_hz: float = 10.0
-    clock: str = "simulated"
-    lead_steps: int | None = None
-    budget_margin_ms: float = 5.0
-    handoff: str = "skip"
-    delay_ms: float = 0.0
-    ensemble_decay: float = 0.01
-    soft_mask: float = 0.0
-    inpaint_method: str = "replace"
-    guidance_clip: float = GUIDANCE_CLIP
-    model_latency_ms: float | None = None
-
-
-def realtime_settings(cfg: DictConfig, dims: tuple[int, int, int]) -> Realtime | None:
-    """The `realtime` block as Realtime settings (None when disabled); lead_steps is checked
-    against what the policy's `dims` (n_obs_steps, n_action_steps, horizon) allow."""
+def realtime_settings(cfg: DictConfig, dims: tuple[int, int, int]) -> RealtimeSettings | None:
+    """The `realtime` block as RealtimeSettings (None when disabled), checked against what the
+    policy's `dims` (n_obs_steps, n_action_steps, horizon) allow: its lead_steps, and a
+    budget margin below the deadline."""
     if not cfg.realtime.enabled:
         return None
-    n_obs_steps, n_action_steps, horizon = dims
-    most = max_lead_steps(horizon, n_obs_steps, n_action_steps)
-    lead = cfg.realtime.lead_steps
-    if most < 1 or (lead is not None and not (is_int(lead) and 1 <= lead <= most)):
+    settings = _realtime_block(cfg)
+    try:
+        lead = settings.resolved_lead_steps(dims)
+    except ValueError as e:
+        most = max_lead_steps(dims[2], dims[0], dims[1])
         raise ConfigError(
             f"realtime.lead_steps must be null or in [1, horizon - n_obs_steps + 1 - "
-            f"n_action_steps = {most}] for this policy; got {lead!r}"
-        )
-    rt = cfg.realtime
-    deadline_ms = (most if lead is None else lead) / rt.control_hz * 1e3
-    if not rt.budget_margin_ms < deadline_ms:
+            f"n_action_steps = {most}] for this policy; got {settings.lead_steps!r}"
+        ) from e
+    deadline_s = settings.deadline_s(lead)
+    if not settings.budget_margin_s < deadline_s:
         raise ConfigError(
-            f"realtime.budget_margin_ms must be below the deadline ({deadline_ms:g} ms = "
-            f"lead_steps / control_hz); got {rt.budget_margin_ms!r}"
+            f"realtime.budget_margin_ms must be below the deadline ({deadline_s * 1e3:g} ms = "
+            f"lead_steps / control_hz); got {cfg.realtime.budget_margin_ms!r}"
         )
-    return Realtime(float(rt.control_hz), rt.clock, lead, float(rt.budget_margin_ms),
-                    rt.handoff, float(rt.delay_ms), float(rt.ensemble_decay),
-                    float(rt.soft_mask), rt.inpaint_method, float(rt.guidance_clip),
-                    None if rt.model_latency_ms is None else float(rt.model_latency_ms))
+    return settings
 
 
 # ------------------------------------------------------------------------------ env
@@ -202,29 +175,24 @@ def evaluate(
     policy: DiffusionPolicy,
     sampler: Sampler,
     env: Mapping[str, Any],
-    n_episodes: int,
-    n_envs: int,
-    seed_start: int,
+    episodes: EpisodeSpec,
     noise_seed: int,
-    max_steps: int | None = None,
-    vector: str = "sync",
     warm_start: str | bool = "none",
     exact_err_every: int = 0,
-    video: bool = False,
-    progress: bool = True,
-    realtime: Realtime | None = None,
+    realtime: RealtimeSettings | None = None,
     clock: Callable[[], float] = time.perf_counter,
     sleep: Callable[[float], None] = time.sleep,
 ) -> EvalResult:
-    """Roll `policy` out with `sampler` in `env` (an env config: id, kwargs, max_steps) for the
-    episodes with env seeds seed_start .. seed_start + n_episodes - 1.
+    """Roll `policy` out with `sampler` in `env` (an env config: id, kwargs, max_steps) for
+    the `episodes` (env seeds seed_start .. seed_start + n_episodes - 1; `record_frames`
+    keeps the frames of episode 0); the sampler noise of an episode is drawn from
+    (`noise_seed`, its seed).
 
     Each rollout call's record is a ChunkRecord (exact_err on every `exact_err_every`-th
-    sampler call; 0: never). `video` keeps the frames of episode 0. With `realtime`, one env
-    runs on the control clock of envs.realtime.RealtimeController (`clock`, `sleep`).
+    sampler call; 0: never). With `realtime`, one env runs on the control clock of
+    envs.realtime.RealtimeController (`clock`, `sleep`).
     """
     env = plain(env)
-    max_steps = env["max_steps"] if max_steps is None else max_steps
     try:
         inpaint = ({"inpaint_method": realtime.inpaint_method,
                     "guidance_clip": realtime.guidance_clip}
@@ -235,70 +203,48 @@ def evaluate(
     except ValueError as e:
         raise ConfigError(str(e)) from e
     dims = (policy.n_obs_steps, policy.n_action_steps, policy.horizon)
-    episodes = {"n_episodes": n_episodes, "seed_start": seed_start, "max_steps": max_steps,
-                "vector": vector, "video": video, "progress": progress}
     if realtime is not None:
-        if n_envs != 1:
+        if episodes.n_envs != 1:
             raise ConfigError(f"realtime runs one env (one robot, one control clock); got "
-                              f"n_envs={n_envs}")
+                              f"n_envs={episodes.n_envs}")
         return evaluate_realtime(chunk_policy, chunk_policy.on_reset, dims, env, realtime,
-                                 clock=clock, sleep=sleep, **episodes)
+                                 episodes, clock=clock, sleep=sleep)
     result = rollout(
-        chunk_policy, make_env_factory(env, max_steps, render=video), n_envs=n_envs,
-        n_obs_steps=dims[0], n_action_steps=dims[1], record_frames=video,
-        on_reset=chunk_policy.on_reset, **_rollout_args(episodes),
+        chunk_policy, make_env_factory(env, episodes.max_steps, render=episodes.record_frames),
+        episodes, n_obs_steps=dims[0], n_action_steps=dims[1], on_reset=chunk_policy.on_reset,
     )
     return EvalResult(result)
 
 
-def _rollout_args(episodes: Mapping[str, Any]) -> dict[str, Any]:
-    """`evaluate`'s episode settings as envs.rollout.rollout arguments."""
-    return {k: episodes[k] for k in ("n_episodes", "seed_start", "max_steps", "vector",
-                                      "progress")}
-
-
 def evaluate_realtime(
     chunk_fn: Callable[..., Any], on_reset: Callable[[int, int | None], None],
-    dims: tuple[int, int, int], env: Mapping[str, Any], realtime: Realtime, *,
-    n_episodes: int, seed_start: int, max_steps: int, vector: str = "sync", video: bool = False,
-    progress: bool = True, clock: Callable[[], float] = time.perf_counter,
+    dims: tuple[int, int, int], env: Mapping[str, Any], realtime: RealtimeSettings,
+    episodes: EpisodeSpec, *, clock: Callable[[], float] = time.perf_counter,
     sleep: Callable[[float], None] = time.sleep,
 ) -> EvalResult:
     """One env on the control clock of envs.realtime.RealtimeController, its chunks from
     `chunk_fn` (a ChunkPolicy returning whole chunks, or serving.client.RemoteChunks asking a
-    policy server); `dims` = (n_obs_steps, n_action_steps, horizon)."""
-    n_obs_steps, n_action_steps, horizon = dims
+    policy server); `dims` = (n_obs_steps, n_action_steps, horizon); `episodes` run one at a
+    time (its n_envs is not used: one robot)."""
     rate_action_dims = env_class_attribute(env, "rate_action_dims", ())  # held = standing still
-    controller = RealtimeController(
-        chunk_fn, realtime.control_hz, n_obs_steps, n_action_steps, horizon,
-        realtime.lead_steps, realtime.budget_margin_ms / 1e3, realtime.clock, clock=clock,
-        sleep=sleep, handoff=realtime.handoff, delay_s=realtime.delay_ms / 1e3,
-        ensemble_decay=realtime.ensemble_decay, soft_mask=realtime.soft_mask,
-        rate_action_dims=rate_action_dims,
-        model_latency_s=(None if realtime.model_latency_ms is None
-                         else realtime.model_latency_ms / 1e3),
-    )
+    controller = RealtimeController(chunk_fn, dims, realtime, clock=clock, sleep=sleep,
+                                    rate_action_dims=rate_action_dims)
 
     def both_on_reset(env_index: int, seed: int | None) -> None:
         controller.on_reset(env_index, seed)
         on_reset(env_index, seed)
 
-    episodes = {"n_episodes": n_episodes, "seed_start": seed_start, "max_steps": max_steps,
-                "vector": vector, "progress": progress}
     try:
         result = rollout(
-            controller, make_env_factory(env, max_steps, render=video), n_envs=1,
-            n_obs_steps=n_obs_steps, n_action_steps=n_action_steps, record_frames=video,
-            on_reset=both_on_reset, **_rollout_args(episodes),
+            controller,
+            make_env_factory(env, episodes.max_steps, render=episodes.record_frames),
+            dataclasses.replace(episodes, n_envs=1), n_obs_steps=dims[0],
+            n_action_steps=dims[1], on_reset=both_on_reset,
         )
     finally:
         controller.close()
-    settings = {"control_hz": controller.control_hz, "clock": controller.clock_mode,
-                "lead_steps": controller.lead_steps, "deadline_ms": controller.deadline_s * 1e3,
-                "budget_ms": None if controller.budget_s is None else controller.budget_s * 1e3,
-                "handoff": controller.handoff, "delay_ms": controller.delay_s * 1e3,
-                "model_latency_ms": realtime.model_latency_ms}
-    return EvalResult(result, controller.requests, settings, controller.episodes)
+    return EvalResult(result, controller.requests, realtime.report(controller.lead_steps),
+                      controller.episodes)
 
 
 def summarize(
@@ -346,6 +292,14 @@ class _Run:
     auto: dict[str, Any] | None = None  # sampler=auto: sampler_choice and calibration
 
 
+def _episode_spec(cfg: DictConfig, n_envs: int, max_steps: int) -> EpisodeSpec:
+    """The eval config's episodes (n_episodes, seed_start, vector, video, progress) on
+    `n_envs` envs of `max_steps` steps."""
+    return EpisodeSpec(n_episodes=cfg.n_episodes, n_envs=n_envs, seed_start=cfg.seed_start,
+                       max_steps=max_steps, vector=cfg.vector, record_frames=cfg.video,
+                       progress=cfg.progress)
+
+
 def _run_local(cfg: DictConfig, device: torch.device) -> _Run:
     """Load the checkpoint here and roll it out (offline, or on the control clock)."""
     n_envs = 1 if cfg.realtime.enabled else cfg.n_envs  # real time: one robot, one env
@@ -367,10 +321,8 @@ def _run_local(cfg: DictConfig, device: torch.device) -> _Run:
         print(f"real-time rollout: one env at {realtime.control_hz:g} Hz ({realtime.clock} clock)")
 
     result = evaluate(
-        policy, sampler, env, n_episodes=cfg.n_episodes, n_envs=n_envs,
-        seed_start=cfg.seed_start, noise_seed=cfg.noise_seed, max_steps=max_steps,
-        vector=cfg.vector, warm_start=cfg.warm_start, exact_err_every=exact_err_every,
-        video=cfg.video, progress=cfg.progress, realtime=realtime,
+        policy, sampler, env, _episode_spec(cfg, n_envs, max_steps), noise_seed=cfg.noise_seed,
+        warm_start=cfg.warm_start, exact_err_every=exact_err_every, realtime=realtime,
     )
     return _Run(result, env, max_steps, {"label": sampler.label, **sampler.config},
                 runtime, {"path": str(cfg.checkpoint), "step": checkpoint["step"]},
@@ -418,11 +370,8 @@ def _run_remote(cfg: DictConfig) -> _Run:
                 server_overhead_ms=info["latency_ms"] - info["infer_ms"])
 
         try:
-            result = evaluate_realtime(
-                chunk_fn, remote.on_reset, dims, env, realtime, n_episodes=cfg.n_episodes,
-                seed_start=cfg.seed_start, max_steps=max_steps, vector=cfg.vector,
-                video=cfg.video, progress=cfg.progress,
-            )
+            result = evaluate_realtime(chunk_fn, remote.on_reset, dims, env, realtime,
+                                       _episode_spec(cfg, 1, max_steps))
         except ServerError as e:
             raise ConfigError(f"server: {e}") from e
     finally:

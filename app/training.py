@@ -54,7 +54,7 @@ from app.checks import Check, ConfigError, is_int, is_number, plain, raise_first
 from app.device import DEVICE_ALLOWED, configure_torch, device_ok
 from app.evaluation import evaluate, summarize
 from app.run_dirs import prepare_output_dir
-from envs.rollout import VECTOR_KINDS
+from envs.rollout import VECTOR_KINDS, EpisodeSpec
 from picard_sampler import Schedule
 from policy.checkpoint import (
     PCM_KEY,
@@ -812,11 +812,10 @@ def rollout_metrics(policy: DiffusionPolicy, cfg: DictConfig) -> dict[str, float
     metrics of docs/design.md §5 (mean_score, success_rate, rounds_mean, nfe, latency_ms_*),
     or None when the rollout was interrupted (its partial score is no score)."""
     sampler = build_sampler(cfg.eval.sampler, policy, "eval.sampler")
-    result = evaluate(
-        policy, sampler, cfg.env, n_episodes=cfg.eval.n_episodes, n_envs=cfg.eval.n_envs,
-        seed_start=cfg.eval.seed_start, noise_seed=cfg.eval.seed_start,
-        max_steps=cfg.env.max_steps, vector=cfg.eval.vector, progress=cfg.progress,
-    )
+    episodes = EpisodeSpec(n_episodes=cfg.eval.n_episodes, n_envs=cfg.eval.n_envs,
+                           seed_start=cfg.eval.seed_start, max_steps=cfg.env.max_steps,
+                           vector=cfg.eval.vector, progress=cfg.progress)
+    result = evaluate(policy, sampler, cfg.env, episodes, noise_seed=cfg.eval.seed_start)
     if result.rollout.interrupted:
         return None
     return {k: v for k, v in summarize(result).items() if v is not None}

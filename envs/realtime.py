@@ -5,11 +5,13 @@ from picard_client.realtime import (
     CLOCKS,
     HANDOFFS,
     HOLD_SOURCE,
+    ChunkDims,
     ChunkFn,
     ChunkRequest,
     ControlStep,
     Prefix,
     RealtimeController,
+    RealtimeSettings,
     jerk_metrics,
     max_lead_steps,
     soft_mask_weights,
@@ -17,6 +19,6 @@ from picard_client.realtime import (
     timed_requests,
 )
 
-__all__ = ["CLOCKS", "HANDOFFS", "HOLD_SOURCE", "ChunkFn", "ChunkRequest", "ControlStep", "Prefix",
-           "RealtimeController", "jerk_metrics", "max_lead_steps", "soft_mask_weights",
-           "summarize_realtime", "timed_requests"]
+__all__ = ["CLOCKS", "HANDOFFS", "HOLD_SOURCE", "ChunkDims", "ChunkFn", "ChunkRequest",
+           "ControlStep", "Prefix", "RealtimeController", "RealtimeSettings", "jerk_metrics",
+           "max_lead_steps", "soft_mask_weights", "summarize_realtime", "timed_requests"]

@@ -199,21 +199,41 @@ def _notify(on_reset: ResetHook | None, env_index: int, seed: int | None) -> Non
         on_reset(env_index, seed)
 
 
+@dataclass(frozen=True)
+class EpisodeSpec:
+    """Which episodes a rollout runs and how: `n_episodes` episodes, episode i with env seed
+    `seed_start + i`, on min(n_envs, n_episodes) envs stepped together (a `vector` env of
+    VECTOR_KINDS), each cut at `max_steps` env steps; `record_frames` keeps the rendered
+    frames of episode 0; `progress` shows a bar over episodes. Checked when built."""
+
+    n_episodes: int
+    n_envs: int = 1
+    seed_start: int = 0
+    max_steps: int = 300
+    vector: str = "sync"
+    record_frames: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.n_episodes < 1 or self.n_envs < 1:
+            raise ValueError(f"n_episodes and n_envs must be >= 1; got {self.n_episodes}, "
+                             f"{self.n_envs}")
+        if self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1; got {self.max_steps}")
+        if self.vector not in VECTOR_KINDS:
+            raise ValueError(f"vector must be one of {list(VECTOR_KINDS)}; got {self.vector!r}")
+
+
 def rollout(
     policy_fn: PolicyFn,
     make_env: Callable[[], gym.Env],
-    n_episodes: int,
-    n_envs: int,
-    seed_start: int = 0,
-    max_steps: int = 300,
+    episodes: EpisodeSpec,
     n_obs_steps: int = 2,
     n_action_steps: int = 8,
-    vector: str = "sync",
-    record_frames: bool = False,
-    progress: bool = True,
     on_reset: ResetHook | None = None,
 ) -> RolloutResult:
-    """Run `n_episodes` episodes (seeds seed_start + i) on min(n_envs, n_episodes) envs.
+    """Run the `episodes` (EpisodeSpec: seeds seed_start + i, on min(n_envs, n_episodes) envs)
+    with a policy of `n_obs_steps` observed and `n_action_steps` executed steps per chunk.
 
     `policy_fn(obs (B, To, ...) or {key: (B, To, ...)}) -> (actions (B, Ta, Da), record)` is
     called once per chunk for the whole batch; each call's record is kept in a PolicyCall.
@@ -227,10 +247,11 @@ def rollout(
     ends the rollout cleanly: the envs are closed and the episodes finished so far are returned
     with `interrupted=True`.
     """
-    if n_episodes < 1 or n_envs < 1:
-        raise ValueError(f"n_episodes and n_envs must be >= 1; got {n_episodes}, {n_envs}")
-    n_envs = min(n_envs, n_episodes)
-    envs = make_vector_env(make_env, n_envs, n_obs_steps, n_action_steps, max_steps, vector)
+    n_episodes, seed_start, record_frames = (episodes.n_episodes, episodes.seed_start,
+                                             episodes.record_frames)
+    n_envs = min(episodes.n_envs, n_episodes)
+    envs = make_vector_env(make_env, n_envs, n_obs_steps, n_action_steps, episodes.max_steps,
+                           episodes.vector)
     slot_episode: list[int | None] = list(range(n_envs))  # episode running in each env
     records: list[dict[str, Any]] = [
         {"episode": i, "seed": seed_start + i, "max_reward": -np.inf, "success": False,
@@ -241,7 +262,7 @@ def rollout(
     frames: list[np.ndarray] = []
     next_episode = n_envs
     interrupted = False
-    bar = tqdm(total=n_episodes, desc="rollout", disable=not progress, leave=False)
+    bar = tqdm(total=n_episodes, desc="rollout", disable=not episodes.progress, leave=False)
     try:
         seeds = [seed_start + i for i in range(n_envs)]
         obs, _ = envs.reset(seed=seeds)

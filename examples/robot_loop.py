@@ -33,6 +33,7 @@ from picard_client import (
     EpisodeLost,
     PolicyClient,
     RealtimeController,
+    RealtimeSettings,
     RemoteChunks,
     summarize_realtime,
 )
@@ -73,8 +74,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         hz = args.hz or meta["control_hz"]
         robot = FakeRobot(meta["obs_spec"], meta["action_dim"], seed=args.seed)
         remote = RemoteChunks(client)
-        controller = RealtimeController(remote, hz, to, ta, h, clock_mode="wall",
-                                        handoff=args.handoff, act=robot.command)
+        settings = RealtimeSettings(control_hz=hz, clock="wall", handoff=args.handoff)
+        controller = RealtimeController(remote, (to, ta, h), settings, act=robot.command)
         history: deque[dict[str, np.ndarray]] = deque([robot.observe()] * to, maxlen=to)
         episode, lost, steps = args.seed, 0, []
         remote.on_reset(0, episode)

@@ -53,12 +53,13 @@ def test_picard_client_runs_its_realtime_loop_without_torch() -> None:
 import numpy as np
 import picard_client
 from picard_client import openpi, protocol, records
-from picard_client.realtime import RealtimeController, summarize_realtime
+from picard_client.realtime import RealtimeController, RealtimeSettings, summarize_realtime
 
 def chunk_fn(obs, budget_s, prefix=None):
     return np.zeros((1, 16, 2)) + obs[:, -1:, :2], {"converged": True}
 
-with RealtimeController(chunk_fn, 10, 2, 8, 16, handoff="inpaint") as controller:
+settings = RealtimeSettings(control_hz=10, handoff="inpaint")
+with RealtimeController(chunk_fn, (2, 8, 16), settings) as controller:
     steps = [controller(np.full((1, 2, 20), float(k)))[1] for k in range(5)]
 metrics = summarize_realtime(steps, controller.requests)
 assert metrics["n_timed_requests"] == 4, metrics

@@ -11,6 +11,7 @@ from picard_client.realtime import (
     HOLD_SOURCE,
     Prefix,
     RealtimeController,
+    RealtimeSettings,
     jerk_metrics,
     soft_mask_weights,
     summarize_realtime,
@@ -55,10 +56,14 @@ def run(controller: RealtimeController, n_calls: int) -> tuple[list[float], list
     return executed, records
 
 
-def controller(handoff: str, latency_s: float, clock: FakeClock, chunk_fn=None,
-               **kwargs: Any) -> RealtimeController:
-    chunk_fn = chunk_fn or offset_chunks(latency_s, clock)
-    return RealtimeController(chunk_fn, 10, TO, TA, H, clock=clock, handoff=handoff, **kwargs)
+def controller(handoff: str, latency_s: float, fake_clock: FakeClock, chunk_fn=None,
+               **settings: Any) -> RealtimeController:
+    """A 10 Hz controller on `fake_clock` with this hand-off and RealtimeSettings `settings`
+    (`clock` among them is the clock mode)."""
+    chunk_fn = chunk_fn or offset_chunks(latency_s, fake_clock)
+    return RealtimeController(chunk_fn, (TO, TA, H),
+                              RealtimeSettings(control_hz=10, handoff=handoff, **settings),
+                              clock=fake_clock)
 
 
 def test_skip_switches_at_arrival_and_skips_the_stale_actions() -> None:
@@ -159,9 +164,8 @@ def test_a_modelled_latency_fixes_the_schedule_whatever_inference_took() -> None
         assert budgets and all(b is None for b in budgets)
         runs.append(executed)
     assert runs[0] == runs[1]
-    with pytest.raises(ValueError, match="model_latency_s must be None or >= 0 with the "
-                                         "simulated clock"):
-        controller("skip", 0.0, FakeClock(), clock_mode="wall", model_latency_s=0.1)
+    with pytest.raises(ValueError, match="model_latency_s must be None with clock=wall"):
+        controller("skip", 0.0, FakeClock(), clock="wall", model_latency_s=0.1)
 
 
 def test_jerk_separates_boundaries_from_within_chunk_ticks() -> None:
@@ -201,7 +205,8 @@ def test_holding_zeroes_the_rate_dims_of_a_delta_action_robot() -> None:
         clock.advance(0.25)
         return np.ones((1, H, 2)) * [0.5, -1.0], {"converged": True}
 
-    ctl = RealtimeController(two_dim_chunks, 10, TO, TA, H, clock=clock, handoff="hold",
+    ctl = RealtimeController(two_dim_chunks, (TO, TA, H),
+                             RealtimeSettings(control_hz=10, handoff="hold"), clock=clock,
                              rate_action_dims=[0])
     actions, record = ctl(np.zeros((1, TO, 1)))  # the awaited first chunk: no hold
     actions, record = ctl(np.zeros((1, TO, 1)))

@@ -7,6 +7,7 @@ latencies far from the deadline.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
@@ -16,11 +17,16 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from picard_client.realtime import RealtimeController, max_lead_steps, summarize_realtime
+from picard_client.realtime import (
+    RealtimeController,
+    RealtimeSettings,
+    max_lead_steps,
+    summarize_realtime,
+)
 
 from app import builder, evaluation
 from app.command_line import CONF_DIR
-from envs.rollout import rollout
+from envs.rollout import EpisodeSpec, rollout
 from picard_sampler import DDIMSchedule, Sampler
 from policy.checkpoint import load_policy
 
@@ -72,16 +78,15 @@ def run_ticks(controller: RealtimeController, n_calls: int) -> tuple[list[float]
 def test_lead_is_what_the_horizon_leaves_after_the_executed_steps() -> None:
     assert max_lead_steps(16, 2, 8) == 7
     with pytest.raises(ValueError, match="lead_steps must be in"):
-        RealtimeController(tick_chunks(0, None), 10, TO, TA, H, lead_steps=8)
+        RealtimeController(tick_chunks(0, None), (TO, TA, H), RealtimeSettings(lead_steps=8))
     with pytest.raises(ValueError, match="horizon - n_obs_steps"):
-        RealtimeController(tick_chunks(0, None), 10, 2, 8, 8)
+        RealtimeController(tick_chunks(0, None), (2, 8, 8))
 
 
 def test_on_time_chunks_execute_each_action_at_its_own_tick() -> None:
     clock = FakeClock()
     controller = RealtimeController(
-        tick_chunks(0.25, clock), control_hz=10, n_obs_steps=TO, n_action_steps=TA, horizon=H,
-        clock=clock,
+        tick_chunks(0.25, clock), (TO, TA, H), RealtimeSettings(control_hz=10), clock=clock,
     )
     executed, records = run_ticks(controller, 6)
     assert executed == list(range(6 * TA))  # no hold, nothing stale: action for tick t at t
@@ -96,7 +101,7 @@ def test_on_time_chunks_execute_each_action_at_its_own_tick() -> None:
 def test_late_chunk_holds_the_last_action_and_counts_the_miss() -> None:
     """A 0.95 s chunk at 10 Hz arrives 10 ticks after its request, 3 ticks past its due tick."""
     clock = FakeClock()
-    controller = RealtimeController(tick_chunks(0.95, clock), 10, TO, TA, H, clock=clock)
+    controller = RealtimeController(tick_chunks(0.95, clock), (TO, TA, H), clock=clock)
     executed, records = run_ticks(controller, 5)
     # Tick 0-10: the awaited first chunk (asked at 0, covers ticks -1..10); 11-13 held; tick 14:
     # the chunk asked at 4 arrives (covers 3..14); 15 held; 16: asked again, nothing until 26.
@@ -114,7 +119,7 @@ def test_late_chunk_holds_the_last_action_and_counts_the_miss() -> None:
 def test_unconverged_chunks_on_time_count_as_anytime_deliveries() -> None:
     clock = FakeClock()
     controller = RealtimeController(
-        tick_chunks(0.1, clock, converged=False), 10, TO, TA, H, clock=clock
+        tick_chunks(0.1, clock, converged=False), (TO, TA, H), clock=clock
     )
     _, records = run_ticks(controller, 4)
     metrics = summarize_realtime(records, controller.requests)
@@ -132,7 +137,7 @@ def test_wall_clock_runs_inference_in_a_thread_and_leaves_none_behind(
 ) -> None:
     """50 Hz: a chunk is due 7 ticks = 140 ms after its request; 0.3 s takes 15."""
     with RealtimeController(
-        tick_chunks(latency_s, None), 50, TO, TA, H, clock_mode="wall"
+        tick_chunks(latency_s, None), (TO, TA, H), RealtimeSettings(control_hz=50, clock="wall")
     ) as controller:
         start = time.perf_counter()
         run_ticks(controller, 7)
@@ -159,14 +164,13 @@ def evaluate_realtime(policy: Any, sampler_name: str, clock: FakeClock, **knobs:
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("eval", overrides=[f"sampler={sampler_name}"])
-    sampler = builder.build_sampler(cfg.sampler, policy)
-    for key, value in knobs.items():
-        setattr(sampler, key, value)
+    sampler = dataclasses.replace(builder.build_sampler(cfg.sampler, policy), **knobs)
     env = {"id": "envs:PushT-v0", "kwargs": {"obs_type": "keypoints"}, "max_steps": 40}
     return evaluation.evaluate(
-        policy, sampler, env, n_episodes=1, n_envs=1, seed_start=100000, noise_seed=0,
-        exact_err_every=0, progress=False, realtime=evaluation.Realtime(control_hz=10),
-        clock=clock, sleep=clock.sleep,
+        policy, sampler, env, EpisodeSpec(n_episodes=1, seed_start=100000, max_steps=40,
+                                          progress=False),
+        noise_seed=0, exact_err_every=0, realtime=RealtimeSettings(control_hz=10), clock=clock,
+        sleep=clock.sleep,
     )
 
 
@@ -239,8 +243,8 @@ def test_rollout_returns_finished_episodes_on_keyboard_interrupt() -> None:
     def policy_fn(obs: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
         raise KeyboardInterrupt
 
-    result = rollout(policy_fn, lambda: PushTEnv(obs_type="keypoints"), n_episodes=3, n_envs=1,
-                     progress=False)
+    result = rollout(policy_fn, lambda: PushTEnv(obs_type="keypoints"),
+                     EpisodeSpec(n_episodes=3, progress=False))
     assert result.interrupted and result.episodes == [] and result.metrics["n_episodes"] == 0
 
 
@@ -261,7 +265,7 @@ def test_shifted_noise_moves_with_the_actions(tiny_policy) -> None:
 
 def test_a_chunk_still_missing_when_the_episode_ends_is_a_miss() -> None:
     clock = FakeClock()
-    controller = RealtimeController(tick_chunks(2.0, clock), 10, TO, TA, H, clock=clock)
+    controller = RealtimeController(tick_chunks(2.0, clock), (TO, TA, H), clock=clock)
     _, records = run_ticks(controller, 5)  # asked at tick 4, would arrive at 24; ends at 20
     controller.on_reset(0, None)
     missing = controller.requests[-1]

@@ -8,7 +8,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 
-from envs.rollout import MultiStepWrapper, rollout, summarize
+from envs.rollout import EpisodeSpec, MultiStepWrapper, rollout, summarize
 
 
 class CountingEnv(gym.Env):
@@ -73,10 +73,9 @@ def test_rollout_runs_each_seed_once_with_fewer_envs_than_episodes(vector: str) 
         seen_batches.append(history.shape)
         return echo_policy(history)
 
-    result = rollout(
-        policy_fn, CountingEnv, n_episodes=7, n_envs=3, seed_start=100, max_steps=8,
-        n_obs_steps=2, n_action_steps=4, vector=vector, progress=False,
-    )
+    episodes = EpisodeSpec(n_episodes=7, n_envs=3, seed_start=100, max_steps=8, vector=vector,
+                           progress=False)
+    result = rollout(policy_fn, CountingEnv, episodes, n_obs_steps=2, n_action_steps=4)
     assert [e["seed"] for e in result.episodes] == list(range(100, 107))
     for e in result.episodes:
         goal = 3 + e["seed"] % 7
@@ -90,10 +89,10 @@ def test_rollout_runs_each_seed_once_with_fewer_envs_than_episodes(vector: str) 
 
 
 def test_rollout_records_frames_of_the_first_episode() -> None:
-    result = rollout(
-        echo_policy, lambda: CountingEnv("rgb_array"), n_episodes=3, n_envs=2, seed_start=2,
-        n_obs_steps=1, n_action_steps=4, record_frames=True, progress=False,
-    )
+    episodes = EpisodeSpec(n_episodes=3, n_envs=2, seed_start=2, record_frames=True,
+                           progress=False)
+    result = rollout(echo_policy, lambda: CountingEnv("rgb_array"), episodes, n_obs_steps=1,
+                     n_action_steps=4)
     goal = 3 + 2 % 7
     assert [int(f[0, 0, 0]) for f in result.frames] == list(range(goal + 1))  # reset + steps
 
@@ -106,8 +105,8 @@ def test_rollout_of_a_trivial_policy_on_pusht_returns_records_with_the_right_see
         return np.repeat(agent_xy[:, None], 8, axis=1), {}
 
     result = rollout(
-        hold_position, lambda: gym.make("PushT-v0", obs_type="keypoints"), n_episodes=3,
-        n_envs=2, seed_start=10, max_steps=16, progress=False,
+        hold_position, lambda: gym.make("PushT-v0", obs_type="keypoints"),
+        EpisodeSpec(n_episodes=3, n_envs=2, seed_start=10, max_steps=16, progress=False),
     )
     assert [e["seed"] for e in result.episodes] == [10, 11, 12]
     for e in result.episodes:

@@ -17,10 +17,17 @@ from picard_client.client import (
     ServerError,
 )
 from picard_client.protocol import PROTOCOL_VERSION
-from picard_client.realtime import HANDOFFS, RealtimeController, summarize_realtime
+from picard_client.realtime import (
+    HANDOFFS,
+    ChunkDims,
+    RealtimeController,
+    RealtimeSettings,
+    summarize_realtime,
+)
 
 __version__ = "0.2.0"
 
-__all__ = ["HANDOFFS", "PROTOCOL_VERSION", "ClientStats", "ConnectionLost", "EpisodeLost",
-           "PolicyClient", "ProtocolMismatch", "RealtimeController", "RemoteChunks",
+__all__ = ["HANDOFFS", "PROTOCOL_VERSION", "ChunkDims", "ClientStats", "ConnectionLost",
+           "EpisodeLost", "PolicyClient", "ProtocolMismatch", "RealtimeController",
+           "RealtimeSettings", "RemoteChunks",
            "ServerError", "summarize_realtime"]

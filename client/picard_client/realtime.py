@@ -12,6 +12,9 @@ n + lead (lead = H - To + 1 - Ta: the first tick the previous chunk no longer co
 that is later than that is a deadline miss: the robot holds its last action until the chunk
 arrives (held ticks are counted), then executes the chunk's actions for the ticks that remain.
 The first chunk of an episode is awaited before the clock starts (the robot starts at rest).
+The loop's settings (rate, clock, lead, hand-off, delays, ...) are one `RealtimeSettings` record
+in SI units, checked when built; a config block in milliseconds becomes one through
+`RealtimeSettings.from_config`, and `RealtimeSettings.report` gives results in milliseconds.
 
 Two clocks, one schedule:
 - ``clock="simulated"`` (default, deterministic for a deterministic ``clock``): inference runs
@@ -62,10 +65,10 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, fields
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -75,6 +78,152 @@ ChunkFn = Callable[..., tuple[np.ndarray, dict[str, Any]]]
 CLOCKS = ("simulated", "wall")
 HANDOFFS = ("hold", "skip", "ensemble", "inpaint")
 HOLD_SOURCE = -1  # the source of a tick that held the last action
+INPAINT_METHODS = ("replace", "guide")  # picard_sampler.INPAINT_METHODS (a test pins them equal)
+GUIDANCE_CLIP = 5.0  # picard_sampler.GUIDANCE_CLIP: RTC's beta
+
+
+class ChunkDims(NamedTuple):
+    """A chunking policy's time layout: observed steps To, executed steps Ta, horizon H."""
+
+    n_obs_steps: int
+    n_action_steps: int
+    horizon: int
+
+
+def _is_number(value: Any, minimum: float, strict: bool = False) -> bool:
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    return ok and (value > minimum if strict else value >= minimum)
+
+
+def _rule_failures(values: Mapping[str, Any], key: Callable[[str], str],
+                   none: str) -> Iterator[tuple[str, str]]:
+    """(field, what is allowed) for each value of a RealtimeSettings that cannot work, in
+    order; ``key`` names a field (another field's name inside a message too) and ``none``
+    spells None, so one list serves the record and the config block it is read from."""
+    lead, model_latency = values["lead_steps"], values["model_latency_s"]
+    rules = [
+        ("control_hz", _is_number(values["control_hz"], 0, strict=True), "a number > 0"),
+        ("clock", values["clock"] in CLOCKS, f"one of {list(CLOCKS)}"),
+        ("budget_margin_s", _is_number(values["budget_margin_s"], 0), "a number >= 0"),
+        ("lead_steps", lead is None or (isinstance(lead, int) and not isinstance(lead, bool)
+                                        and lead >= 1), f"{none} or an int >= 1"),
+        ("handoff", values["handoff"] in HANDOFFS, f"one of {list(HANDOFFS)}"),
+        ("delay_s", _is_number(values["delay_s"], 0), "a number >= 0"),
+        ("ensemble_decay", _is_number(values["ensemble_decay"], 0), "a number >= 0"),
+        ("soft_mask", _is_number(values["soft_mask"], 0) and values["soft_mask"] <= 1,
+         "a number in [0, 1]"),
+        ("inpaint_method", values["inpaint_method"] in INPAINT_METHODS,
+         f"one of {list(INPAINT_METHODS)}"),
+        ("guidance_clip", _is_number(values["guidance_clip"], 0, strict=True), "a number > 0"),
+        ("model_latency_s", model_latency is None or _is_number(model_latency, 0),
+         f"{none} or a number >= 0"),
+        ("model_latency_s", model_latency is None or values["clock"] == "simulated",
+         f"{none} with {key('clock')}=wall (a modelled latency needs the simulated clock)"),
+    ]
+    return ((name, allowed) for name, ok, allowed in rules if not ok)
+
+
+_FLOAT_FIELDS = ("control_hz", "budget_margin_s", "delay_s", "ensemble_decay", "soft_mask",
+                 "guidance_clip", "model_latency_s")
+CONFIG_MS_KEYS = {"budget_margin_s": "budget_margin_ms", "delay_s": "delay_ms",
+                  "model_latency_s": "model_latency_ms"}
+"""RealtimeSettings fields whose config key holds milliseconds (the others share the name)."""
+
+
+@dataclass(frozen=True)
+class RealtimeSettings:
+    """How one robot's control loop runs (docs/design.md §8), in SI units; checked when built.
+
+    ``control_hz``: ticks per second; ``clock``: "simulated" or "wall" (module docstring);
+    ``lead_steps``: ticks from a request to its due tick (None: the most the chunk layout
+    allows, ``max_lead_steps``); ``budget_margin_s``: the anytime budget is the deadline
+    minus this (and minus ``delay_s``); ``handoff``: one of HANDOFFS; ``delay_s``: an injected
+    extra latency per timed request; ``ensemble_decay``: the ``ensemble`` hand-off's weight
+    decay; ``soft_mask``: the ``inpaint`` hand-off's soft-mask scale; ``inpaint_method`` /
+    ``guidance_clip``: how the chunk side applies an inpaint prefix (replacement or RTC's
+    guidance with that clip; the controller only passes the prefix); ``model_latency_s``
+    (simulated clock only): every timed request takes this long instead of its measured time.
+    eval_policy.py's ``realtime`` block holds the same settings with times in ms
+    (``from_config``); results.json reports them in ms (``report``).
+    """
+
+    control_hz: float = 10.0
+    clock: str = "simulated"
+    lead_steps: int | None = None
+    budget_margin_s: float = 0.005
+    handoff: str = "skip"
+    delay_s: float = 0.0
+    ensemble_decay: float = 0.01
+    soft_mask: float = 0.0
+    inpaint_method: str = "replace"
+    guidance_clip: float = GUIDANCE_CLIP
+    model_latency_s: float | None = None
+
+    def __post_init__(self) -> None:
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name, allowed in _rule_failures(values, str, "None"):
+            raise ValueError(f"{name} must be {allowed}; got {values[name]!r}")
+        for name in _FLOAT_FIELDS:  # 10 and 10.0 Hz are one setting, reported alike
+            if values[name] is not None:
+                object.__setattr__(self, name, float(values[name]))
+
+    @classmethod
+    def from_config(cls, block: Mapping[str, Any], prefix: str = "realtime.") -> RealtimeSettings:
+        """The settings of a config block that holds the fields' values with times in ms
+        (``budget_margin_ms``, ``delay_ms``, ``model_latency_ms``; other keys are ignored);
+        a bad value is a ValueError naming its config key (``prefix`` + key) in config units."""
+        names = [f.name for f in fields(cls)]
+        raw = {name: block[CONFIG_MS_KEYS.get(name, name)] for name in names}
+        values = dict(raw)
+        for name in CONFIG_MS_KEYS:
+            if _is_number(values[name], -math.inf):
+                values[name] = float(values[name]) / 1e3
+
+        def key(name: str) -> str:
+            return prefix + CONFIG_MS_KEYS.get(name, name)
+
+        for name, allowed in _rule_failures(values, key, "null"):
+            raise ValueError(f"{key(name)} must be {allowed}; got {raw[name]!r}")
+        return cls(**values)
+
+    def resolved_lead_steps(self, dims: Sequence[int]) -> int:
+        """``lead_steps`` for a policy of ``dims`` (n_obs_steps, n_action_steps, horizon),
+        None resolved to the most it allows; ValueError when the layout leaves no lead, the
+        lead is beyond it, or the budget margin does not leave a budget before the deadline."""
+        n_obs_steps, n_action_steps, horizon = dims
+        max_lead = max_lead_steps(horizon, n_obs_steps, n_action_steps)
+        if max_lead < 1:
+            raise ValueError(
+                f"real-time execution needs horizon - n_obs_steps + 1 - n_action_steps >= 1 "
+                f"(a chunk must outlast its successor's inference by a tick); got horizon "
+                f"{horizon}, n_obs_steps {n_obs_steps}, n_action_steps {n_action_steps}"
+            )
+        lead = max_lead if self.lead_steps is None else self.lead_steps
+        if not 1 <= lead <= max_lead:
+            raise ValueError(f"lead_steps must be in [1, {max_lead}]; got {lead}")
+        return lead
+
+    def deadline_s(self, lead_steps: int) -> float:
+        """A chunk's deadline: ``lead_steps`` ticks."""
+        return lead_steps / self.control_hz
+
+    def budget_s(self, lead_steps: int) -> float | None:
+        """The anytime sampling budget of a timed request: the deadline less the margin and
+        the injected delay (at least 0.1 ms); None with a modelled latency (wall time then
+        means nothing)."""
+        if self.model_latency_s is not None:
+            return None
+        return max(self.deadline_s(lead_steps) - self.budget_margin_s - self.delay_s, 1e-4)
+
+    def report(self, lead_steps: int) -> dict[str, Any]:
+        """The settings as results.json's ``realtime`` record (times in ms)."""
+        budget_s = self.budget_s(lead_steps)
+        return {"control_hz": self.control_hz, "clock": self.clock, "lead_steps": lead_steps,
+                "deadline_ms": self.deadline_s(lead_steps) * 1e3,
+                "budget_ms": None if budget_s is None else budget_s * 1e3,
+                "handoff": self.handoff, "delay_ms": self.delay_s * 1e3,
+                "model_latency_ms": (None if self.model_latency_s is None
+                                     else self.model_latency_s * 1e3)}
 
 
 @dataclass
@@ -189,64 +338,29 @@ class RealtimeController:
     def __init__(
         self,
         chunk_fn: ChunkFn,
-        control_hz: float,
-        n_obs_steps: int,
-        n_action_steps: int,
-        horizon: int,
-        lead_steps: int | None = None,
-        budget_margin_s: float = 0.005,
-        clock_mode: str = "simulated",
+        dims: Sequence[int],
+        settings: RealtimeSettings | None = None,
+        *,
         clock: Callable[[], float] = time.perf_counter,
         sleep: Callable[[float], None] = time.sleep,
-        handoff: str = "skip",
-        delay_s: float = 0.0,
-        ensemble_decay: float = 0.01,
-        soft_mask: float = 0.0,
         rate_action_dims: Sequence[int] = (),
-        model_latency_s: float | None = None,
         act: Callable[[np.ndarray], None] | None = None,
     ):
-        max_lead = max_lead_steps(horizon, n_obs_steps, n_action_steps)
-        if max_lead < 1:
-            raise ValueError(
-                f"real-time execution needs horizon - n_obs_steps + 1 - n_action_steps >= 1 "
-                f"(a chunk must outlast its successor's inference by a tick); got horizon "
-                f"{horizon}, n_obs_steps {n_obs_steps}, n_action_steps {n_action_steps}"
-            )
-        lead_steps = max_lead if lead_steps is None else lead_steps
-        if not 1 <= lead_steps <= max_lead:
-            raise ValueError(f"lead_steps must be in [1, {max_lead}]; got {lead_steps}")
-        if not control_hz > 0:
-            raise ValueError(f"control_hz must be > 0; got {control_hz}")
-        if clock_mode not in CLOCKS:
-            raise ValueError(f"clock must be one of {list(CLOCKS)}; got {clock_mode!r}")
-        if handoff not in HANDOFFS:
-            raise ValueError(f"handoff must be one of {list(HANDOFFS)}; got {handoff!r}")
-        if not 0 <= soft_mask <= 1:
-            raise ValueError(f"soft_mask must be in [0, 1]; got {soft_mask}")
-        if model_latency_s is not None and not (model_latency_s >= 0
-                                                and clock_mode == "simulated"):
-            raise ValueError(f"model_latency_s must be None or >= 0 with the simulated clock; "
-                             f"got {model_latency_s} with clock {clock_mode!r}")
-        if not delay_s >= 0 or not ensemble_decay >= 0:
-            raise ValueError(f"delay_s and ensemble_decay must be >= 0; got {delay_s}, "
-                             f"{ensemble_decay}")
+        """`dims`: the chunk layout (n_obs_steps, n_action_steps, horizon); `settings`: how
+        the loop runs (default RealtimeSettings()); `clock` / `sleep`: the time source (a fake
+        one makes the simulated clock deterministic); `rate_action_dims`: the action dims
+        zeroed while holding; `act`: called with each tick's action at that tick."""
+        settings = RealtimeSettings() if settings is None else settings
+        if not isinstance(settings, RealtimeSettings):
+            raise TypeError(f"settings must be a RealtimeSettings; got {type(settings).__name__}")
+        self.dims = ChunkDims(*dims)
+        self.settings = settings
         self.chunk_fn = chunk_fn
-        self.control_hz = float(control_hz)
-        self.n_obs_steps = n_obs_steps
-        self.n_action_steps = n_action_steps
-        self.horizon = horizon
-        self.lead_steps = lead_steps
-        self.handoff = handoff
-        self.delay_s = float(delay_s)
-        self.ensemble_decay = float(ensemble_decay)
-        self.soft_mask = float(soft_mask)
+        self.n_obs_steps, self.n_action_steps, self.horizon = self.dims
+        self.lead_steps = settings.resolved_lead_steps(self.dims)
+        self.deadline_s = settings.deadline_s(self.lead_steps)
+        self.budget_s = settings.budget_s(self.lead_steps)
         self.rate_action_dims = list(rate_action_dims)
-        self.deadline_s = lead_steps / self.control_hz
-        self.model_latency_s = model_latency_s
-        self.budget_s = (None if model_latency_s is not None
-                         else max(self.deadline_s - budget_margin_s - self.delay_s, 1e-4))
-        self.clock_mode = clock_mode
         self.clock = clock
         self.sleep = sleep
         self.act = act
@@ -294,7 +408,7 @@ class RealtimeController:
         start = self.clock()
         args = (obs, budget_s) if prefix is None else (obs, budget_s, prefix)
         chunks, info = self.chunk_fn(*args)
-        if delay_s and self.clock_mode == "wall":
+        if delay_s and self.settings.clock == "wall":
             self.sleep(delay_s)
         latency_s = self.clock() - start
         chunks = np.asarray(chunks)
@@ -308,15 +422,15 @@ class RealtimeController:
 
     def _submit(self, obs: Any) -> _Request:
         request = _Request(ChunkRequest(request_tick=self.tick))
-        prefix = self._prefix() if self.handoff == "inpaint" else None
+        prefix = self._prefix() if self.settings.handoff == "inpaint" else None
         if prefix is not None:
             request.record.frozen_steps = prefix.frozen
             request.prefix = prefix
-        if self.clock_mode == "wall":
+        if self.settings.clock == "wall":
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chunk")
             request.future = self._executor.submit(
-                self._run_chunk, obs, self.budget_s, prefix, self.delay_s)
+                self._run_chunk, obs, self.budget_s, prefix, self.settings.delay_s)
         else:
             self._finish(request, *self._run_chunk(obs, self.budget_s, prefix))
             request.record.ready_tick = request.tick + self._ticks_for(request.record.latency_ms)
@@ -324,7 +438,7 @@ class RealtimeController:
 
     def _ticks_for(self, latency_ms: float) -> int:
         """Ticks a chunk of this latency takes to be ready (at least the next tick)."""
-        return max(1, math.ceil(latency_ms / 1e3 * self.control_hz - 1e-9))
+        return max(1, math.ceil(latency_ms / 1e3 * self.settings.control_hz - 1e-9))
 
     def _finish(self, request: _Request, chunks: np.ndarray, info: Any, latency_s: float) -> None:
         request.chunks = chunks
@@ -335,12 +449,13 @@ class RealtimeController:
                 chunks[:, committed] - request.prefix.actions[:, committed]).max(initial=0.0))
         record.chunk = info
         record.latency_ms = float(_info_field(info, "latency_ms", latency_s * 1e3))
-        if self.model_latency_s is not None and not record.startup:
-            record.latency_ms = self.model_latency_s * 1e3  # the modelled, not the measured
+        modelled_s = self.settings.model_latency_s
+        if modelled_s is not None and not record.startup:
+            record.latency_ms = modelled_s * 1e3  # the modelled, not the measured
         if not record.startup:  # the injected delay (already slept on the wall clock)
-            record.latency_ms += self.delay_s * 1e3
+            record.latency_ms += self.settings.delay_s * 1e3
         # the next prefix expects what this request took (with the delay it will get)
-        self._expected_latency_s = record.latency_ms / 1e3 + record.startup * self.delay_s
+        self._expected_latency_s = record.latency_ms / 1e3 + record.startup * self.settings.delay_s
         record.converged = _all_converged(_info_field(info, "converged", True))
 
     def _ready_at(self, request: _Request, tick: int) -> bool:
@@ -396,25 +511,25 @@ class RealtimeController:
         covered = [i for i in range(self.horizon)
                    if start + i >= n + delay
                    and self._index(self._current, start + i) < self.horizon]
-        if self.soft_mask and covered:
+        if self.settings.soft_mask and covered:
             actions[:, covered] = np.stack([self._planned(start + i) for i in covered], axis=1)
-            weights[covered] = self.soft_mask * soft_mask_weights(len(covered))
+            weights[covered] = self.settings.soft_mask * soft_mask_weights(len(covered))
         return Prefix(actions, weights)
 
     # ------------------------------------------------------------------------------- ticks
     def _wait_for_tick(self, tick: int) -> None:
-        if self.clock_mode != "wall":
+        if self.settings.clock != "wall":
             return
-        delay = self._t0 + tick / self.control_hz - self.clock()
+        delay = self._t0 + tick / self.settings.control_hz - self.clock()
         if delay > 0:
             self.sleep(delay)
 
     def _action_at(self, tick: int) -> tuple[np.ndarray, int]:
         """The action executed at `tick` and its source (request index or HOLD_SOURCE)."""
-        if self.handoff == "ensemble":
+        if self.settings.handoff == "ensemble":
             live = [r for r in self._covering if self._index(r, tick) < self.horizon]
             if live:
-                weights = np.exp(-self.ensemble_decay * np.arange(len(live)))
+                weights = np.exp(-self.settings.ensemble_decay * np.arange(len(live)))
                 planned = np.stack([r.chunks[:, self._index(r, tick)] for r in live])
                 action = np.tensordot(weights / weights.sum(), planned, axes=1)
                 return action.astype(planned.dtype), live[-1].index
@@ -447,13 +562,13 @@ class RealtimeController:
         self._finish(first, *self._run_chunk(obs, None))
         first.record.ready_tick = self.tick
         record.delivered = self._deliver(first)
-        self._t0 = self.clock() - self.tick / self.control_hz
+        self._t0 = self.clock() - self.tick / self.settings.control_hz
 
     def __call__(self, obs: Any) -> tuple[np.ndarray, ControlStep]:
         """Actions (B, ticks, Da) for the next ticks from the observation at the current tick:
         Ta ticks, or with the ``hold`` hand-off the held ticks of the request plus Ta."""
         record = ControlStep(ticks=self.n_action_steps)
-        if self.handoff == "hold":
+        if self.settings.handoff == "hold":
             return self._call_synchronous(obs, record)
         if self._current is None:
             self._start(obs, record)
