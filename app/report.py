@@ -38,7 +38,8 @@ from policy.file_io import atomic_write
 METRICS = (
     "mean_score", "success_rate", "mean_steps", "rounds_mean", "rounds_p95", "nfe",
     "converged_rate", "exact_err_max", "exact_err_mean", "latency_ms_p50", "latency_ms_p95",
-    "latency_ms_p99", "sequential_ms_p50", "speedup_vs_sequential", "encode_ms_p50", "deadline_miss_rate", "anytime_rate", "held_step_rate",
+    "latency_ms_p99", "sequential_ms_p50", "speedup_vs_sequential", "encode_ms_p50",
+    "deadline_miss_rate", "anytime_rate", "held_step_rate",
     "boundary_jerk", "within_chunk_jerk",
 )
 """The metrics every report shows (defined in docs/design.md §5), in table order."""
