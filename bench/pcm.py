@@ -46,6 +46,7 @@ from picard_sampler import (
 from picard_sampler.runinfo import run_info
 from policy.checkpoint import load_checkpoint, load_policy
 from policy.data import windows_from_config
+from policy.pcm_training import encode_for_sampling, stack_obs
 from policy.propagator import load_propagators, schedule_key
 
 BUDGETS = (1, 2, 3, 5, 8, 12)
@@ -63,8 +64,11 @@ def held_out_chunks(checkpoint: str, n_chunks: int, seed: int) -> tuple[Any, dic
     policy = load_policy(checkpoint)
     cfg = load_checkpoint(checkpoint)["config"]
     data = cfg["data"]
+    encoder = policy.obs_encoder  # a camera policy's windows hold uint8 frames
+    cameras = {k: tuple(encoder.obs_shapes[k]) for k in getattr(encoder, "camera_keys", [])}
     windows = windows_from_config(
-        data, policy.horizon, policy.n_obs_steps, policy.n_action_steps, cfg["seed"], "val"
+        data, policy.horizon, policy.n_obs_steps, policy.n_action_steps, cfg["seed"], "val",
+        image_shapes=cameras or None,
     )
     ta = policy.n_action_steps
     # Window i - Ta is the same episode's previous chunk iff its actions [Ta:] are i's [:H-Ta].
@@ -76,9 +80,8 @@ def held_out_chunks(checkpoint: str, n_chunks: int, seed: int) -> tuple[Any, dic
         raise ValueError(f"only {len(same)} held-out windows; asked for {n_chunks} chunks")
     picks = np.random.default_rng(seed).choice(same, size=n_chunks, replace=False)
     with torch.no_grad():
-        encode = lambda idx: policy.encode_obs(  # noqa: E731
-            policy.check_obs(torch.stack([windows[int(i)]["obs"] for i in idx]))
-        )
+        encode = lambda idx: encode_for_sampling(  # noqa: E731  (once per chunk, eval crop)
+            policy, stack_obs([windows[int(i)]["obs"] for i in idx]))
         conds = {"cond": encode(picks), "previous": encode(picks - ta)}
     conds["episodes"] = len(windows.episode_indices)
     conds["windows"] = len(windows)
