@@ -31,6 +31,23 @@ def run_repo_script(script: str | Path, *args: str | Path, timeout: float = 300
                           capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **HEADLESS})
 CONF_DIR = REPO_ROOT / "conf"
+TEST_SAMPLER = "sampler=parareal_ddpm100"
+"""What eval_cfg samples with unless a test says otherwise: a fixed exact sampler, so the many
+eval tests run no sampler=auto calibration (tests/test_autotune.py and the default-config tests
+cover it)."""
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_sampler_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """sampler=auto's choices (and onnxruntime exports) go to a folder of this test session, so
+    tests never read a choice cached by a user's run or write into their ~/.cache."""
+    saved = os.environ.get("PICARD_CACHE")
+    os.environ["PICARD_CACHE"] = str(tmp_path_factory.mktemp("picard_cache"))
+    yield
+    if saved is None:
+        os.environ.pop("PICARD_CACHE", None)
+    else:
+        os.environ["PICARD_CACHE"] = saved
 
 
 def make_tiny_demos(path: Path, n_episodes: int = 8, n_steps: int = 30, seed: int = 0) -> Path:
@@ -114,14 +131,14 @@ def tiny_checkpoint(tiny_demos: Path, tmp_path_factory: pytest.TempPathFactory) 
 @pytest.fixture
 def eval_cfg(tiny_checkpoint: Path) -> Callable[..., DictConfig]:
     """Compose conf/eval.yaml on the tiny checkpoint: 2 episodes of 24 steps (3 chunks) in 2
-    envs, 1 warm-up chunk, exact_err on every chunk, no wandb, one thread."""
+    envs, TEST_SAMPLER, 1 warm-up chunk, exact_err on every chunk, no wandb, one thread."""
 
     def _make(*overrides: str) -> DictConfig:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             return compose("eval", overrides=[
-                f"checkpoint={tiny_checkpoint}", "n_episodes=2", "n_envs=2", "max_steps=24",
-                "warmup_chunks=1", "exact_err_every=1", "threads=1", "progress=false",
-                "logger.wandb=false",
+                f"checkpoint={tiny_checkpoint}", TEST_SAMPLER, "n_episodes=2", "n_envs=2",
+                "max_steps=24", "warmup_chunks=1", "exact_err_every=1", "threads=1",
+                "progress=false", "logger.wandb=false",
                 *overrides,
             ])
 

@@ -87,6 +87,32 @@ def test_a_cached_choice_is_reused_and_invalidated(policy, tmp_path) -> None:
     assert not redo.calibration["cached"]
 
 
+def test_a_batch_is_explored_on_one_observation_and_only_finalists_run_on_it(policy) -> None:
+    """At B > 1 each candidate's rounds come from one observation; only sequential and the
+    KEEP predicted fastest sample the whole batch (what keeps calibration short), and the
+    choice is among those measured there."""
+    from policy.autotune import KEEP
+
+    batch, sizes = 4, []
+    base = policy.make_sampler("picard", "ddim", 8, tol=1e-4)
+    original = policy.sample_chunk
+
+    def counting(cond, sampler, **kwargs):
+        sizes.append((sampler.method, sampler.window, cond.shape[0]))
+        return original(cond, sampler, **kwargs)
+
+    policy.sample_chunk = counting
+    choice = choose_sampler(policy, observations(batch), base, windows=[2, 4, None],
+                            runtimes=["eager"], chunks=2, cache_dir=None)
+    on_batch = {(m, w) for m, w, b in sizes if b == batch}
+    assert {b for _, _, b in sizes} == {1, batch}
+    assert ("sequential", None) in on_batch and len(on_batch) <= 1 + KEEP
+    timed = {c["candidate"] for c in choice.calibration["candidates"] if c["chunks_timed"]}
+    assert choice.candidate.short in timed and len(timed) == len(on_batch)
+    explored = [c for c in choice.calibration["candidates"] if c["candidate"] != "sequential"]
+    assert all(c["predicted_ms"] is not None and c["rounds_mean"] for c in explored)
+
+
 def test_a_corrupt_cache_file_is_recalibrated(policy, tmp_path) -> None:
     first = choose(policy, cache_dir=tmp_path)
     with open(first.calibration["cache"], "w") as f:

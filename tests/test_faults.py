@@ -534,13 +534,13 @@ def test_entries_run_with_their_default_run_dirs(tiny_checkpoint: Path, tiny_dem
     env = {**os.environ, "WANDB_MODE": "offline", "PICARD_RUNS": str(tmp_path)}
     for command in (
         ["eval_policy.py", f"checkpoint={tiny_checkpoint}", "n_episodes=1", "n_envs=1",
-         "max_steps=8", "logger.wandb=false", "progress=false"],
+         "max_steps=8", "logger.wandb=false", "progress=false", "threads=1"],
         ["train_pcm.py", "debug=tiny", f"data.path={tiny_demos}", "train.max_steps=2"],
     ):
         result = subprocess.run([sys.executable, *command], cwd=REPO_ROOT, env=env,
                                 capture_output=True, text=True, timeout=TIMEOUT_S)
         assert result.returncode == 0, result.stderr[-2000:]
-    assert len(list((tmp_path / "eval").glob("*_parareal_ddpm100/results.json"))) == 1
+    assert len(list((tmp_path / "eval").glob("*_auto/results.json"))) == 1
     assert (tmp_path / "dp_pusht_lowdim" / "latest.ckpt").is_file()
 
 
