@@ -387,8 +387,8 @@ def edited(camera_dataset, tmp_path: Path, feature: str, **changes) -> Path:
 @pytest.mark.parametrize(("changes", "message"), [
     ({"shape": [*IMAGE_HW, 4]}, "has 4 channels"),
     ({"shape": [*IMAGE_HW]}, r"has shape \[24, 32\]; expected \[H, W, C\]"),
-    ({"shape": [32, 24, 3]}, r"row 0 holds a \(24, 32, 3\) image but info.json says "
-                             r"\[32, 24, 3\]"),
+    ({"shape": [32, 24, 3]}, r"episode 0 frame 0 holds a \(24, 32, 3\) image but info.json "
+                             r"says \[32, 24, 3\]"),
 ])
 def test_bad_image_features_are_named(camera_dataset, tmp_path, changes, message) -> None:
     root = edited(camera_dataset, tmp_path, IMAGE, **changes)
@@ -439,7 +439,39 @@ def test_a_broken_image_is_named(camera_dataset, tmp_path: Path) -> None:
     broken = pa.StructArray.from_arrays([pa.array(blobs, pa.binary()), column.field("path")],
                                         names=["bytes", "path"])
     pq.write_table(table.set_column(table.schema.get_field_index(IMAGE), IMAGE, broken), path)
-    with pytest.raises(ValueError, match=f"'{IMAGE}': row 3 is not a readable image"):
+    with pytest.raises(ValueError, match=f"'{IMAGE}': episode 0 frame 3 is not a readable "
+                                         "image"):
+        lerobot_to_replay_buffer(root, keys={IMAGE: "image"})
+
+
+def test_image_files_beside_the_parquet_are_read_inside_the_folder_only(camera_dataset,
+                                                                        tmp_path: Path) -> None:
+    """Images not embedded (bytes null): LeRobot's images/<key>/episode-NNNNNN/frame-NNNNNN.png
+    path under the dataset folder is read; a path that leaves the folder is refused."""
+    root = Path(shutil.copytree(camera_dataset[0], tmp_path / "files"))
+    path = root / "data" / "chunk-000" / "file-000.parquet"
+    table = pq.read_table(path)
+    column = table.column(IMAGE).combine_chunks()
+    blobs, names = column.field("bytes").to_pylist(), column.field("path").to_pylist()
+    image_dir = root / "images" / IMAGE / "episode-000000"
+    image_dir.mkdir(parents=True)
+    (image_dir / names[0]).write_bytes(blobs[0])
+    blobs[0] = None
+    names[0] = f"images/{IMAGE}/episode-000000/{names[0]}"
+    (tmp_path / "outside.png").write_bytes(blobs[1])
+
+    def write(paths: list) -> None:
+        array = pa.StructArray.from_arrays([pa.array(blobs, pa.binary()),
+                                            pa.array(paths, pa.string())], names=["bytes", "path"])
+        pq.write_table(table.set_column(table.schema.get_field_index(IMAGE), IMAGE, array), path)
+
+    write(names)
+    buffer = lerobot_to_replay_buffer(root, keys={IMAGE: "image"})
+    np.testing.assert_array_equal(buffer["image"][:], camera_dataset[1][IMAGE])
+    blobs[1] = None
+    write([names[0], "../../outside.png", *names[2:]])
+    with pytest.raises(ValueError, match=r"episode 0 frame 1 is not a readable image \(its path "
+                                         r"'\.\./\.\./outside\.png' is outside the dataset"):
         lerobot_to_replay_buffer(root, keys={IMAGE: "image"})
 
 

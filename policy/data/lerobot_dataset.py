@@ -249,10 +249,11 @@ def _column_values(column: Any, name: str, n_rows: int, shape: tuple[int, ...]) 
     return values.reshape(n_rows, *shape).astype(np.float32)
 
 
-def _image_values(column: Any, name: str, root: Path, shape: tuple[int, int, int]
-                  ) -> np.ndarray:
+def _image_values(column: Any, name: str, root: Path, shape: tuple[int, int, int],
+                  rows: list[str]) -> np.ndarray:
     """A column of Hugging Face ``Image()`` structs {bytes, path} -> (n_rows, H, W, 3) uint8:
-    each embedded PNG/JPEG decoded with Pillow (a null ``bytes`` reads ``path`` under `root`)."""
+    each embedded PNG/JPEG decoded with Pillow (a null ``bytes`` reads ``path``, which must lie
+    inside the dataset folder `root`); `rows` names each row in errors."""
     import io
 
     import pyarrow as pa
@@ -266,22 +267,26 @@ def _image_values(column: Any, name: str, root: Path, shape: tuple[int, int, int
     has_path = array.type.get_field_index("path") >= 0
     paths = array.field("path").to_pylist() if has_path else [None] * len(blobs)
     out = np.empty((len(blobs), *shape), np.uint8)
+    inside = root.resolve()
     for row, (blob, path) in enumerate(zip(blobs, paths, strict=True)):
         try:
             if blob is None:
                 if not path:
                     raise ValueError("neither bytes nor a path")
-                blob = (root / path).read_bytes()
+                file = (root / path).resolve()
+                if inside not in file.parents:
+                    raise ValueError(f"its path {path!r} is outside the dataset folder")
+                blob = file.read_bytes()
             with Image.open(io.BytesIO(blob)) as image:
                 if image.mode not in ("RGB", "L", "P"):
                     raise ValueError(f"a {image.mode} image, not RGB")
                 frame = np.asarray(image.convert("RGB"))
         except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
-            raise ValueError(f"LeRobot feature {name!r}: row {row} is not a readable image "
+            raise ValueError(f"LeRobot feature {name!r}: {rows[row]} is not a readable image "
                              f"({e})") from e
         if frame.shape != shape:
-            raise ValueError(f"LeRobot feature {name!r}: row {row} holds a {frame.shape} image "
-                             f"but info.json says {list(shape)} (H, W, C)")
+            raise ValueError(f"LeRobot feature {name!r}: {rows[row]} holds a {frame.shape} "
+                             f"image but info.json says {list(shape)} (H, W, C)")
         out[row] = frame
     return out
 
@@ -475,6 +480,8 @@ def read_lerobot_episodes(
     episode = table.column("episode_index").to_numpy().astype(np.int64)
     frame = table.column("frame_index").to_numpy().astype(np.int64)
     order = np.lexsort((frame, episode))
+    rows = [f"episode {e} frame {f}" for e, f in zip(episode.tolist(), frame.tolist(),
+                                                      strict=True)]  # file order, for errors
     episode, frame = episode[order], frame[order]
     episode_index, starts, lengths = np.unique(episode, return_index=True, return_counts=True)
     expected_frame = np.arange(n_rows) - np.repeat(starts, lengths)
@@ -497,7 +504,7 @@ def read_lerobot_episodes(
         spec = info["features"][name]
         if spec.get("dtype") == "image":
             arrays[key] = _image_values(table.column(name), name, root,
-                                        camera_shape(name, spec))[order]
+                                        camera_shape(name, spec), rows)[order]
         elif spec.get("dtype") == "video":
             timestamps = table.column("timestamp").to_numpy().astype(np.float64)[order]
             arrays[key] = _video_values(root, info, name, episode, timestamps)
