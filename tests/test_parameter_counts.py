@@ -24,13 +24,6 @@ EXPORTED_SAMPLER_FUNCTIONS = {
 """picard_sampler's documented sampler functions keep their keyword knobs (public API, as
 k-diffusion's samplers do); they build the records and hand them on."""
 
-TEMPORARY_ALLOWANCES = {
-    "policy/autotune.py::choose_sampler",  # the lead's, being reworked
-}
-"""TEMPORARY: functions whose owners are bringing them under the limit in their own work
-(issue 32); each owner removes their entry with the fix. Nothing else may be added here."""
-
-
 def parameter_count(node: ast.FunctionDef | ast.AsyncFunctionDef, in_class: bool) -> int:
     """Parameters of a def as a caller sees them: `self` / `cls` of a method not counted,
     `*args` and `**kwargs` one each."""
@@ -73,8 +66,8 @@ def counts() -> dict[str, int]:
 
 
 def test_no_function_takes_more_than_ten_parameters() -> None:
-    allowed = EXPORTED_SAMPLER_FUNCTIONS | TEMPORARY_ALLOWANCES
-    over = {name: n for name, n in counts().items() if n > MAX_PARAMETERS and name not in allowed}
+    over = {name: n for name, n in counts().items()
+            if n > MAX_PARAMETERS and name not in EXPORTED_SAMPLER_FUNCTIONS}
     assert not over, (f"functions over {MAX_PARAMETERS} parameters (group settings into a "
                       f"record): {over}")
 
