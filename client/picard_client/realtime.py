@@ -219,11 +219,15 @@ class RealtimeSettings:
         """The settings as results.json's ``realtime`` record (times in ms)."""
         budget_s = self.budget_s(lead_steps)
         return {"control_hz": self.control_hz, "clock": self.clock, "lead_steps": lead_steps,
-                "deadline_ms": self.deadline_s(lead_steps) * 1e3,
-                "budget_ms": None if budget_s is None else budget_s * 1e3,
-                "handoff": self.handoff, "delay_ms": self.delay_s * 1e3,
-                "model_latency_ms": (None if self.model_latency_s is None
-                                     else self.model_latency_s * 1e3)}
+                "deadline_ms": _ms(self.deadline_s(lead_steps)), "budget_ms": _ms(budget_s),
+                "handoff": self.handoff, "delay_ms": _ms(self.delay_s),
+                "model_latency_ms": _ms(self.model_latency_s)}
+
+
+def _ms(seconds: float | None) -> float | None:
+    """Seconds as ms for a report, rounded to the nanosecond: a configured 1001 ms read in as
+    1.001 s reports 1001.0, not the float product's 1000.9999999999999."""
+    return None if seconds is None else round(seconds * 1e3, 6)
 
 
 @dataclass
