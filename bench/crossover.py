@@ -58,7 +58,10 @@ def large_policy() -> DiffusionPolicy:
 
     from policy.safe_config import build_policy
 
-    config = OmegaConf.to_container(OmegaConf.load("conf/policy/unet_lowdim_large.yaml"))
+    large = OmegaConf.load("conf/policy/unet_lowdim_large.yaml")
+    large.pop("defaults")  # Hydra's defaults list: the large file is unet_lowdim + its changes
+    config = OmegaConf.to_container(OmegaConf.merge(OmegaConf.load("conf/policy/unet_lowdim.yaml"),
+                                                    large))
     config.update(action_dim=2)
     config["obs_encoder"]["obs_dim"] = 20
     policy = build_policy(config, "conf/policy/unet_lowdim_large.yaml")

@@ -16,9 +16,10 @@ call on a GPU and nearly proportionally more on a small CPU. So it is measured, 
    rows at the batch (a batch waits for its slowest sample), and the chunk is capped at the
    rounds that keep it within 1.5x the best so far;
 3. at one robot the fastest two sample `chunks - 1` more chunks; at a batch the two predicted
-   fastest sample `max(1, chunks - 1)` chunks of the whole batch. A candidate's latency is its
-   median, and the choice is the fastest measured, sequential included (a bad prediction can
-   cost speed, never give a choice measured slower than sequential);
+   fastest sample `chunks` chunks of the whole batch, in turn (A, B, A, B: a drift in the
+   machine's speed hits both alike). A candidate's latency is its median, and the choice is
+   the fastest measured, sequential included (a bad prediction can cost speed, never give a
+   choice measured slower than sequential);
 4. for each other runtime (e.g. onnxruntime, fast at few rows per call), the denoiser's cost
    per call is timed at the row counts the finalists use, and a finalist's latency there is
    predicted as its measured latency plus rounds x (that runtime's call cost - the first's);
@@ -179,18 +180,21 @@ def choose_sampler(
                           generator=generator) for _ in range(chunks)]
     pool = candidates(policy, base, windows, first)
     sequential = pool[0]
+    phases = {}
     costs = _call_costs(policy, sorted({_rows(c, base, batch) for c in pool}), cond)
+    phases["call_costs"] = clock() - start
     run = _Calibration(policy, base, cond, noises, clock, costs)
     run.time_at_batch(sequential, [0])  # the baseline: measured, never predicted
+    phases["sequential"] = clock() - start - sum(phases.values())
     run.explore(pool[1:])
+    phases["explore"] = clock() - start - sum(phases.values())
     if batch == 1:  # explored on the batch itself: the fastest get the further chunks
         ranked = sorted(run.timings, key=lambda c: run.timings[c][0])[:KEEP]
-        for candidate in ranked:
-            if candidate is not sequential or candidate is ranked[0]:
-                run.time_at_batch(candidate, range(1, chunks))
+        run.time_interleaved([c for c in ranked if c is not sequential or c is ranked[0]],
+                             range(1, chunks))
     else:  # the KEEP predicted fastest, timed on the batch
-        for candidate in run.finalists():
-            run.time_at_batch(candidate, range(max(1, chunks - 1)))
+        run.time_interleaved(run.finalists(), range(chunks))
+    phases["finalists"] = clock() - start - sum(phases.values())
     measured = {c: statistics.median(ms) for c, ms in run.timings.items()}
     best = min(measured, key=measured.get)
     predictions: dict[str, float] = {}
@@ -211,6 +215,7 @@ def choose_sampler(
                     best = fastest
         _use_runtime(policy, first, options)
     _use_runtime(policy, best.runtime, options)
+    phases["other_runtimes"] = clock() - start - sum(phases.values())
     sequential_ms = measured[sequential]
     calibration = {
         "seconds": clock() - start, "batch": batch, "chunks": chunks,
@@ -218,7 +223,8 @@ def choose_sampler(
         "chosen": best.short, "chosen_ms": measured[best], "sequential_ms": sequential_ms,
         "speedup": sequential_ms / measured[best],
         "candidates": [run.summary(c) for c in pool if c in run.rounds],
-        "pruned": [c.short for c in run.pruned], "predicted_ms": predictions, "cached": False,
+        "pruned": [c.short for c in run.pruned], "predicted_ms": predictions,
+        "phases_s": phases, "cached": False,
     }
     if cache is not None:
         _write_cache(cache, best, calibration)
@@ -294,7 +300,7 @@ class _Calibration:
     def time_at_batch(self, candidate: Candidate, which: Sequence[int]) -> None:
         """Time `candidate` on the whole batch, on the calibration chunks `which`."""
         sampler = candidate.sampler(self.base)
-        if self.batch > 1 and candidate.method != "sequential":
+        if self.batch > 1 and candidate not in self.timings:
             self.rounds[candidate] = []  # the batch's own rounds replace the first sample's
         for i in which:
             timed = time_chunk(self.policy, self.cond, sampler, self.noises[i], self.clock)
@@ -304,6 +310,14 @@ class _Calibration:
                 return
             self.timings.setdefault(candidate, []).append(timed[0])
             self.rounds.setdefault(candidate, []).append(timed[1])
+
+    def time_interleaved(self, finalists: Sequence[Candidate], which: Sequence[int]) -> None:
+        """Time the finalists on the chunks `which` in turn (A, B, A, B ...), so a drift in the
+        machine's speed while calibrating hits them alike."""
+        for i in which:
+            for candidate in finalists:
+                if candidate not in self.pruned:
+                    self.time_at_batch(candidate, [i])
 
     def summary(self, candidate: Candidate) -> dict[str, Any]:
         """What results.json records of one candidate."""
