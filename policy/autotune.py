@@ -7,7 +7,8 @@ call on a GPU and nearly proportionally more on a small CPU. So it is measured, 
 (docs/design.md §4.11):
 
 1. the call cost of the denoiser is timed at every row count a candidate uses (window x
-   batch), and sequential (T calls of the batch) samples one chunk: the baseline;
+   batch); at one robot sequential samples one chunk (the baseline and first budget), at a
+   batch its latency is predicted as T x the cost of a call of B rows (exact but for noise);
 2. every other candidate (Picard / PCM over each window, scan and, with a fitted propagator,
    Parareal) samples one chunk of the FIRST observation only, the likely fastest first (a
    prior: ~T / window + 6 rounds x the cost of a call of its rows), for its rounds: at one
@@ -16,10 +17,9 @@ call on a GPU and nearly proportionally more on a small CPU. So it is measured, 
    rows at the batch (a batch waits for its slowest sample), and the chunk is capped at the
    rounds that keep it within 1.5x the best so far;
 3. at one robot the fastest two sample `chunks - 1` more chunks; at a batch the two predicted
-   fastest sample `chunks` chunks of the whole batch, in turn (A, B, A, B: a drift in the
-   machine's speed hits both alike). A candidate's latency is its median, and the choice is
-   the fastest measured, sequential included (a bad prediction can cost speed, never give a
-   choice measured slower than sequential);
+   fastest (sequential among them if it is) sample `chunks` chunks of the whole batch, in
+   turn (A, B, A, B: a drift in the machine's speed hits both alike). A candidate's latency
+   is its median, and the choice is the fastest measured;
 4. for each other runtime (e.g. onnxruntime, fast at few rows per call), the denoiser's cost
    per call is timed at the row counts the finalists use, and a finalist's latency there is
    predicted as its measured latency plus rounds x (that runtime's call cost - the first's);
@@ -101,10 +101,13 @@ class AutoChoice:
         speedup = cal.get("speedup")
         how = ("cached calibration" if cal.get("cached")
                else f"calibrated in {cal.get('seconds', 0):.1f} s")
+        # at a batch sequential may be predicted from its call cost, not timed: say so
+        about, predicted = (("", "") if cal.get("sequential_measured", True)
+                            else ("~", ", sequential predicted from its call cost"))
         return (f"auto: {self.candidate.short} on {device} x{threads}, B={batch}: "
-                f"{speedup:.2f}x sequential {self.sampler.schedule.name.upper()}-"
-                f"{self.sampler.num_steps} ({cal.get('chosen_ms', 0):.0f} vs "
-                f"{cal.get('sequential_ms', 0):.0f} ms per chunk), {how}")
+                f"{about}{speedup:.2f}x sequential {self.sampler.schedule.name.upper()}-"
+                f"{self.sampler.num_steps} ({cal.get('chosen_ms', 0):.0f} vs {about}"
+                f"{cal.get('sequential_ms', 0):.0f} ms per chunk{predicted}), {how}")
 
 
 def candidates(policy: DiffusionPolicy, base: Sampler, windows: Sequence[int | None],
@@ -184,7 +187,11 @@ def choose_sampler(
     costs = _call_costs(policy, sorted({_rows(c, base, batch) for c in pool}), cond)
     phases["call_costs"] = clock() - start
     run = _Calibration(policy, base, cond, noises, clock, costs)
-    run.time_at_batch(sequential, [0])  # the baseline: measured, never predicted
+    if batch == 1:  # the baseline and the first anytime budget
+        run.time_at_batch(sequential, [0])
+    else:  # T calls of B rows: predicted as closely as measured, and timed if a finalist
+        run.predicted[sequential] = base.num_steps * run.call_cost(sequential)
+        run.rounds[sequential] = [base.num_steps]
     phases["sequential"] = clock() - start - sum(phases.values())
     run.explore(pool[1:])
     phases["explore"] = clock() - start - sum(phases.values())
@@ -192,8 +199,10 @@ def choose_sampler(
         ranked = sorted(run.timings, key=lambda c: run.timings[c][0])[:KEEP]
         run.time_interleaved([c for c in ranked if c is not sequential or c is ranked[0]],
                              range(1, chunks))
-    else:  # the KEEP predicted fastest, timed on the batch
+    else:  # the KEEP predicted fastest (sequential too), timed on the batch
         run.time_interleaved(run.finalists(), range(chunks))
+    if not run.timings:  # every finalist stopped by a max_rounds / budget_s set by the user
+        run.time_at_batch(sequential, range(chunks))
     phases["finalists"] = clock() - start - sum(phases.values())
     measured = {c: statistics.median(ms) for c, ms in run.timings.items()}
     best = min(measured, key=measured.get)
@@ -216,12 +225,13 @@ def choose_sampler(
         _use_runtime(policy, first, options)
     _use_runtime(policy, best.runtime, options)
     phases["other_runtimes"] = clock() - start - sum(phases.values())
-    sequential_ms = measured[sequential]
+    sequential_measured = sequential in measured
+    sequential_ms = measured[sequential] if sequential_measured else run.predicted[sequential]
     calibration = {
         "seconds": clock() - start, "batch": batch, "chunks": chunks,
         "threads": torch.get_num_threads(), "device": str(policy.device),
         "chosen": best.short, "chosen_ms": measured[best], "sequential_ms": sequential_ms,
-        "speedup": sequential_ms / measured[best],
+        "sequential_measured": sequential_measured, "speedup": sequential_ms / measured[best],
         "candidates": [run.summary(c) for c in pool if c in run.rounds],
         "pruned": [c.short for c in run.pruned], "predicted_ms": predictions,
         "phases_s": phases, "cached": False,
@@ -294,7 +304,7 @@ class _Calibration:
                 self.predicted[candidate] = (rounds + ROUNDS_MARGIN) * self.call_cost(candidate)
 
     def finalists(self) -> list[Candidate]:
-        """The KEEP candidates predicted fastest for the batch."""
+        """The KEEP candidates predicted fastest for the batch (sequential included)."""
         return sorted(self.predicted, key=self.predicted.get)[:KEEP]
 
     def time_at_batch(self, candidate: Candidate, which: Sequence[int]) -> None:
