@@ -58,19 +58,17 @@ from envs.rollout import VECTOR_KINDS, EpisodeSpec
 from picard_sampler import Schedule
 from policy.checkpoint import (
     PCM_KEY,
-    atomic_torch_save,
-    atomic_write,
     load_checkpoint,
     load_policy,
     policy_weights,
     restore_rng_states,
     rng_states,
     save_checkpoint,
-    weights_fingerprint,
 )
 from policy.data import SequenceDataset, windows_from_config
 from policy.diffusion_policy import DiffusionPolicy, schedule_from_config
 from policy.ema import EMA
+from policy.file_io import atomic_torch_save, atomic_write, weights_fingerprint
 from policy.pcm import build_pcm, complete_config
 from policy.pcm_training import PCMObjective, TrajectoryDataset, collect_trajectories
 

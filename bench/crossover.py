@@ -34,8 +34,8 @@ import torch
 from picard_sampler.runinfo import run_info
 from policy import load_policy
 from policy.autotune import Candidate, candidates, choose_sampler, time_chunk
-from policy.checkpoint import atomic_write
 from policy.diffusion_policy import DiffusionPolicy
+from policy.file_io import atomic_write
 
 SHIPPED = "checkpoints/pusht_lowdim/policy.ckpt"  # with its propagators.pt (Parareal)
 WINDOWS = (4, 8, 16, 32, None)

@@ -38,9 +38,9 @@ import torch
 from picard_sampler import CallInputs, Sampler, exact_errors, is_exact, percentile
 from picard_sampler.runinfo import package_versions, run_info
 from policy import load_policy
-from policy.checkpoint import atomic_write
 from policy.diffusion_policy import DiffusionPolicy
 from policy.encoders import LowDimObsEncoder
+from policy.file_io import atomic_write
 from policy.normalizer import LinearNormalizer
 from policy.pcm import build_pcm
 from policy.unet import ConditionalUnet1D
