@@ -53,8 +53,9 @@ import torch
 from picard_sampler import Sampler
 from policy.diffusion_policy import DiffusionPolicy, Obs
 
-CACHE_VERSION = 1
-"""Bump when the calibration procedure changes: older cached choices are then redone."""
+CACHE_VERSION = 2
+"""Bump when the calibration procedure changes: older cached choices are then redone (2: a
+batch explored on one observation, its finalists timed in turn on the whole batch)."""
 KEEP = 2
 """Candidates (the fastest on their first chunk) that get the further timed chunks."""
 PRUNE_FACTOR = 1.5
@@ -130,7 +131,7 @@ def cache_key(policy: DiffusionPolicy, base: Sampler, batch: int, windows: Seque
     threads, batch, schedule and knobs, candidate windows, runtimes, versions."""
     from importlib.metadata import PackageNotFoundError, version
 
-    from policy.checkpoint import weights_fingerprint
+    from policy.file_io import weights_fingerprint
 
     try:
         package = version("picard-policy")
@@ -432,7 +433,7 @@ def _read_cache(path: Path) -> dict[str, Any] | None:
 
 def _write_cache(path: Path, candidate: Candidate, calibration: Mapping[str, Any]) -> None:
     """The choice as JSON, written atomically."""
-    from policy.checkpoint import atomic_write
+    from policy.file_io import atomic_write
 
     text = json.dumps({"candidate": dataclasses.asdict(candidate),
                        "calibration": dict(calibration)}, indent=1)
