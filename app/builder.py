@@ -258,7 +258,10 @@ class AutoSettings:
         windows = config.get("windows") or [None]
         runtimes = config.get("runtimes") or ["eager"]
         chunks = config.get("calibration_chunks", 2)
-        raise_first_failure(OmegaConf.create({key: dict(config)}), [
+        nested: dict[str, Any] = dict(config)  # the block at its dotted key, e.g. eval.sampler
+        for part in reversed(key.split(".")):
+            nested = {part: nested}
+        raise_first_failure(OmegaConf.create(nested), [
             (f"{key}.windows", isinstance(windows, list | tuple) and all(
                 w is None or is_int(w, 1) for w in windows), "a list of ints >= 1 or null"),
             (f"{key}.runtimes", isinstance(runtimes, list | tuple) and all(

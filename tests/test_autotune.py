@@ -136,6 +136,9 @@ def test_auto_settings_are_checked_in_one_line() -> None:
                                  ("recalibrate", "yes", "recalibrate must be true or false")):
         with pytest.raises(ConfigError, match=fragment):
             AutoSettings.from_config({**config, key: value})
+    # a block under a dotted key (training's eval.sampler) names the value it got
+    with pytest.raises(ConfigError, match=r"eval\.sampler\.windows must be .*; got \[0\]"):
+        AutoSettings.from_config({**config, "windows": [0]}, "eval.sampler")
 
 
 def test_eval_with_sampler_auto_records_its_choice(eval_cfg, tmp_path) -> None:
