@@ -59,7 +59,9 @@ class PolicySpec:
     """What `build_policy` builds: the checkpoint, the sampler / runtime / env blocks as plain
     dicts (env None: the checkpoint's own), whether the env is rolled out here (required and
     checked against the policy's shapes; a server's clients may bring their own), its episode
-    length, and for sampler=auto the batch and first env seed it calibrates on."""
+    length, and for sampler=auto the batch and first env seed it calibrates on;
+    `check_policy`, the caller's own checks of the loaded policy (e.g. eval's realtime block
+    against its chunk layout), run before anything slow (the env, sampler=auto's calibration)."""
 
     checkpoint: str
     sampler: Mapping[str, Any]
@@ -69,14 +71,17 @@ class PolicySpec:
     max_steps: int | None = None
     calibration_batch: int = 1
     calibration_seed: int = 0
+    check_policy: Callable[[DiffusionPolicy], None] | None = None
 
     @classmethod
     def from_config(cls, cfg: DictConfig, *, env_required: bool, max_steps: int | None = None,
-                    calibration_batch: int = 1, calibration_seed: int = 0) -> PolicySpec:
+                    calibration_batch: int = 1, calibration_seed: int = 0,
+                    check_policy: Callable[[DiffusionPolicy], None] | None = None
+                    ) -> PolicySpec:
         """The spec of a checked eval or serve config (conf/policy_run/ keys)."""
         return cls(str(cfg.checkpoint), plain(cfg.sampler), plain(cfg.runtime),
                    None if cfg.env is None else plain(cfg.env), env_required, max_steps,
-                   calibration_batch, calibration_seed)
+                   calibration_batch, calibration_seed, check_policy)
 
 
 @dataclass(frozen=True)
@@ -97,6 +102,8 @@ def build_policy(spec: PolicySpec, device: torch.device) -> BuiltPolicy:
     """Checkpoint -> policy, env, sampler and runtime per `spec`, on `device` (see the module
     docstring); a ConfigError names whatever cannot work."""
     checkpoint, policy = load_checkpoint_and_policy(spec.checkpoint, device)
+    if spec.check_policy is not None:
+        spec.check_policy(policy)
     if spec.env_required:
         env = resolve_env(spec.env, checkpoint["config"])
     else:

@@ -303,14 +303,19 @@ def _episode_spec(cfg: DictConfig, n_envs: int, max_steps: int) -> EpisodeSpec:
 def _run_local(cfg: DictConfig, device: torch.device) -> _Run:
     """Load the checkpoint here and roll it out (offline, or on the control clock)."""
     n_envs = 1 if cfg.realtime.enabled else cfg.n_envs  # real time: one robot, one env
+
+    def realtime_of(policy: DiffusionPolicy) -> RealtimeSettings | None:
+        return realtime_settings(cfg, (policy.n_obs_steps, policy.n_action_steps,
+                                       policy.horizon))
+
     built = build_policy(PolicySpec.from_config(  # sampler=auto: calibrated for that batch
         cfg, env_required=True, max_steps=cfg.max_steps,
-        calibration_batch=min(n_envs, cfg.n_episodes), calibration_seed=cfg.seed_start), device)
+        calibration_batch=min(n_envs, cfg.n_episodes), calibration_seed=cfg.seed_start,
+        check_policy=realtime_of), device)  # a bad realtime block: refused before calibrating
     policy, sampler, checkpoint, env = built.policy, built.sampler, built.checkpoint, built.env
     runtime, choice = built.runtime, built.auto
     max_steps = env["max_steps"] if cfg.max_steps is None else cfg.max_steps
-    realtime = realtime_settings(cfg, (policy.n_obs_steps, policy.n_action_steps,
-                                       policy.horizon))
+    realtime = realtime_of(policy)
     exact_err_every = cfg.exact_err_every if cfg.exact_err else 0
     print(f"evaluating {cfg.checkpoint} (step {checkpoint['step']}) with {sampler.label}: "
           f"{cfg.n_episodes} episodes of {env['name']} on {device}")

@@ -83,3 +83,19 @@ def test_server_settings_are_checked_and_keep_the_token_out_of_their_repr() -> N
     settings = ServerSettings.from_config(compose_config("serve"), "a-token-of-20-chars!")
     assert settings.auth_token == "a-token-of-20-chars!" and "a-token" not in repr(settings)
     assert settings.max_message_bytes == 4 * 2**20 and settings.warm_start == "none"
+
+
+def test_eval_refuses_a_bad_realtime_block_before_sampler_auto_calibrates(
+        eval_cfg, tmp_path, monkeypatch) -> None:
+    """realtime.lead_steps is checked against the loaded policy's chunk layout, before the
+    calibration of sampler=auto (minutes on a loaded machine) rather than after it."""
+    import app.builder
+    from app import evaluation
+
+    def no_calibration(*args: object, **kwargs: object) -> None:
+        raise AssertionError("sampler=auto calibrated before the realtime block was checked")
+
+    monkeypatch.setattr(app.builder, "choose_auto_sampler", no_calibration)
+    cfg = eval_cfg("sampler=auto", "n_envs=1", "realtime.enabled=true", "realtime.lead_steps=99")
+    with pytest.raises(ConfigError, match=r"realtime\.lead_steps must be null or in \[1, "):
+        evaluation.run_eval(cfg, tmp_path / "run")
