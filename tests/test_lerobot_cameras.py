@@ -475,6 +475,24 @@ def test_image_files_beside_the_parquet_are_read_inside_the_folder_only(camera_d
         lerobot_to_replay_buffer(root, keys={IMAGE: "image"})
 
 
+
+@pytest.mark.parametrize(("video_path", "message"), [
+    ("../outside/{video_key}/file-{file_index:03d}.mp4",
+     r"video_path gives '\.\./outside/.*', outside the dataset folder"),
+    ("videos/{camera}/file-{file_index:03d}.mp4", r"video_path .* is not a LeRobot path template"),
+])
+def test_video_paths_stay_inside_the_folder(camera_dataset, tmp_path: Path, video_path: str,
+                                            message: str) -> None:
+    """info.json's video_path, like an image's path, is read inside the dataset folder only;
+    a template LeRobot would not write is one line, not a KeyError."""
+    root = Path(shutil.copytree(camera_dataset[0], tmp_path / "escaping"))
+    info = json.loads((root / "meta" / "info.json").read_text())
+    info["video_path"] = video_path
+    (root / "meta" / "info.json").write_text(json.dumps(info))
+    with pytest.raises(ValueError, match=f"'{VIDEO}': info.json's {message}"):
+        lerobot_to_replay_buffer(root, keys={VIDEO: "top"})
+
+
 # ------------------------------------------------------------------------------ the script
 @pytest.mark.slow
 def test_script_converts_cameras(camera_dataset, tmp_path: Path) -> None:

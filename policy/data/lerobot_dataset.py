@@ -281,7 +281,8 @@ def _image_values(column: Any, name: str, root: Path, shape: tuple[int, int, int
                 if image.mode not in ("RGB", "L", "P"):
                     raise ValueError(f"a {image.mode} image, not RGB")
                 frame = np.asarray(image.convert("RGB"))
-        except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            # PIL's UnidentifiedImageError is an OSError; a bomb is over 2x MAX_IMAGE_PIXELS
             raise ValueError(f"LeRobot feature {name!r}: {rows[row]} is not a readable image "
                              f"({e})") from e
         if frame.shape != shape:
@@ -311,10 +312,23 @@ def _video_files(root: Path, info: Mapping[str, Any], name: str,
     if not template:
         raise ValueError(f"LeRobot feature {name!r} is a video feature but info.json has no "
                          "video_path")
+    inside = root.resolve()
+
+    def video_file(**fields: int) -> Path:  # read only inside the dataset folder, as images
+        try:
+            relative = str(template).format(video_key=name, **fields)
+        except (KeyError, IndexError, ValueError, AttributeError) as e:
+            raise ValueError(f"LeRobot feature {name!r}: info.json's video_path {template!r} "
+                             f"is not a LeRobot path template ({e!r})") from e
+        if inside not in (root / relative).resolve().parents:
+            raise ValueError(f"LeRobot feature {name!r}: info.json's video_path gives "
+                             f"{relative!r}, outside the dataset folder")
+        return root / relative
+
     if info["codebase_version"] == "v2.1":  # one file per episode, starting at 0 s
         chunks = int(info.get("chunks_size", 1000))
-        return {int(ep): (root / template.format(video_key=name, episode_chunk=int(ep) // chunks,
-                                                 episode_index=int(ep)), 0.0)
+        return {int(ep): (video_file(episode_chunk=int(ep) // chunks, episode_index=int(ep)),
+                          0.0)
                 for ep in episodes}
     files = sorted((root / "meta" / "episodes").glob("chunk-*/file-*.parquet"))
     prefix = f"videos/{name}/"
@@ -330,8 +344,8 @@ def _video_files(root: Path, info: Mapping[str, Any], name: str,
                              f"{path.relative_to(root)} has no {prefix}* columns ({e})") from e
         for ep, chunk, file, start in zip(*(table.column(c).to_pylist() for c in columns),
                                           strict=True):
-            found[int(ep)] = (root / template.format(video_key=name, chunk_index=int(chunk),
-                                                     file_index=int(file)), float(start))
+            found[int(ep)] = (video_file(chunk_index=int(chunk), file_index=int(file)),
+                              float(start))
     missing = sorted(set(episodes.tolist()) - set(found))
     if missing:
         raise ValueError(f"LeRobot feature {name!r}: no video in the episode metadata for "
