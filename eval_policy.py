@@ -1,6 +1,6 @@
 """Evaluate a trained Diffusion Policy in its environment under a chosen sampler: the main job.
 
-    python eval_policy.py                                 # shipped PushT policy, Picard DDPM-100
+    python eval_policy.py                                 # shipped PushT policy, sampler=auto
     python eval_policy.py sampler=sequential_ddpm100 n_episodes=10 video=true
     python eval_policy.py -m sampler=sequential_ddpm100,picard_ddpm100   # one summary table
 

@@ -1,12 +1,13 @@
 """Evaluation runs: a policy under a sampler, rolled out in its env, summarized and reported.
 
 `run_eval(cfg, out_dir)` is eval_policy.py's whole job, top to bottom: check the config, load
-the checkpoint's EMA policy and its env (or a checked `env=...`), build the sampler on the
-policy's own training settings, roll out `n_episodes` seeded episodes with every env's chunk in
-ONE sampler call (`policy.chunking.ChunkPolicy`; in real time one env on the control clock of
-`envs.realtime`), summarize the metrics of docs/design.md §5, write results.json, histograms,
-an optional video and an offline wandb run, and print a table. `evaluate` + `summarize` are
-what training's periodic rollouts call too.
+the checkpoint's EMA policy and its env (or a checked `env=...`) and build the sampler on the
+policy's own training settings (`app.builder`, sampler=auto's calibration included), roll out
+`n_episodes` seeded episodes with every env's chunk in ONE sampler call
+(`policy.chunking.ChunkPolicy`; in real time one env on the control clock of `envs.realtime`),
+summarize the metrics of docs/design.md §5, write results.json, histograms, an optional video
+and an offline wandb run, and print a table. `evaluate` + `summarize` are what training's
+periodic rollouts call too.
 """
 
 from __future__ import annotations
