@@ -57,8 +57,9 @@ def policy_run_checks(cfg: DictConfig) -> list[Check]:
 @dataclass(frozen=True)
 class PolicySpec:
     """What `build_policy` builds: the checkpoint, the sampler / runtime / env blocks as plain
-    dicts (env None: the checkpoint's own), whether the env is rolled out here (required and
-    checked against the policy's shapes; a server's clients may bring their own), its episode
+    dicts (env None: the checkpoint's own), whether the env is rolled out here (required; a
+    server's clients may bring their own; a required or named env is checked against the
+    policy's shapes), its episode
     length, and for sampler=auto the batch and first env seed it calibrates on;
     `check_policy`, the caller's own checks of the loaded policy (e.g. eval's realtime block
     against its chunk layout), run before anything slow (the env, sampler=auto's calibration)."""
@@ -113,7 +114,7 @@ def build_policy(spec: PolicySpec, device: torch.device) -> BuiltPolicy:
             env = None  # an imported policy names no env: clients bring their own
     max_steps = None if env is None else (
         env["max_steps"] if spec.max_steps is None else spec.max_steps)
-    if spec.env_required:
+    if spec.env_required or spec.env is not None:  # an env named for a server must fit too
         check_env_fits_policy(make_env_factory(env, max_steps, render=False), policy,
                               env["name"], spec.checkpoint)
     sampler = build_sampler(spec.sampler, policy)

@@ -99,3 +99,12 @@ def test_eval_refuses_a_bad_realtime_block_before_sampler_auto_calibrates(
     cfg = eval_cfg("sampler=auto", "n_envs=1", "realtime.enabled=true", "realtime.lead_steps=99")
     with pytest.raises(ConfigError, match=r"realtime\.lead_steps must be null or in \[1, "):
         evaluation.run_eval(cfg, tmp_path / "run")
+
+
+def test_serve_refuses_an_env_that_does_not_fit_its_policy() -> None:
+    """A server need not name an env, but one named with env=<name> is checked against the
+    policy as eval's is (it goes into the metadata, and sampler=auto calibrates on it)."""
+    overrides = ["sampler=sequential_ddim16", "device=cpu", "env=pusht_image"]
+    spec = PolicySpec.from_config(compose_config("serve", overrides), env_required=False)
+    with pytest.raises(ConfigError, match="env pusht_image does not fit the policy in "):
+        build_policy(spec, torch.device("cpu"))
