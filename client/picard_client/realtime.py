@@ -188,8 +188,9 @@ class RealtimeSettings:
 
     def resolved_lead_steps(self, dims: Sequence[int]) -> int:
         """``lead_steps`` for a policy of ``dims`` (n_obs_steps, n_action_steps, horizon),
-        None resolved to the most it allows; ValueError when the layout leaves no lead, the
-        lead is beyond it, or the budget margin does not leave a budget before the deadline."""
+        None resolved to the most it allows; ValueError when the layout leaves no lead or the
+        lead is beyond it (the budget margin is the caller's to check against `deadline_s`;
+        `budget_s` never goes below 0.1 ms)."""
         n_obs_steps, n_action_steps, horizon = dims
         max_lead = max_lead_steps(horizon, n_obs_steps, n_action_steps)
         if max_lead < 1:
