@@ -51,6 +51,12 @@ def policy_run_checks(cfg: DictConfig) -> list[Check]:
          f"one of {list(WARM_STARTS)} (true: reuse, false: none)"),
         ("device", device_ok(cfg.device), DEVICE_ALLOWED),
         ("threads", cfg.threads is None or is_int(cfg.threads, 1), "null or an int >= 1"),
+        # sampler=auto times and runs its candidates at float32 (policy.autotune's runtimes
+        # take no precision): another one would be reported but not run
+        ("runtime.precision", cfg.sampler.get("method") != "auto"
+         or cfg.runtime.get("precision", "float32") == "float32",
+         "float32 with sampler=auto (another precision needs a fixed sampler, e.g. "
+         "sampler=parareal_ddpm100)"),
     ]
 
 

@@ -42,6 +42,8 @@ def test_eval_and_serve_compose_the_same_policy_run_block() -> None:
     ("threads=0", "threads must be null or an int >= 1; got 0"),
     ("device=tpu", "device must be 'auto', 'cpu', 'cuda' or 'cuda:N'; got 'tpu'"),
     ("checkpoint=''", "checkpoint must be a path (a checkpoint file or a LeRobot folder); got ''"),
+    ("runtime.precision=bfloat16", "runtime.precision must be float32 with sampler=auto "
+     "(another precision needs a fixed sampler, e.g. sampler=parareal_ddpm100); got 'bfloat16'"),
 ])
 def test_eval_and_serve_refuse_a_shared_key_with_the_same_line(override: str,
                                                                 message: str) -> None:
