@@ -76,6 +76,24 @@ def make_tiny_demos(path: Path, n_episodes: int = 8, n_steps: int = 30, seed: in
     return path
 
 
+def make_tiny_image_demos(folder: Path, n_episodes: int, n_steps: int) -> Path:
+    """`make_tiny_demos` plus `img`: the PushT env's 96x96 frame of every stored state, saved
+    as folder/image.zarr.zip (the low-dim store beside it)."""
+    from envs.pusht import render_state
+    from policy.data import ReplayBuffer
+
+    source = ReplayBuffer.load(make_tiny_demos(folder / "lowdim.zarr.zip", n_episodes=n_episodes,
+                                               n_steps=n_steps))
+    buffer = ReplayBuffer.create_empty()
+    for index in range(source.n_episodes):
+        episode = source.get_episode(index)
+        episode["img"] = np.stack([render_state(state.astype(np.float64), 96)
+                                   for state in episode["state"]])
+        buffer.add_episode(episode)
+    buffer.save(folder / "image.zarr.zip")
+    return folder / "image.zarr.zip"
+
+
 @pytest.fixture(scope="session")
 def tiny_demos(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Path of a tiny demonstration store (8 episodes x 30 steps), built once per session."""

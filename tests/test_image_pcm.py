@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -27,21 +26,9 @@ EXACT = 1e-3
 @pytest.fixture(scope="module")
 def image_demos(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny PushT-shaped store with `img`: the env's 96x96 frame of every stored state."""
-    from envs.pusht import render_state
-    from policy.data import ReplayBuffer
-    from tests.conftest import make_tiny_demos
+    from tests.conftest import make_tiny_image_demos
 
-    folder = tmp_path_factory.mktemp("image_pcm_data")
-    source = ReplayBuffer.load(make_tiny_demos(folder / "lowdim.zarr.zip", n_episodes=5,
-                                               n_steps=16))
-    buffer = ReplayBuffer.create_empty()
-    for index in range(source.n_episodes):
-        episode = source.get_episode(index)
-        episode["img"] = np.stack([render_state(state.astype(np.float64), 96)
-                                   for state in episode["state"]])
-        buffer.add_episode(episode)
-    buffer.save(folder / "image.zarr.zip")
-    return folder / "image.zarr.zip"
+    return make_tiny_image_demos(tmp_path_factory.mktemp("image_pcm_data"), 5, 16)
 
 
 @pytest.fixture(scope="module")

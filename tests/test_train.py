@@ -8,7 +8,6 @@ import sys
 from itertools import pairwise
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from hydra.errors import ConfigCompositionException, InstantiationException
@@ -170,21 +169,9 @@ def test_shipped_experiment_recipes_compose_and_find_their_data(
 @pytest.fixture(scope="module")
 def tiny_image_demos(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny PushT-shaped store plus `img`: the env's 96x96 frame of every stored state."""
-    from envs.pusht import render_state
-    from policy.data import ReplayBuffer
-    from tests.conftest import make_tiny_demos
+    from tests.conftest import make_tiny_image_demos
 
-    folder = tmp_path_factory.mktemp("image_data")
-    source = ReplayBuffer.load(make_tiny_demos(folder / "lowdim.zarr.zip", n_episodes=6,
-                                               n_steps=20))
-    buffer = ReplayBuffer.create_empty()
-    for index in range(source.n_episodes):
-        episode = source.get_episode(index)
-        episode["img"] = np.stack([render_state(state.astype(np.float64), 96)
-                                   for state in episode["state"]])
-        buffer.add_episode(episode)
-    buffer.save(folder / "image.zarr.zip")
-    return folder / "image.zarr.zip"
+    return make_tiny_image_demos(tmp_path_factory.mktemp("image_data"), 6, 20)
 
 
 def test_tiny_image_run_trains_evaluates_and_resumes_exactly(
