@@ -19,9 +19,10 @@ three peg-fitting yaws the arm reaches well), and lowers it while centred over t
 the grasp on, its targets are the nut's pose, not the gripper's. A phase that runs past its
 step budget moves on anyway, and a lost grasp (the grasped point more than 5 cm from the grip
 site) starts again from ``approach``. Per episode the expert draws its hover, grasp, carry and
-release heights, a grasp offset, a drop point (Can) or the point along the handle and the
-preferred final yaw (Square), its speed and how long it closes the gripper, scaled by
-``diversity`` (0: the same motion every episode).
+release heights, a grasp offset, a drop point (Can) or the point along the handle (Square),
+its speed and how long it closes the gripper, scaled by ``diversity`` (0: the same motion every
+episode). Square's discrete choices (grasp side, final yaw) are a fixed function of the nut's
+and the gripper's yaws unless ``NutAssemblySquareExpert.choice_jitter`` > 0.
 """
 
 from __future__ import annotations
@@ -146,8 +147,12 @@ class _SquareStyle:
     handle_yaw_penalties: tuple[float, ...]
 
     @classmethod
-    def draw(cls, rng: np.random.Generator, diversity: float) -> _SquareStyle:
-        """Nominal values jittered uniformly by ``diversity`` x each parameter's half-range."""
+    def draw(
+        cls, rng: np.random.Generator, diversity: float, choice_jitter: float = 0.0
+    ) -> _SquareStyle:
+        """Nominal values jittered uniformly by ``diversity`` x each parameter's half-range;
+        the ending penalties by ``diversity`` x ``choice_jitter`` (0: the same choice for the
+        same nut yaw in every episode)."""
         jitter = _jitterer(rng, diversity)
         return cls(
             hover_height=jitter(0.07, 0.02),
@@ -160,7 +165,9 @@ class _SquareStyle:
             lower_speed=jitter(0.4, 0.1),
             release_height=jitter(0.035, 0.01),
             open_steps=round(jitter(6, 2)),
-            handle_yaw_penalties=tuple(jitter(p, 0.3) for p in HANDLE_YAW_PENALTIES),
+            handle_yaw_penalties=tuple(jitter(p, choice_jitter) for p in HANDLE_YAW_PENALTIES)
+            if choice_jitter > 0
+            else HANDLE_YAW_PENALTIES,
         )
 
 
@@ -395,6 +402,13 @@ class NutAssemblySquareExpert(GraspExpert):
     """
 
     phase_budgets = SQUARE_PHASE_BUDGETS
+    choice_jitter = 0.0
+    """Half-range of the per-episode jitter of `HANDLE_YAW_PENALTIES` (times ``diversity``). The
+    first Square data (data/square_demos.zarr.zip) used 0.3: near the nut yaws where two endings
+    cost about the same (~0-17 degrees) the ending was then a coin flip, and the policy trained
+    on it failed there by stopping half-way between two turns (checkpoints/square_lowdim/
+    README.md). 0 (data/square_demos_300.zarr.zip): the ending is a fixed function of the
+    nut's yaw."""
     approach_xy_tolerance = 0.004
     """The pads' clearance along the handle is ~1 cm on each side (a pad is 1.6 cm wide)."""
 
@@ -408,7 +422,7 @@ class NutAssemblySquareExpert(GraspExpert):
         self.release_pos: np.ndarray | None = None
 
     def _draw_style(self) -> _SquareStyle:
-        return _SquareStyle.draw(self.rng, self.diversity)
+        return _SquareStyle.draw(self.rng, self.diversity, self.choice_jitter)
 
     def _enter(self, phase: str) -> None:
         super()._enter(phase)

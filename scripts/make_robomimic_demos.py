@@ -17,6 +17,16 @@ most of a low-dim file) is stored only with ``--model-files`` (robomimic's playb
         --out data/can_demos.hdf5 --zarr data/can_demos.zarr.zip
     python scripts/make_robomimic_demos.py --task square --episodes 100 \
         --out data/square_demos.hdf5 --zarr data/square_demos.zarr.zip
+
+``--join A.hdf5 B.hdf5 ... --zarr OUT.zarr.zip`` runs no expert: it writes one replay buffer of
+the demos of several files this script made (e.g. two processes over disjoint seed ranges, to
+use two cores), in the order given, with each file's ``expert`` statistics, seeds and
+provenance kept under ``parts``:
+
+    python scripts/make_robomimic_demos.py --task square --episodes 150 --seed-start 0 \
+        --extra-frac 0.2 --out runs/square_s0.hdf5      # and --seed-start 500 in a 2nd process
+    python scripts/make_robomimic_demos.py --task square --join runs/square_s0.hdf5 \
+        runs/square_s500.hdf5 --zarr data/square_demos.zarr.zip
 """
 
 from __future__ import annotations
@@ -51,7 +61,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--task", choices=sorted(ROBOMIMIC_TASKS), required=True, help="robomimic task"
     )
     parser.add_argument("--episodes", type=int, default=100, help="demos to store")
-    parser.add_argument("--out", type=Path, required=True, help="output .hdf5 file")
+    parser.add_argument("--out", type=Path, help="output .hdf5 file (not with --join)")
+    parser.add_argument(
+        "--join",
+        type=Path,
+        nargs="+",
+        metavar="HDF5",
+        help="no expert: write --zarr from the demos of these files (made by this script)",
+    )
     parser.add_argument("--zarr", type=Path, help="also write a DP replay buffer (.zarr.zip)")
     parser.add_argument("--seed-start", type=int, default=0, help="first seed to try")
     parser.add_argument(
@@ -83,6 +100,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.episodes < 1:
         parser.error(f"--episodes must be >= 1, got {args.episodes}")
+    if args.join is not None:
+        if args.zarr is None or args.out is not None:
+            parser.error("--join writes --zarr only: give --zarr and no --out")
+        return args
+    if args.out is None:
+        parser.error("--out is required (unless --join)")
     if args.out.suffix not in (".hdf5", ".h5"):
         parser.error(f"--out must end in .hdf5 or .h5, got {args.out}")
     return args
@@ -147,10 +170,47 @@ def write_demos(args: argparse.Namespace, argv: Sequence[str]) -> tuple[int, dic
     return len(names), stats
 
 
+def join_demos(paths: Sequence[Path], obs_keys: Sequence[str], argv: Sequence[str]) -> Any:
+    """One replay buffer of the demos of ``paths`` in order; attrs: the first file's, with
+    ``demo_seeds`` and ``demo_names`` over all, and per file its path, expert statistics, seeds
+    and provenance under ``parts``."""
+    buffers = [robomimic_to_replay_buffer(path, obs_keys) for path in paths]
+    parts = [
+        {
+            "path": str(path),
+            "n_demos": buffer.n_episodes,
+            **{key: buffer.attrs.get(key) for key in ("expert", "demo_seeds", "provenance")},
+        }
+        for path, buffer in zip(paths, buffers, strict=True)
+    ]
+    joined = buffers[0]
+    for buffer in buffers[1:]:
+        for index in range(buffer.n_episodes):
+            joined.add_episode(buffer.get_episode(index))
+    joined.attrs.update(
+        {
+            "source": {"format": "robomimic_hdf5", "paths": [str(path) for path in paths]},
+            "demo_names": [f"demo_{i}" for i in range(joined.n_episodes)],
+            "demo_seeds": [seed for part in parts for seed in (part["demo_seeds"] or [])],
+            "parts": parts,
+            "provenance": provenance(list(argv), VERSIONED_PACKAGES),
+        }
+    )
+    joined.attrs.pop("expert", None)
+    return joined
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point: write the hdf5 file and, with ``--zarr``, its replay-buffer copy."""
+    """Entry point: write the hdf5 file and, with ``--zarr``, its replay-buffer copy (or,
+    with ``--join``, one replay buffer of several files)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    if args.join is not None:
+        buffer = join_demos(args.join, LOWDIM_OBS_KEYS, argv)
+        args.zarr.parent.mkdir(parents=True, exist_ok=True)
+        buffer.save(args.zarr)
+        print(f"wrote {buffer} to {args.zarr} ({args.zarr.stat().st_size / 1e6:.2f} MB)")
+        return
     stored, stats = write_demos(args, argv)
     if stored < args.episodes:
         print(

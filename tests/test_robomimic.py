@@ -434,3 +434,30 @@ def test_make_demos_script_writes_hdf5_and_zarr(tmp_path: Path) -> None:
     buffer = ReplayBuffer.load(zarr_path)
     assert buffer.n_episodes == 2 and buffer["object"].shape[1] == 10
     assert buffer.n_steps == attrs["total"]
+
+
+@needs_robosuite
+def test_make_demos_script_joins_files_into_one_replay_buffer(
+    synthetic_hdf5: tuple, tmp_path: Path
+) -> None:
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    try:
+        import make_robomimic_demos
+    finally:
+        sys.path.remove(str(REPO_ROOT / "scripts"))
+    path, demos = synthetic_hdf5
+    out = tmp_path / "joined.zarr.zip"
+    make_robomimic_demos.main(
+        ["--task", "lift", "--join", str(path), str(path), "--zarr", str(out)]
+    )
+    buffer = ReplayBuffer.load(out)
+    assert buffer.n_episodes == 2 * len(demos)
+    lengths = [len(demo["actions"]) for demo in demos]
+    np.testing.assert_array_equal(buffer.episode_lengths, lengths + lengths)
+    np.testing.assert_allclose(
+        buffer.get_episode(len(demos))["action"], demos[0]["actions"], rtol=1e-6
+    )
+    assert [part["n_demos"] for part in buffer.attrs["parts"]] == [len(demos)] * 2
+    assert buffer.attrs["parts"][0]["expert"] == {"success_rate": 1.0}
+    with pytest.raises(SystemExit):  # --join writes --zarr only
+        make_robomimic_demos.main(["--task", "lift", "--join", str(path), "--out", "x.hdf5"])

@@ -5,12 +5,15 @@ schedule built from the policy's own training schedule: the sequential chunk for
 for a file with a PCM attached also the chunk after the PCM's first round (pcm, max_rounds=1).
 
 If a change is meant to alter these numbers, regenerate the file with the script and say why in
-the commit. A newly shipped checkpoint must be pinned too (`test_every_checkpoint_is_pinned`).
+the commit. A newly shipped checkpoint must be pinned too (`test_every_checkpoint_is_pinned`),
+and ship with the Parareal propagators of its base weights
+(`test_shipped_checkpoint_has_the_parareal_propagators`).
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -103,3 +106,35 @@ def test_shipped_checkpoint_reproduces_pinned_chunks(entry: dict[str, Any]) -> N
                 atol=ATOL,
                 msg=lambda m, w=what: f"naction of {w}: {m}",
             )
+
+
+DEFAULT_PARAREAL_SCHEDULES = (("DDPMSchedule", 100), ("DDIMSchedule", 16))
+"""The schedules of the Parareal samplers the project ships configs for: the default
+`parareal_ddpm100` (conf/eval.yaml, conf/serve.yaml) and `pcm_parareal_ddim16`."""
+
+
+@pytest.mark.parametrize(
+    "checkpoint",
+    sorted(p.relative_to(REPO_ROOT).as_posix() for p in REPO_ROOT.glob("checkpoints/*/*.ckpt")),
+)
+def test_shipped_checkpoint_has_the_parareal_propagators(checkpoint: str) -> None:
+    """Every shipped checkpoint loads (as eval_policy.py loads it) with a fitted propagator for
+    DDPM-100 and DDIM-16 attached, so the default sampler never falls back to update=scan with
+    a warning: its folder's propagators.pt, fitted on its base weights
+    (scripts/fit_propagator.py CHECKPOINT --schedules ddpm-100 ddim-16)."""
+    from policy.loading import load_with_metadata
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a propagators.pt of other weights is a warning there
+        policy, _ = load_with_metadata(REPO_ROOT / checkpoint)
+    for schedule, steps in DEFAULT_PARAREAL_SCHEDULES:
+        config = {"_target_": f"picard_sampler.{schedule}", "num_inference_steps": steps}
+        sampler = policy.sampler_from_config(
+            {"method": "picard", "update": "parareal", "schedule": config}
+        )
+        assert sampler.needs_propagator
+        assert policy.has_propagator(sampler.schedule), (
+            f"{checkpoint}: no propagator for {schedule}-{steps} in its folder's "
+            f"propagators.pt; run scripts/fit_propagator.py {checkpoint} --schedules "
+            "ddpm-100 ddim-16"
+        )
