@@ -16,7 +16,8 @@ call on a GPU and nearly proportionally more on a small CPU. So it is measured, 
    far; at a batch its latency there is predicted as (rounds + 1) x the cost of a call of its
    rows at the batch (a batch waits for its slowest sample), and the chunk is capped at the
    rounds that keep it within 1.5x the best so far;
-3. at one robot the fastest two sample `chunks - 1` more chunks; at a batch the two predicted
+3. at one robot the fastest two sample `chunks - 1` more chunks (sequential only if it is the
+   fastest: it is the baseline, not a contender there); at a batch the two predicted
    fastest (sequential among them if it is) sample `chunks` chunks of the whole batch, in
    turn (A, B, A, B: a drift in the machine's speed hits both alike). A candidate's latency
    is its median, and the choice is the fastest measured;
@@ -237,10 +238,44 @@ def choose_sampler(
         "pruned": [c.short for c in run.pruned], "predicted_ms": predictions,
         "phases_s": phases, "cached": False,
     }
-    if cache is not None:
+    _use_runtime(policy, first, options)
+    calibration.update(_steadiness(policy, cond, costs, run, sequential))
+    _use_runtime(policy, best.runtime, options)
+    if calibration["busy"]:
+        import warnings
+
+        warnings.warn(
+            f"sampler=auto: the machine's speed changed while calibrating (a busy machine? "
+            f"call cost drift {calibration['call_cost_drift']:.1f}x, sequential chunk "
+            f"{calibration['sequential_vs_call_costs'] or 0:.1f}x its calls): the choice is used "
+            f"for this run but not cached", stacklevel=2)
+    elif cache is not None:
         _write_cache(cache, best, calibration)
         calibration["cache"] = str(cache)
     return AutoChoice(best, best.sampler(base), calibration)
+
+
+BUSY_RATIO = 2.0
+"""A calibration is not cached (the run still uses its choice) when the machine's speed
+changed under it, so that its choice may not hold tomorrow (another job, a busy core): the
+cost of a call of the batch's rows, timed again at the end, differs from the first timing by
+more than this factor either way, or the timed sequential chunk took more than this times T
+such calls (on the quiet VM sequential chunks took 0.8-1.0x, docs/results/auto.md)."""
+
+
+def _steadiness(policy: DiffusionPolicy, cond: torch.Tensor, costs: Mapping[int, float],
+                run: _Calibration, sequential: Candidate) -> dict[str, Any]:
+    """Whether the machine kept its speed while calibrating (BUSY_RATIO): the drift of the
+    call cost at the batch's rows, start to end, and the timed sequential chunk against T of
+    those calls (None when sequential was not timed)."""
+    batch = cond.shape[0]
+    again = _call_costs(policy, [batch], cond)[batch]
+    drift = max(again / costs[batch], costs[batch] / again)
+    timed = run.timings.get(sequential)
+    ratio = (statistics.median(timed) / (run.base.num_steps * costs[batch]) if timed
+             else None)
+    return {"call_cost_drift": drift, "sequential_vs_call_costs": ratio,
+            "busy": drift > BUSY_RATIO or (ratio is not None and ratio > BUSY_RATIO)}
 
 
 ROUNDS_MARGIN = 1

@@ -19,6 +19,15 @@ EXACT = 1e-3
 """|auto chunk - sequential chunk| accepted (normalized units) at the tight tol below."""
 
 
+@pytest.fixture(autouse=True)
+def steady_machine(monkeypatch):
+    """These tests pin caching, not the busy-machine check (its own test sets it back): on a
+    loaded test machine a tiny model's sub-ms calls drift by 2x, which must not uncache."""
+    from policy import autotune
+
+    monkeypatch.setattr(autotune, "BUSY_RATIO", float("inf"))
+
+
 @pytest.fixture
 def policy(tiny_checkpoint):
     return load_policy(tiny_checkpoint)
@@ -113,6 +122,26 @@ def test_a_batch_is_explored_on_one_observation_and_only_finalists_run_on_it(pol
     assert all(c["predicted_ms"] is not None and c["rounds_mean"]
                for c in choice.calibration["candidates"])
     assert choice.calibration["sequential_measured"] == (("sequential", None) in on_batch)
+
+
+def test_a_calibration_the_machine_slowed_down_under_is_used_but_not_cached(
+        policy, tmp_path, monkeypatch) -> None:
+    """A sequential chunk timed far slower than its calls' measured cost (here: a clock that
+    runs ten times fast while the call costs are timed on the real one) means a busy machine:
+    the run uses the choice, the cache does not keep it."""
+    import time
+
+    from policy import autotune
+
+    monkeypatch.setattr(autotune, "BUSY_RATIO", 2.0)
+    base = policy.make_sampler("picard", "ddim", 8, tol=1e-4)
+    with pytest.warns(UserWarning, match="busy machine"):
+        choice = choose_sampler(policy, observations(2), base, windows=[2, None],
+                                runtimes=["eager"], chunks=1, cache_dir=tmp_path,
+                                clock=lambda: 10 * time.perf_counter())
+    assert choice.calibration["busy"] and "cache" not in choice.calibration
+    assert choice.calibration["sequential_vs_call_costs"] > 2
+    assert not list((tmp_path / "auto").glob("*.json"))
 
 
 def test_a_corrupt_cache_file_is_recalibrated(policy, tmp_path) -> None:

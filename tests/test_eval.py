@@ -193,3 +193,26 @@ def test_script_errors_are_one_line(
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(message.format(**fill)), result.stderr
+
+
+def test_a_run_reports_its_measured_speed_up_over_sequential_sampling(eval_cfg, tmp_path) -> None:
+    """The exactness check's sequential samples time sequential sampling on the same chunks:
+    sequential_ms_p50 / the same calls' latency is the printed speed-up, and what the checks
+    cost is printed beside it; a sequential sampler has no such line."""
+    from policy.chunking import summarize_chunks
+
+    records = [ChunkRecord(batch=2, rounds=4, nfe=4, nfe_total=8, n_converged=2,
+                           latency_ms=ms, exact_err=0.0, exact_err_mean=0.0, sequential_ms=seq)
+               for ms, seq in ((50.0, 400.0), (10.0, 40.0), (20.0, 60.0), (30.0, 90.0))]
+    metrics = summarize_chunks(records, warmup_chunks=1)
+    assert metrics["sequential_ms_p50"] == pytest.approx(60.0)  # warm-up call left out
+    assert metrics["speedup_vs_sequential"] == pytest.approx(3.0)  # 60 / 20
+    assert metrics["exact_check_s"] == pytest.approx(0.59)  # every check, warm-up included
+    results = evaluation.run_eval(eval_cfg("sampler=picard_ddim16", "exact_err_every=1"),
+                                  tmp_path / "picard")
+    (line,) = report.speedup_lines(results)
+    assert "x sequential sampling, measured in this run" in line and "checks took" in line
+    assert results["metrics"]["sequential_ms_p50"] > 0
+    sequential = evaluation.run_eval(eval_cfg("sampler=sequential_ddim16"), tmp_path / "seq")
+    assert sequential["metrics"]["speedup_vs_sequential"] is None
+    assert report.speedup_lines(sequential) == []

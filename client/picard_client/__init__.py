@@ -25,7 +25,7 @@ from picard_client.realtime import (
     summarize_realtime,
 )
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"  # 0.3: RealtimeController takes a RealtimeSettings record
 
 __all__ = ["HANDOFFS", "PROTOCOL_VERSION", "ChunkDims", "ClientStats", "ConnectionLost",
            "EpisodeLost", "PolicyClient", "ProtocolMismatch", "RealtimeController",
