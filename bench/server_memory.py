@@ -24,12 +24,12 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from picard_client import PolicyClient
+from server_load import rss_mb, server_metrics  # bench/ is on sys.path when run as a script
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,23 +50,6 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, int, Path]
             raise SystemExit(f"server failed: {ready.with_name('server.log').read_text()}")
         time.sleep(0.1)
     return process, json.loads(ready.read_text())["port"], ready.with_name("server.log")
-
-
-def rss_mb(pid: int) -> float | None:
-    """VmRSS of a process in MiB (None once it is gone)."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
-
-
-def server_metrics(port: int) -> dict[str, Any]:
-    """The server's GET /metrics."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
-        return json.loads(reply.read())
 
 
 class Counter:
@@ -91,7 +74,7 @@ class Counter:
         return True
 
     def sample(self) -> None:
-        metrics = server_metrics(self.port)
+        metrics = server_metrics(self.port) or {}  # None: the server is gone
         self.samples.append({
             "requests": self.served, "t_s": round(time.monotonic() - self.t0, 2),
             "rss_mb": round(rss_mb(self.pid) or float("nan"), 2),
