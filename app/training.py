@@ -54,6 +54,7 @@ from app.checks import Check, ConfigError, is_int, is_number, plain, raise_first
 from app.device import DEVICE_ALLOWED, configure_torch, device_ok
 from app.evaluation import evaluate, summarize
 from app.run_dirs import prepare_output_dir
+from app.training_curve import write_curve
 from envs.rollout import VECTOR_KINDS, EpisodeSpec
 from picard_sampler import Schedule
 from policy.checkpoint import (
@@ -1127,6 +1128,8 @@ def _train(cfg: DictConfig, stage: DPStage | PCMStage, world: World, device: tor
                 recent, recent_s = [], 0.0
             if metrics and logger is not None:
                 logger.log(metrics, step)
+                if validate or roll_out:  # a new point on the curve
+                    write_curve(run_dir)
             if metrics:
                 last.update(metrics)
             if main and step % cfg.checkpoint.every == 0:

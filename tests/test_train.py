@@ -29,6 +29,7 @@ def test_tiny_run_trains_validates_evaluates_and_checkpoints(make_cfg, tmp_path:
     assert (run_dir / "latest.ckpt").exists() and (run_dir / "best.ckpt").exists()
     logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in logged] == [5, 10]
+    assert (run_dir / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # redrawn at step 10
     ckpt = load_checkpoint(run_dir / "latest.ckpt")
     assert ckpt["step"] == 10 and ckpt["config"]["policy"]["horizon"] == 16
     assert ckpt["ema"]["num_updates"] == 10

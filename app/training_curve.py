@@ -1,0 +1,126 @@
+"""A training run's curve: train and validation loss, and rollout scores, against the step.
+
+train_pcm.py redraws `curve.png` in its run dir after every validation or rollout, from the
+run's own `metrics.jsonl` (which a resumed run trims back to its checkpoint, so each step
+appears once); a shipped checkpoint's card shows the same plot. Rebuild it at any time:
+
+    python -m app.training_curve RUN_DIR [--out curve.png] [--json curve.json]
+
+`--json` also writes the plotted points (the validation losses and the rollout scores), the
+numbers behind the picture for a card or a comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+
+from policy.file_io import atomic_write
+
+METRICS_FILE = "metrics.jsonl"
+"""What app.training.MetricLogger appends to, one JSON object per logged step."""
+CURVE_FILE = "curve.png"
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The run's logged steps in step order, the last line winning for a repeated step; torn or
+    foreign lines are skipped (a run killed mid-write leaves at most one)."""
+    path = run_dir / METRICS_FILE
+    if not path.is_file():
+        raise ValueError(f"{run_dir}: no {METRICS_FILE} (not a train_pcm.py run dir?)")
+    by_step: dict[int, dict[str, Any]] = {}
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+            by_step[int(record["step"])] = record
+        except (ValueError, KeyError, TypeError):
+            continue
+    if not by_step:
+        raise ValueError(f"{path} holds no logged step yet")
+    return [by_step[step] for step in sorted(by_step)]
+
+
+def series(records: Sequence[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of the records that logged `key`."""
+    pairs = [(r["step"], float(r[key])) for r in records if r.get(key) is not None]
+    return [s for s, _ in pairs], [v for _, v in pairs]
+
+
+def curve_points(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The plotted evaluation points: validation loss and rollout scores by step."""
+    points: dict[str, Any] = {}
+    for key in ("val/loss", "eval/mean_score", "eval/success_rate"):
+        steps, values = series(records, key)
+        if steps:
+            points[key] = {"step": steps, "value": values}
+    return points
+
+
+def draw_curve(records: Sequence[dict[str, Any]], title: str) -> bytes:
+    """A PNG: losses (log scale) on the left, rollout scores on the right (when there are any)."""
+    scores = [series(records, k) for k in ("eval/mean_score", "eval/success_rate")]
+    fig = Figure(figsize=(11 if scores[0][0] else 6, 3.8), layout="constrained")
+    axes = fig.subplots(1, 2 if scores[0][0] else 1, squeeze=False)[0]
+    for key, style in (("train/loss", "-"), ("val/loss", "o-")):
+        steps, values = series(records, key)
+        if steps:
+            axes[0].plot(steps, values, style, markersize=3, label=key)
+    axes[0].set(xlabel="step", ylabel="loss", yscale="log", title=title)
+    axes[0].legend(fontsize=8)
+    if scores[0][0]:
+        for (steps, values), label in zip(scores, ("mean_score", "success_rate"), strict=True):
+            if steps:
+                axes[1].plot(steps, values, "o-", markersize=4, label=label)
+        episodes = series(records, "eval/n_episodes")[1]
+        shown = f" ({int(episodes[-1])} episodes each)" if episodes else ""
+        axes[1].set(xlabel="step", ylabel="rollouts (EMA policy)", ylim=(0, 1.02),
+                    title=f"periodic rollouts{shown}")
+        axes[1].grid(alpha=0.3)
+        axes[1].legend(fontsize=8)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    return buffer.getvalue()
+
+
+def write_curve(run_dir: Path, out: Path | None = None, title: str | None = None,
+                points_json: Path | None = None) -> Path:
+    """Draw the run's curve to `out` (default RUN_DIR/curve.png), atomically; optionally the
+    plotted points to `points_json`."""
+    records = read_metrics(run_dir)
+    out = out or run_dir / CURVE_FILE
+    png = draw_curve(records, title or run_dir.name)
+    atomic_write(out, lambda f: f.write(png))
+    if points_json is not None:
+        record = {"run_dir": str(run_dir), **curve_points(records)}
+        text = "{\n" + ",\n".join(f" {json.dumps(k)}: {json.dumps(v)}"
+                                   for k, v in record.items()) + "\n}\n"
+        atomic_write(points_json, lambda f: f.write(text.encode()))
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path, help="a train_pcm.py run dir (has metrics.jsonl)")
+    parser.add_argument("--out", type=Path, default=None, help="PNG to write "
+                        "(default: RUN_DIR/curve.png)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the plotted points")
+    parser.add_argument("--title", default=None, help="plot title (default: the run dir's name)")
+    args = parser.parse_args(argv)
+    try:
+        path = write_curve(args.run_dir, args.out, args.title, args.json)
+    except (ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
