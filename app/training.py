@@ -69,6 +69,7 @@ from policy.checkpoint import (
 from policy.data import SequenceDataset, windows_from_config
 from policy.diffusion_policy import DiffusionPolicy, schedule_from_config
 from policy.ema import EMA
+from policy.encoders import camera_shapes
 from policy.file_io import atomic_torch_save, atomic_write, weights_fingerprint
 from policy.pcm import build_pcm, complete_config
 from policy.pcm_training import PCMObjective, TrajectoryDataset, collect_trajectories
@@ -403,15 +404,6 @@ def seed_everything(seed: int) -> None:
 def plain_data(cfg: DictConfig) -> dict[str, Any]:
     """The `data` block as a plain dict."""
     return plain(cfg.data)
-
-
-def camera_shapes(policy: nn.Module) -> dict[str, tuple[int, ...]]:
-    """{camera key: (H, W, C)} of a policy whose encoder reads images (ImageObsEncoder's
-    `camera_keys`: every camera, also when one encoder is shared); empty for a low-dim
-    policy."""
-    encoder = policy.obs_encoder
-    keys = getattr(encoder, "camera_keys", list(getattr(encoder, "cameras", {})))
-    return {key: tuple(encoder.obs_shapes[key]) for key in keys}
 
 
 def load_windows(data: Mapping[str, Any], horizon: int, n_obs_steps: int, n_action_steps: int,

@@ -46,6 +46,7 @@ from picard_sampler import (
 from picard_sampler.runinfo import run_info
 from policy.checkpoint import load_checkpoint, load_policy
 from policy.data import windows_from_config
+from policy.encoders import camera_shapes
 from policy.pcm_training import encode_for_sampling, stack_obs
 from policy.propagator import load_propagators, schedule_key
 
@@ -64,11 +65,9 @@ def held_out_chunks(checkpoint: str, n_chunks: int, seed: int) -> tuple[Any, dic
     policy = load_policy(checkpoint)
     cfg = load_checkpoint(checkpoint)["config"]
     data = cfg["data"]
-    encoder = policy.obs_encoder  # a camera policy's windows hold uint8 frames
-    cameras = {k: tuple(encoder.obs_shapes[k]) for k in getattr(encoder, "camera_keys", [])}
-    windows = windows_from_config(
+    windows = windows_from_config(  # a camera policy's windows hold uint8 frames
         data, policy.horizon, policy.n_obs_steps, policy.n_action_steps, cfg["seed"], "val",
-        image_shapes=cameras or None,
+        image_shapes=camera_shapes(policy) or None,
     )
     ta = policy.n_action_steps
     # Window i - Ta is the same episode's previous chunk iff its actions [Ta:] are i's [:H-Ta].

@@ -378,3 +378,12 @@ class ImageObsEncoder(nn.Module):
         for key in self.lowdim_keys:
             features[key] = obs[key].flatten(2)
         return torch.cat([features[key] for key in self.order], dim=-1)
+
+
+def camera_shapes(policy: nn.Module) -> dict[str, tuple[int, ...]]:
+    """{camera key: (H, W, C)} of a policy whose encoder reads images (ImageObsEncoder's
+    `camera_keys`: every camera, also when one encoder is shared); empty for a low-dim
+    policy. What a SequenceDataset needs (`image_shapes`) to hand that policy its frames."""
+    encoder = policy.obs_encoder
+    keys = getattr(encoder, "camera_keys", list(getattr(encoder, "cameras", {})))
+    return {key: tuple(encoder.obs_shapes[key]) for key in keys}

@@ -24,6 +24,7 @@ from torch.utils.data import default_collate
 from app.entry import script_errors
 from picard_sampler.parareal import FD_STEP
 from policy.data import windows_from_config
+from policy.encoders import camera_shapes
 from policy.loading import load_with_metadata
 from policy.propagator import FILENAME, fit_propagator, save_propagators, schedule_key
 
@@ -62,7 +63,8 @@ def main() -> None:
                              "calibration needs observation windows from its demonstrations")
         seed = record["config"].get("seed", 0)  # the training run's split of the episodes
         windows = windows_from_config(data, policy.horizon, policy.n_obs_steps,
-                                      policy.n_action_steps, seed, "train")
+                                      policy.n_action_steps, seed, "train",
+                                      image_shapes=camera_shapes(policy) or None)
         picks = np.random.default_rng(args.seed).choice(
             len(windows), size=min(args.chunks, len(windows)), replace=False)
         with torch.no_grad():  # a batch of windows, arrays or maps of arrays alike

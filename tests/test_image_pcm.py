@@ -12,7 +12,7 @@ import torch
 import app.training as training
 from picard_sampler import Sampler, exact_errors
 from policy.checkpoint import load_checkpoint, load_policy
-from policy.encoders import ImageObsEncoder
+from policy.encoders import ImageObsEncoder, camera_shapes
 from policy.pcm_training import stack_obs
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # ~20 s: two runs
@@ -87,7 +87,7 @@ def test_stage_pcm_trains_an_image_pcm_that_samples_the_sequential_chunk(
     saved = torch.load(cache, weights_only=True)
     cfg = make_cfg(*overrides)
     windows = training.load_windows(training.plain_data(cfg), base.horizon, base.n_obs_steps,
-                                    base.n_action_steps, cfg.seed, training.camera_shapes(base))
+                                    base.n_action_steps, cfg.seed, camera_shapes(base))
     picks = saved["train"]["window"][:5]
     obs = stack_obs([windows[int(i)]["obs"] for i in picks])
     assert obs["image"].dtype == torch.uint8
@@ -125,3 +125,32 @@ def test_stage_pcm_on_an_image_base_needs_its_observation_keys(
         training.run_training(make_cfg(*base, "data.obs_keys=[img]"))
     with pytest.raises(training.ConfigError, match=r"image obs 'image' \(data key 'state'\)"):
         training.run_training(make_cfg(*base, "env.dataset.obs_keys.image=state"))
+
+
+def test_fit_propagator_reads_camera_windows(image_base: Path, tmp_path: Path) -> None:
+    """scripts/fit_propagator.py on an image policy: its calibration windows hand the encoder
+    uint8 frames of the camera's shape (it once passed flat ones and refused), and the fitted
+    propagator gives parareal Picard the sequential chunk."""
+    import shutil
+
+    from policy import load_policy as load_any  # the loader that attaches propagators.pt
+    from tests.conftest import run_repo_script
+
+    ckpt = tmp_path / "policy" / "latest.ckpt"
+    ckpt.parent.mkdir()
+    shutil.copy(image_base, ckpt)
+    done = run_repo_script("scripts/fit_propagator.py", ckpt, "--schedules", "ddim-4",
+                           "--chunks", "2", "--threads", "1")
+    assert done.returncode == 0, done.stderr
+    policy = load_any(ckpt)
+    windows = training.load_windows(
+        load_checkpoint(ckpt)["config"]["data"], policy.horizon,
+        policy.n_obs_steps, policy.n_action_steps, 0, camera_shapes(policy))
+    obs = stack_obs([windows[i]["obs"] for i in range(2)])
+    sequential = policy.make_sampler("sequential", "ddim", 4)
+    parareal = policy.make_sampler("picard", "ddim", 4, update="parareal", tol=TOL)
+    noise = torch.randn(sequential.noise_shape(2, policy.horizon, policy.action_dim),
+                        generator=torch.Generator().manual_seed(0))
+    reference, _ = policy.predict_action(obs, sequential, noise=noise)
+    actions, stats = policy.predict_action(obs, parareal, noise=noise)
+    assert stats.converged and float((actions - reference).abs().max()) <= EXACT
