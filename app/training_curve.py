@@ -4,7 +4,7 @@ train_pcm.py redraws `curve.png` in its run dir after every validation or rollou
 run's own `metrics.jsonl` (which a resumed run trims back to its checkpoint, so each step
 appears once); a shipped checkpoint's card shows the same plot. Rebuild it at any time:
 
-    python -m app.training_curve RUN_DIR [--out curve.png] [--json curve.json]
+    python -m app.training_curve RUN_DIR [--out curve.png] [--json curve.json] [--mark STEP]
 
 `--json` also writes the plotted points (the validation losses and the rollout scores), the
 numbers behind the picture for a card or a comparison.
@@ -63,8 +63,9 @@ def curve_points(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return points
 
 
-def draw_curve(records: Sequence[dict[str, Any]], title: str) -> bytes:
-    """A PNG: losses (log scale) on the left, rollout scores on the right (when there are any)."""
+def draw_curve(records: Sequence[dict[str, Any]], title: str, mark: int | None = None) -> bytes:
+    """A PNG: losses (log scale) on the left, rollout scores on the right (when there are any);
+    `mark` draws a dashed line at that step (e.g. the checkpoint a card ships) on each."""
     scores = [series(records, k) for k in ("eval/mean_score", "eval/success_rate")]
     fig = Figure(figsize=(11 if scores[0][0] else 6, 3.8), layout="constrained")
     axes = fig.subplots(1, 2 if scores[0][0] else 1, squeeze=False)[0]
@@ -84,18 +85,22 @@ def draw_curve(records: Sequence[dict[str, Any]], title: str) -> bytes:
                     title=f"periodic rollouts{shown}")
         axes[1].grid(alpha=0.3)
         axes[1].legend(fontsize=8)
+    if mark is not None:
+        for ax in axes:
+            ax.axvline(mark, color="k", linestyle="--", linewidth=1, label=f"step {mark}")
+            ax.legend(fontsize=8)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
     return buffer.getvalue()
 
 
 def write_curve(run_dir: Path, out: Path | None = None, title: str | None = None,
-                points_json: Path | None = None) -> Path:
+                points_json: Path | None = None, mark: int | None = None) -> Path:
     """Draw the run's curve to `out` (default RUN_DIR/curve.png), atomically; optionally the
-    plotted points to `points_json`."""
+    plotted points to `points_json` and a line at step `mark`."""
     records = read_metrics(run_dir)
     out = out or run_dir / CURVE_FILE
-    png = draw_curve(records, title or run_dir.name)
+    png = draw_curve(records, title or run_dir.name, mark)
     atomic_write(out, lambda f: f.write(png))
     if points_json is not None:
         record = {"run_dir": str(run_dir), **curve_points(records)}
@@ -112,9 +117,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "(default: RUN_DIR/curve.png)")
     parser.add_argument("--json", type=Path, default=None, help="also write the plotted points")
     parser.add_argument("--title", default=None, help="plot title (default: the run dir's name)")
+    parser.add_argument("--mark", type=int, default=None, metavar="STEP",
+                        help="draw a line at this step (e.g. the shipped checkpoint's)")
     args = parser.parse_args(argv)
     try:
-        path = write_curve(args.run_dir, args.out, args.title, args.json)
+        path = write_curve(args.run_dir, args.out, args.title, args.json, args.mark)
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

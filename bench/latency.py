@@ -3,8 +3,9 @@ exactness: which runtime is fastest depends on the shape of the call, so it is m
 
 For each model (the shipped 4.56M PushT UNet, DP's paper-size 65.8M low-dim UNet, the image
 policy's UNet alone, and two whole camera policies: the size of the imported DP / LeRobot image
-fixtures (full-width ResNet-18 on 84x84 crops, UNet 32-64-128) and the CPU-sized shipped PushT
-image recipe (quarter-width ResNet-18, UNet 64-128-256); random weights where none is shipped),
+fixtures (full-width ResNet-18 on 84x84 crops, UNet 32-64-128) and the shipped PushT image
+policy (quarter-width ResNet-18, UNet 64-128-256, with its PCM); random weights where none is
+shipped),
 batch B (envs per sampler call), runtime and sampler, one row:
 latency p50 / p99 of a whole chunk after warm-up, rounds, NFE, `exact_err` against sequential
 sampling of the same schedule in eager float32 on the same noise, and `runtime_err` against the
@@ -46,6 +47,7 @@ from policy.pcm import build_pcm
 from policy.unet import ConditionalUnet1D
 
 SHIPPED = "checkpoints/pusht_lowdim/pcm.ckpt"  # the shipped policy with its DDIM-16 PCM
+SHIPPED_IMAGE_PCM = "checkpoints/pusht_image/pcm.ckpt"  # the image policy with its DDIM-16 PCM
 SAMPLERS: dict[str, dict[str, Any]] = {
     "sequential DDPM-100": {"method": "sequential", "schedule": "ddpm", "steps": 100},
     "sequential DDIM-16": {"method": "sequential", "schedule": "ddim", "steps": 16},
@@ -111,8 +113,7 @@ MODELS: dict[str, Callable[[], DiffusionPolicy]] = {
     "image UNet (1 camera)": lambda: random_policy((256, 512, 1024), 128, 66),
     "image policy, fixture size (ResNet-18 x64)": lambda: random_image_policy((32, 64, 128), 64,
                                                                               64),
-    "image policy, CPU recipe (ResNet-18 x16)": lambda: random_image_policy((64, 128, 256), 128,
-                                                                            16),
+    "pusht image 5.60M (shipped, ResNet-18 x16)": lambda: load_policy(SHIPPED_IMAGE_PCM),
 }
 
 

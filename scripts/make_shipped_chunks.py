@@ -2,7 +2,8 @@
 
 For each `checkpoints/*/*.ckpt` (base policies, PCM training exports and PCM-only files) this
 loads the policy with `policy.checkpoint.load_policy`, draws fixed observations (seeded numpy,
-uniform inside the normalizer's fitted range of each observation key) and fixed noise (a seeded
+uniform inside the normalizer's fitted range of each observation key; a camera's frames uniform
+uint8, stored base64 under `frames`) and fixed noise (a seeded
 `torch.Generator`), and records the chunk that `predict_action` returns under a 4-step DDIM
 schedule built from the policy's own `train_schedule`:
 
@@ -23,6 +24,7 @@ back as float32 gives the computed values exactly. Generate the numbers from a t
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import re
 import subprocess
@@ -38,6 +40,7 @@ import policy as policy_pkg
 from picard_sampler import DDIMSchedule, Sampler
 from policy.checkpoint import load_policy
 from policy.diffusion_policy import DiffusionPolicy
+from policy.encoders import camera_shapes
 
 BATCH = 2
 NUM_INFERENCE_STEPS = 4
@@ -65,10 +68,16 @@ def ddim_schedule(policy: DiffusionPolicy, steps: int = NUM_INFERENCE_STEPS) -> 
 
 def make_obs(policy: DiffusionPolicy, seed: int = OBS_SEED) -> dict[str, np.ndarray]:
     """Observations {key: (B, To, *shape)} float32, uniform in each key's fitted data range
-    (the normalizer's input_min / input_max), or in [-1, 1] for keys it does not normalize."""
+    (the normalizer's input_min / input_max), or in [-1, 1] for keys it does not normalize;
+    a camera's frames (B, To, H, W, C) uniform uint8, as an env hands them over."""
     rng = np.random.default_rng(seed)
+    cameras = camera_shapes(policy)
     obs = {}
     for key, step_shape in policy.obs_encoder.obs_shapes.items():
+        if key in cameras:
+            obs[key] = rng.integers(0, 256, size=(BATCH, policy.n_obs_steps, *cameras[key]),
+                                    dtype=np.uint8)
+            continue
         u = rng.uniform(-1.0, 1.0, size=(BATCH, policy.n_obs_steps, *step_shape))
         if key in policy.normalizer:
             lo = getattr(policy.normalizer, f"{key}_input_min").double().numpy()
@@ -112,13 +121,17 @@ def entry(path: Path, root: Path) -> dict[str, Any]:
     policy = load_policy(path)
     obs = make_obs(policy)
     samplers = [SEQUENTIAL_SAMPLER] + ([PCM_SAMPLER] if policy.pcm is not None else [])
-    return {
+    record: dict[str, Any] = {
         "checkpoint": path.relative_to(root).as_posix(),
         "batch": BATCH,
         "obs_seed": OBS_SEED,
-        "obs": {k: to_lists(v) for k, v in obs.items()},
-        "chunks": [chunk(policy, obs, knobs) for knobs in samplers],
+        "obs": {k: to_lists(v) for k, v in obs.items() if v.dtype != np.uint8},
     }
+    frames = {k: {"shape": list(v.shape), "uint8_base64": base64.b64encode(v).decode()}
+              for k, v in obs.items() if v.dtype == np.uint8}
+    if frames:
+        record["frames"] = frames
+    return {**record, "chunks": [chunk(policy, obs, knobs) for knobs in samplers]}
 
 
 def dumps(payload: dict[str, Any]) -> str:

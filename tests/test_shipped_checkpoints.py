@@ -12,6 +12,7 @@ and ship with the Parareal propagators of its base weights
 
 from __future__ import annotations
 
+import base64
 import json
 import warnings
 from functools import cache
@@ -81,6 +82,9 @@ def test_every_checkpoint_is_pinned() -> None:
 def test_shipped_checkpoint_reproduces_pinned_chunks(entry: dict[str, Any]) -> None:
     policy = load_policy(REPO_ROOT / entry["checkpoint"])
     obs = {k: np.asarray(v, dtype=np.float32) for k, v in entry["obs"].items()}
+    for key, frames in entry.get("frames", {}).items():  # a camera's uint8 frames
+        data = np.frombuffer(base64.b64decode(frames["uint8_base64"]), dtype=np.uint8).copy()
+        obs[key] = data.reshape(frames["shape"])
     if len(obs) == 1:
         obs = next(iter(obs.values()))
     methods = [c["sampler"]["method"] for c in entry["chunks"]]
