@@ -19,8 +19,10 @@ call on a GPU and nearly proportionally more on a small CPU. So it is measured, 
 3. at one robot the fastest two sample `chunks - 1` more chunks (sequential only if it is the
    fastest: it is the baseline, not a contender there); at a batch the two predicted
    fastest (sequential among them if it is) sample `chunks` chunks of the whole batch, in
-   turn (A, B, A, B: a drift in the machine's speed hits both alike). A candidate's latency
-   is its median, and the choice is the fastest measured;
+   turn (A, B, A, B: a drift in the machine's speed hits both alike); when every finalist
+   measures slower than sequential's prediction (the predictions were off: a busy machine),
+   sequential samples the batch too. A candidate's latency is its median, and the choice is
+   the fastest measured;
 4. for each other runtime (e.g. onnxruntime, fast at few rows per call), the denoiser's cost
    per call is timed at the row counts the finalists use, and a finalist's latency there is
    predicted as its measured latency plus rounds x (that runtime's call cost - the first's);
@@ -203,6 +205,11 @@ def choose_sampler(
                              range(1, chunks))
     else:  # the KEEP predicted fastest (sequential too), timed on the batch
         run.time_interleaved(run.finalists(), range(chunks))
+        if sequential not in run.timings and all(
+                statistics.median(ms) > run.predicted[sequential] for ms in run.timings.values()):
+            # the finalists' predictions were too low (a busy machine, or calls that cost more
+            # on the batch than alone): sequential's prediction is no measurement, time it too
+            run.time_at_batch(sequential, range(chunks))
     if not run.timings:  # every finalist stopped by a max_rounds / budget_s set by the user
         run.time_at_batch(sequential, range(chunks))
     phases["finalists"] = clock() - start - sum(phases.values())

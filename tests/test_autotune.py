@@ -124,6 +124,36 @@ def test_a_batch_is_explored_on_one_observation_and_only_finalists_run_on_it(pol
     assert choice.calibration["sequential_measured"] == (("sequential", None) in on_batch)
 
 
+def test_sequential_is_timed_when_every_finalist_misses_its_prediction(policy,
+                                                                     monkeypatch) -> None:
+    """At a batch sequential is only predicted unless it is a finalist; when every finalist
+    (here: Picard alone) then measures slower than that prediction (each Picard chunk on the
+    batch sleeps 0.2 s, as on a machine that slowed down), sequential samples the batch too
+    and wins, never a slower finalist."""
+    import time
+
+    from policy import autotune
+
+    def picard_only(run):
+        return [c for c in sorted(run.predicted, key=run.predicted.get)
+                if c.method != "sequential"][:autotune.KEEP]
+
+    monkeypatch.setattr(autotune._Calibration, "finalists", picard_only)
+    batch, original = 4, policy.sample_chunk
+
+    def slow_picard(cond, sampler, **kwargs):
+        if sampler.method != "sequential" and cond.shape[0] == batch:
+            time.sleep(0.2)
+        return original(cond, sampler, **kwargs)
+
+    policy.sample_chunk = slow_picard
+    base = policy.make_sampler("picard", "ddim", 8, tol=1e-4)
+    choice = choose_sampler(policy, observations(batch), base, windows=[2, None],
+                            runtimes=["eager"], chunks=1, cache_dir=None)
+    assert choice.calibration["sequential_measured"]
+    assert choice.candidate.short == "sequential"
+
+
 def test_a_calibration_the_machine_slowed_down_under_is_used_but_not_cached(
         policy, tmp_path, monkeypatch) -> None:
     """A sequential chunk timed far slower than its calls' measured cost (here: a clock that
