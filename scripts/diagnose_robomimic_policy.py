@@ -8,7 +8,7 @@ Episode i runs from env seed ``--seed-start + i`` with DP's 400-step cap; all ep
 together, one sampler call for the chunks of all of them (noise from one generator, seed 0).
 Per episode it prints and writes to ``OUT.json``: success and steps, the first step the object
 was 3 cm above its start (``lifted_first``, -1: never), the object's closest approach to its
-target (Square: the peg's axis), where it ended (height above the table, yaw from square to the
+target (Square: the peg's axis; Can: its compartment's centre in bin 2), where it ended (height above the table, yaw from square to the
 peg in degrees, tilt), the gripper's opening and the grip site's distance from the object at
 the end, and the object's initial yaw. ``OUT_epI.npz`` holds the per-step arrays and MuJoCo
 states (``mj``): `RobomimicEnv.reset_to_state` + `render` draws any step.
@@ -42,7 +42,9 @@ def scene(env: RobomimicEnv) -> dict[str, np.ndarray | float]:
         table = float(sim_env.table_offset[2])
     else:
         body = sim_env.obj_body_id[sim_env.objects[sim_env.object_id].name]
-        target, table = np.zeros(3), float(sim_env.table_offset[2])
+        # its target: the centre of its compartment in bin 2; heights from bin 1's floor
+        target = np.array(sim_env.target_bin_placements[sim_env.object_id])
+        table = float(sim_env.bin1_pos[2])
     mat = np.array(data.body_xmat[body]).reshape(3, 3)
     gripper = env.observation_dict()["robot0_gripper_qpos"]
     return {
