@@ -8,10 +8,11 @@ Episode i runs from env seed ``--seed-start + i`` with DP's 400-step cap; all ep
 together, one sampler call for the chunks of all of them (noise from one generator, seed 0).
 Per episode it prints and writes to ``OUT.json``: success and steps, the first step the object
 was 3 cm above its start (``lifted_first``, -1: never), the object's closest approach to its
-target (Square: the peg's axis; Can: its compartment's centre in bin 2), where it ended (height above the table, yaw from square to the
-peg in degrees, tilt), the gripper's opening and the grip site's distance from the object at
-the end, and the object's initial yaw. ``OUT_epI.npz`` holds the per-step arrays and MuJoCo
-states (``mj``): `RobomimicEnv.reset_to_state` + `render` draws any step.
+target (Square: the peg's axis; Can: its compartment's centre in bin 2), where it ended (height
+above the table, yaw from square to the peg in degrees, tilt), the gripper's opening and the
+grip site's distance from the object at the end, and the object's initial yaw.
+``OUT_epI.npz`` holds the per-step arrays and MuJoCo states (``mj``):
+`RobomimicEnv.reset_to_state` + `render` draws any step.
 """
 
 from __future__ import annotations
