@@ -328,6 +328,30 @@ def test_video_features_decode_as_lerobot_does(camera_dataset, converted) -> Non
     np.testing.assert_array_equal(distance.argmin(1), np.arange(len(video)))
 
 
+def test_cameras_are_decoded_one_episode_at_a_time(camera_dataset, converted,
+                                                  monkeypatch) -> None:
+    """Conversion never holds more than one episode's raw frames: each camera is decoded per
+    episode (a video sought to the episode's keyframe), and the result is the same buffer."""
+    from policy.data import lerobot_dataset
+
+    decoded: list[tuple[str, int]] = []
+    for name in ("_image_values", "_video_episode"):
+        original = getattr(lerobot_dataset, name)
+
+        def counting(*args, _original=original, _name=name, **kwargs):
+            frames = _original(*args, **kwargs)
+            decoded.append((_name, len(frames)))
+            return frames
+
+        monkeypatch.setattr(lerobot_dataset, name, counting)
+    buffer = lerobot_to_replay_buffer(camera_dataset[0])
+    lengths = buffer.episode_lengths.tolist()
+    assert [n for kind, n in decoded if kind == "_image_values"] == lengths
+    assert [n for kind, n in decoded if kind == "_video_episode"] == lengths
+    for key in converted:
+        np.testing.assert_array_equal(buffer[key][:], converted[key][:])
+
+
 def test_converted_cameras_give_image_training_windows(converted, tmp_path: Path) -> None:
     path = tmp_path / "cameras.zarr.zip"
     converted.save(path)

@@ -26,7 +26,9 @@ two kinds (LeRobot's writer, ``dataset_writer.py`` / ``feature_utils.py`` of LeR
 
 Cameras are converted to uint8 ``(N, H, W, 3)`` arrays (the layout of DP's ``img``, read by
 ``SequenceDataset``'s ``image_shapes``); ``shape`` in info.json may be HWC or, with ``names``
-starting with ``channels``, CHW. Only RGB cameras convert (depth maps are refused).
+starting with ``channels``, CHW. Only RGB cameras convert (depth maps are refused). They are
+decoded one episode at a time, straight into the (compressed) buffer: a video is sought to the
+keyframe before each episode, so no more than one episode's raw frames is ever in memory.
 
 Conversion (`lerobot_to_replay_buffer`): episodes in ``episode_index`` order, rows of each in
 ``frame_index`` order (which must run 0..L-1), every selected low-dim feature as a float32
@@ -49,13 +51,15 @@ PyAV are imported only when needed (``pip install 'picard-policy[lerobot]'``).
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from policy.data.replay_buffer import ReplayBuffer
 
@@ -353,62 +357,60 @@ def _video_files(root: Path, info: Mapping[str, Any], name: str,
     return found
 
 
-def _video_values(root: Path, info: Mapping[str, Any], name: str, episode: np.ndarray,
-                  timestamps: np.ndarray) -> np.ndarray:
-    """(n_rows, H, W, 3) uint8 frames of video feature `name` for rows sorted by (episode,
-    frame): row i is the video frame at its episode's from_timestamp + timestamps[i], within
-    VIDEO_TOLERANCE_S (module doc). Each file is decoded once, front to back, and each frame
-    is copied straight to the rows that ask for it (no copy of the whole video in memory)."""
+def _video_episode(root: Path, name: str, shape: tuple[int, int, int], episode: int,
+                   source: tuple[Path, float], timestamps: np.ndarray) -> np.ndarray:
+    """(L, H, W, 3) uint8 frames of one episode of video feature `name`: frame i is the video
+    frame at the episode's from_timestamp + timestamps[i] in its file, within
+    VIDEO_TOLERANCE_S (module doc). The file is sought to the keyframe before the episode's
+    first frame and decoded only until its last, so a file of many episodes is decoded about
+    once over all of them, and only one episode's frames are ever in memory."""
     import av
 
-    shape = camera_shape(name, info["features"][name])
-    files = _video_files(root, info, name, np.unique(episode))
-    out = np.empty((len(episode), *shape), np.uint8)
-    by_file: dict[Path, list[int]] = {}
-    for ep in np.unique(episode).tolist():
-        by_file.setdefault(files[ep][0], []).append(ep)
+    path, start = source
+    where = path.relative_to(root)
+    if not path.is_file():
+        raise ValueError(f"LeRobot feature {name!r}: video file {where} of episode {episode} "
+                         "is missing")
+    query = start + np.asarray(timestamps, np.float64)
+    order = np.argsort(query, kind="stable")
+    query = query[order]
+    out = np.empty((len(query), *shape), np.uint8)
+    filled = np.zeros(len(query), bool)
     tol = VIDEO_TOLERANCE_S
-    for path, eps in by_file.items():
-        where = path.relative_to(root)
-        if not path.is_file():
-            raise ValueError(f"LeRobot feature {name!r}: video file {where} of episodes "
-                             f"{eps[:4]} is missing")
-        rows = np.flatnonzero(np.isin(episode, eps))
-        query = np.array([files[int(ep)][1] for ep in episode[rows]]) + timestamps[rows]
-        order = np.argsort(query, kind="stable")
-        query, rows = query[order], rows[order]
-        filled = np.zeros(len(rows), bool)
-        times = []
-        try:
-            with av.open(str(path)) as container:
-                stream = container.streams.video[0]
-                for frame in container.decode(stream):
-                    if frame.pts is None:
-                        continue
-                    t = float(frame.pts * stream.time_base)
-                    times.append(t)
-                    lo = np.searchsorted(query, t - tol, side="right")  # |q - t| < tol
-                    hi = np.searchsorted(query, t + tol, side="left")
-                    if hi <= lo:
-                        continue
-                    image = frame.to_ndarray(format="rgb24")  # LeRobot's pyav conversion
-                    if image.shape != shape:
-                        raise ValueError(f"LeRobot feature {name!r}: {where} holds "
-                                         f"{image.shape} frames but info.json says "
-                                         f"{list(shape)} (H, W, C)")
-                    out[rows[lo:hi]] = image
-                    filled[lo:hi] = True
-        except (av.FFmpegError, IndexError) as e:
-            raise ValueError(f"LeRobot feature {name!r}: cannot decode {where} with PyAV "
-                             f"{av.__version__} ({type(e).__name__}: {e})") from e
-        if not filled.all():
-            bad = int(np.flatnonzero(~filled)[0])
-            gap = float(np.min(np.abs(np.asarray(times) - query[bad]))) if times else np.inf
-            row = int(rows[bad])
-            raise ValueError(
-                f"LeRobot feature {name!r}: episode {int(episode[row])} needs a frame at "
-                f"{query[bad]:.4f} s of {where}, but the closest video frame is {gap:.4f} s "
-                f"away (tolerance {tol} s; {len(times)} frames decoded)")
+    times = []
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            if len(query) and query[0] > tol:
+                container.seek(max(int((query[0] - tol) / stream.time_base), 0),
+                               stream=stream, backward=True, any_frame=False)
+            for frame in container.decode(stream):
+                if frame.pts is None:
+                    continue
+                t = float(frame.pts * stream.time_base)
+                times.append(t)
+                if len(query) == 0 or t > query[-1] + tol:
+                    break
+                lo = np.searchsorted(query, t - tol, side="right")  # |q - t| < tol
+                hi = np.searchsorted(query, t + tol, side="left")
+                if hi <= lo:
+                    continue
+                image = frame.to_ndarray(format="rgb24")  # LeRobot's pyav conversion
+                if image.shape != shape:
+                    raise ValueError(f"LeRobot feature {name!r}: {where} holds {image.shape} "
+                                     f"frames but info.json says {list(shape)} (H, W, C)")
+                out[order[lo:hi]] = image
+                filled[lo:hi] = True
+    except (av.FFmpegError, IndexError) as e:
+        raise ValueError(f"LeRobot feature {name!r}: cannot decode {where} with PyAV "
+                         f"{av.__version__} ({type(e).__name__}: {e})") from e
+    if not filled.all():
+        bad = int(np.flatnonzero(~filled)[0])
+        gap = float(np.min(np.abs(np.asarray(times) - query[bad]))) if times else np.inf
+        raise ValueError(
+            f"LeRobot feature {name!r}: episode {episode} needs a frame at {query[bad]:.4f} s "
+            f"of {where}, but the closest video frame is {gap:.4f} s away (tolerance {tol} s; "
+            f"{len(times)} frames decoded)")
     return out
 
 
@@ -438,11 +440,15 @@ def _meta_episode_lengths(root: Path, version: str) -> dict[int, int] | None:
 
 @dataclass(frozen=True)
 class LeRobotEpisodes:
-    """The selected low-dim features of a LeRobot dataset, ordered by episode then frame."""
+    """The selected features of a LeRobot dataset, ordered by episode then frame."""
 
     arrays: dict[str, np.ndarray]
-    """{buffer key: (N, *feature shape) float32, or (N, H, W, 3) uint8 for a camera}, all
-    episodes concatenated."""
+    """{buffer key: (N, *feature shape) float32} of the low-dim features, all episodes
+    concatenated."""
+    cameras: dict[str, Callable[[int], np.ndarray]]
+    """{buffer key: frames(i)} of the camera features: the (L_i, H, W, 3) uint8 frames of the
+    i-th episode, decoded when asked (a whole camera dataset decoded at once would not fit in
+    memory)."""
     episode_index: np.ndarray
     """(E,) int64 LeRobot episode indices, increasing."""
     lengths: np.ndarray
@@ -513,20 +519,53 @@ def read_lerobot_episodes(
         diff = sorted(set(meta_lengths.items()) ^ set(found.items()))[:4]
         raise ValueError(f"{root}: episode lengths in the data files differ from the episode "
                          f"metadata (episode, length) {diff}")
-    arrays = {}
+    arrays: dict[str, np.ndarray] = {}
+    cameras: dict[str, Callable[[int], np.ndarray]] = {}
+    starts = np.cumsum(lengths) - lengths
+    sorted_rows = [rows[k] for k in order.tolist()]
     for name, key in selected.items():
         spec = info["features"][name]
         if spec.get("dtype") == "image":
-            arrays[key] = _image_values(table.column(name), name, root,
-                                        camera_shape(name, spec), rows)[order]
+            column = table.column(name).take(pa.array(order))  # encoded images, sorted
+            cameras[key] = functools.partial(
+                _image_episode, column, name, root, camera_shape(name, spec), sorted_rows,
+                starts, lengths)
         elif spec.get("dtype") == "video":
             timestamps = table.column("timestamp").to_numpy().astype(np.float64)[order]
-            arrays[key] = _video_values(root, info, name, episode, timestamps)
+            files = _video_files(root, info, name, episode_index)
+            for path in sorted({file for file, _ in files.values()}):
+                if not path.is_file():  # before any decoding: say which episodes lack it
+                    eps = sorted(ep for ep, (file, _) in files.items() if file == path)
+                    raise ValueError(f"LeRobot feature {name!r}: video file "
+                                     f"{path.relative_to(root)} of episodes {eps[:4]} is "
+                                     "missing")
+            cameras[key] = functools.partial(
+                _video_rows, root, name, camera_shape(name, spec), episode_index, files,
+                timestamps, starts, lengths)
         else:
             shape = tuple(int(n) for n in spec.get("shape", [1]))
             arrays[key] = _column_values(table.column(name), name, n_rows, shape)[order]
-    return LeRobotEpisodes(arrays, episode_index.astype(np.int64), lengths.astype(np.int64),
-                           selected, info)
+    return LeRobotEpisodes(arrays, cameras, episode_index.astype(np.int64),
+                           lengths.astype(np.int64), selected, info)
+
+
+def _image_episode(column: Any, name: str, root: Path, shape: tuple[int, int, int],
+                   rows: list[str], starts: np.ndarray, lengths: np.ndarray,
+                   index: int) -> np.ndarray:
+    """The decoded frames of the `index`-th episode of an image feature's sorted column."""
+    start, length = int(starts[index]), int(lengths[index])
+    return _image_values(column.slice(start, length), name, root, shape,
+                         rows[start:start + length])
+
+
+def _video_rows(root: Path, name: str, shape: tuple[int, int, int], episode_index: np.ndarray,
+                files: Mapping[int, tuple[Path, float]], timestamps: np.ndarray,
+                starts: np.ndarray, lengths: np.ndarray, index: int) -> np.ndarray:
+    """The decoded frames of the `index`-th episode of a video feature."""
+    episode = int(episode_index[index])
+    start, length = int(starts[index]), int(lengths[index])
+    return _video_episode(root, name, shape, episode, files[episode],
+                          timestamps[start:start + length])
 
 
 def lerobot_to_replay_buffer(
@@ -541,8 +580,11 @@ def lerobot_to_replay_buffer(
     info = read.info
     buffer = ReplayBuffer.create_empty()
     ends = np.cumsum(read.lengths)
-    for start, end in zip(ends - read.lengths, ends, strict=True):
-        buffer.add_episode({key: values[start:end] for key, values in read.arrays.items()})
+    spans = list(zip(ends - read.lengths, ends, strict=True))
+    for i, (start, end) in enumerate(tqdm(spans, desc="episodes", unit="ep", disable=None)):
+        episode = {key: values[start:end] for key, values in read.arrays.items()}
+        episode.update({key: frames(i) for key, frames in read.cameras.items()})
+        buffer.add_episode(episode)  # compressed in the buffer; one episode raw at a time
     skipped = [name for name in info["features"]
                if name not in read.keys and name not in BOOKKEEPING_FEATURES]
     buffer.attrs.update({
