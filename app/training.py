@@ -60,7 +60,7 @@ from picard_sampler import Schedule
 from policy.checkpoint import (
     PCM_KEY,
     load_checkpoint,
-    load_policy,
+    load_policy_checkpoint,
     policy_weights,
     restore_rng_states,
     rng_states,
@@ -194,7 +194,7 @@ class PCMStage:
         (initialised from the EMA PCM of `pcm.init` if set), the only part that trains."""
         cfg = self.cfg
         try:
-            policy = load_policy(cfg.pcm.base_checkpoint)
+            policy = load_policy_checkpoint(cfg.pcm.base_checkpoint)
         except (FileNotFoundError, ValueError) as e:
             raise ConfigError(f"pcm.base_checkpoint: {e}") from e
         if policy.pcm is not None:

@@ -44,7 +44,7 @@ from picard_sampler import (
     sequential_sample,
 )
 from picard_sampler.runinfo import run_info
-from policy.checkpoint import load_checkpoint, load_policy
+from policy.checkpoint import load_checkpoint, load_policy_checkpoint
 from policy.data import windows_from_config
 from policy.encoders import camera_shapes
 from policy.pcm_training import encode_for_sampling, stack_obs
@@ -62,7 +62,7 @@ SCHEDULES: dict[str, Callable[[dict], Schedule]] = {
 def held_out_chunks(checkpoint: str, n_chunks: int, seed: int) -> tuple[Any, dict]:
     """The base policy and `n_chunks` seeded held-out windows: their conditioning and that of
     the window Ta steps earlier in the same episode (for warm starts)."""
-    policy = load_policy(checkpoint)
+    policy = load_policy_checkpoint(checkpoint)
     cfg = load_checkpoint(checkpoint)["config"]
     data = cfg["data"]
     windows = windows_from_config(  # a camera policy's windows hold uint8 frames
@@ -177,7 +177,7 @@ def run(args: argparse.Namespace) -> dict:
     for spec in args.pcm:
         label, _, path = spec.partition("=")
         path, _, ks = path.partition("@")
-        other = load_policy(path)
+        other = load_policy_checkpoint(path)
         if other.pcm is None:
             raise ValueError(f"--pcm {spec}: {path} holds no PCM")
         base_of(policy, other, label)

@@ -50,10 +50,10 @@ def build_denoiser(checkpoint: str | None, seed: int = 0):
     seeded Gaussian vectors.
     """
     if checkpoint is not None:
-        from policy.checkpoint import load_checkpoint, load_policy
+        from policy.checkpoint import load_checkpoint, load_policy_checkpoint
         from policy.data import windows_from_config
 
-        policy = load_policy(checkpoint)
+        policy = load_policy_checkpoint(checkpoint)
         saved = load_checkpoint(checkpoint)
         data_cfg = saved["config"]["data"]
         windows = windows_from_config(  # every episode: no validation split here

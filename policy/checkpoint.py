@@ -1,15 +1,15 @@
 """Training checkpoints: one atomic file with everything needed to resume or to deploy a policy.
 
 A checkpoint holds the policy weights (normalizer included), the EMA weights, optimizer and LR
-scheduler state, step/epoch, all RNG states and the resolved config, from which `load_policy`
-rebuilds the policy through the allow-list of `policy.safe_config` (a file's config is data:
-nothing it names is imported or instantiated). A policy with a Picard Consistency Model
-attached (`DiffusionPolicy.attach_pcm`) stores the PCM under the key "pcm" (`PCM_KEY`):
-`{"config": constructor args, "model": raw weights, "ema": EMA weights}`, the base weights
-staying under "model" / "ema" as for any policy; `load_policy` re-attaches it. `export_pcm`
-writes a small PCM-only file that names its base checkpoint instead of copying it. Files are
-written to a temporary name in the same directory and moved into place with `os.replace`, so a
-killed run never leaves a torn file.
+scheduler state, step/epoch, all RNG states and the resolved config, from which
+`load_policy_checkpoint` rebuilds the policy through the allow-list of `policy.safe_config` (a
+file's config is data: nothing it names is imported or instantiated). A policy with a Picard
+Consistency Model attached (`DiffusionPolicy.attach_pcm`) stores the PCM under the key "pcm"
+(`PCM_KEY`): `{"config": constructor args, "model": raw weights, "ema": EMA weights}`, the base
+weights staying under "model" / "ema" as for any policy; `load_policy_checkpoint` re-attaches it.
+`export_pcm` writes a small PCM-only file that names its base checkpoint instead of copying it.
+Files are written to a temporary name in the same directory and moved into place with `os.replace`,
+so a killed run never leaves a torn file.
 """
 
 from __future__ import annotations
@@ -129,8 +129,8 @@ def export_policy(
     """Write a deployable checkpoint: the EMA weights (stored as `dtype`) and config only.
 
     Drops the optimizer, raw weights and RNG states (a 4.6M-parameter policy goes from ~73 MB to
-    ~9 MB in float16); `load_policy` reads it like a training checkpoint and casts back to
-    float32. Normalizer statistics are kept in float32 so action scaling is unchanged.
+    ~9 MB in float16); `load_policy_checkpoint` reads it like a training checkpoint and casts
+    back to float32. Normalizer statistics are kept in float32 so action scaling is unchanged.
     """
     ckpt = load_checkpoint(src)
     if ckpt["ema"] is None:
@@ -170,7 +170,7 @@ def export_pcm(
     base checkpoint `base` (relative to `dst`'s folder) and a fingerprint of the base weights.
 
     `src` is a PCM training checkpoint; its base weights must equal `base`'s (as float32), so the
-    PCM is known to belong to that base. `load_policy(dst)` loads the base, then the PCM.
+    PCM is known to belong to that base. `load_policy_checkpoint(dst)` loads the base, then the PCM.
     """
     ckpt = load_checkpoint(src)
     if PCM_KEY not in ckpt or ckpt["ema"] is None:
@@ -251,10 +251,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return ckpt
 
 
-def load_policy(
+def load_policy_checkpoint(
     path: str | Path, use_ema: bool = True, map_location: str | torch.device = "cpu"
 ) -> DiffusionPolicy:
-    """Rebuild the policy from the checkpoint's config and load its (EMA) weights, in eval mode.
+    """Rebuild the policy from one of OUR checkpoint files and load its (EMA) weights, in eval
+    mode. Most callers want `policy.load_policy` instead: every format (ours, Diffusion
+    Policy's, LeRobot's) plus the Parareal propagators beside the file; this one reads only our
+    format, attaches no propagators, and can load the raw training weights (`use_ema=False`).
 
     A PCM stored in the checkpoint is attached (`DiffusionPolicy.attach_pcm`); a PCM-only file
     (`export_pcm`) loads its base checkpoint first and checks the base weights' fingerprint."""
@@ -266,7 +269,7 @@ def policy_from_checkpoint(
     path: Path, ckpt: Mapping[str, Any], use_ema: bool = True,
     map_location: str | torch.device = "cpu",
 ) -> DiffusionPolicy:
-    """`load_policy` for a checkpoint already read from `path` (no second read)."""
+    """`load_policy_checkpoint` for a checkpoint already read from `path` (no second read)."""
     if ckpt["ema"] is None:
         return _load_pcm_only(path, ckpt, use_ema, map_location)
     if not use_ema and ckpt["model"] is None:
@@ -305,7 +308,7 @@ def check_pcm_weights(weights: Mapping[str, Any], pcm: nn.Module, where: str) ->
 def _load_pcm_only(
     path: Path, ckpt: Mapping[str, Any], use_ema: bool, map_location: str | torch.device
 ) -> DiffusionPolicy:
-    """`load_policy` for a file written by `export_pcm`: its base, then its PCM."""
+    """`load_policy_checkpoint` for a file written by `export_pcm`: its base, then its PCM."""
     if not use_ema:
         raise ValueError(f"{path} is an exported PCM: it holds only the EMA weights")
     if not isinstance(ckpt.get("base_checkpoint"), str) or PCM_KEY not in ckpt:

@@ -20,7 +20,7 @@ import torch
 from omegaconf import OmegaConf
 
 from app.entry import script_errors
-from policy.checkpoint import FORMAT, load_policy, write_config_yaml
+from policy.checkpoint import FORMAT, load_policy_checkpoint, write_config_yaml
 from policy.file_io import atomic_torch_save
 from policy.loading import import_foreign
 
@@ -45,7 +45,7 @@ def import_policy(src: Path, dst: Path, env: str | None = None) -> Path:
         "extra": {"imported_from": str(src)},
     }
     atomic_torch_save(payload, dst)
-    load_policy(dst)  # the native copy must load as any checkpoint does
+    load_policy_checkpoint(dst)  # the native copy must load as any checkpoint does
     return dst
 
 

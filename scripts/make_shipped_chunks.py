@@ -1,11 +1,11 @@
 """Pin the action chunks of every shipped checkpoint for `tests/test_shipped_checkpoints.py`.
 
-For each `checkpoints/*/*.ckpt` (base policies, PCM training exports and PCM-only files) this
-loads the policy with `policy.checkpoint.load_policy`, draws fixed observations (seeded numpy,
+For each `checkpoints/*/*.ckpt` (base policies, PCM training exports and PCM-only files) this loads
+the policy with `policy.checkpoint.load_policy_checkpoint`, draws fixed observations (seeded numpy,
 uniform inside the normalizer's fitted range of each observation key; a camera's frames uniform
-uint8, stored base64 under `frames`) and fixed noise (a seeded
-`torch.Generator`), and records the chunk that `predict_action` returns under a 4-step DDIM
-schedule built from the policy's own `train_schedule`:
+uint8, stored base64 under `frames`) and fixed noise (a seeded `torch.Generator`), and records the
+chunk that `predict_action` returns under a 4-step DDIM schedule built from the policy's own
+`train_schedule`:
 
 - every checkpoint: `Sampler(schedule, method="sequential")`, its raw `action` (B, Ta, Da) and
   its normalized whole chunk `naction` (B, H, Da);
@@ -38,7 +38,7 @@ import torch
 import picard_sampler
 import policy as policy_pkg
 from picard_sampler import DDIMSchedule, Sampler
-from policy.checkpoint import load_policy
+from policy.checkpoint import load_policy_checkpoint
 from policy.diffusion_policy import DiffusionPolicy
 from policy.encoders import camera_shapes
 
@@ -118,7 +118,7 @@ def chunk(
 
 def entry(path: Path, root: Path) -> dict[str, Any]:
     """All pinned chunks of one checkpoint."""
-    policy = load_policy(path)
+    policy = load_policy_checkpoint(path)
     obs = make_obs(policy)
     samplers = [SEQUENTIAL_SAMPLER] + ([PCM_SAMPLER] if policy.pcm is not None else [])
     record: dict[str, Any] = {

@@ -31,7 +31,7 @@ import app.serving
 from app.checks import ConfigError
 from app.command_line import compose_config
 from app.serving import serve_security, server_ssl_context
-from policy.checkpoint import load_policy
+from policy.checkpoint import load_policy_checkpoint
 from tests.test_server_hostile import CHECKPOINT, OBS, WAIT_S, Gate, Running, make_server, wait_for
 
 TOKEN = "a-robot-token-0123456789"
@@ -41,7 +41,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def policy() -> Any:
-    return load_policy(CHECKPOINT)
+    return load_policy_checkpoint(CHECKPOINT)
 
 
 @pytest.fixture(autouse=True)

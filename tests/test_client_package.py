@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from policy.checkpoint import load_policy
+from policy.checkpoint import load_policy_checkpoint
 from tests.test_server_hostile import CHECKPOINT, WAIT_S, Running, make_server
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,7 +75,7 @@ print("ok", picard_client.__file__)
 @pytest.mark.slow
 def test_the_example_robot_loop_drives_a_fake_robot_from_a_server() -> None:
     """examples/robot_loop.py with only picard_client importable, 20 Hz for 2 s, inpaint."""
-    policy: Any = load_policy(CHECKPOINT)
+    policy: Any = load_policy_checkpoint(CHECKPOINT)
     with Running(make_server(policy, idle_timeout_s=WAIT_S)) as running:
         code = ("import runpy, sys; sys.argv = ['robot_loop.py', *sys.argv[1:]]; "
                 f"runpy.run_path({str(ROOT / 'examples/robot_loop.py')!r}, run_name='__main__')")

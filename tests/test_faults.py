@@ -33,7 +33,7 @@ from app.checks import ConfigError
 from app.command_line import CONF_DIR
 from app.entry import run_entry
 from picard_sampler import DDIMSchedule, Sampler
-from policy.checkpoint import load_checkpoint, load_policy
+from policy.checkpoint import load_checkpoint, load_policy_checkpoint
 from policy.chunking import ChunkPolicy
 from policy.data import ReplayBuffer
 from policy.file_io import clean_stale_temp_files
@@ -220,7 +220,7 @@ def test_short_episodes_still_give_windows_or_a_clear_error(make_cfg, tmp_path: 
 def test_bad_observations_are_clear_value_errors(
     tiny_checkpoint: Path, method: str, obs: object, message: str
 ) -> None:
-    policy = load_policy(tiny_checkpoint)
+    policy = load_policy_checkpoint(tiny_checkpoint)
     sampler = Sampler(DDIMSchedule(num_inference_steps=4), method=method)
     with pytest.raises(ValueError, match=re.escape(message)):
         policy.predict_action(obs, sampler)
@@ -400,7 +400,7 @@ def test_a_failing_sweep_job_is_recorded_and_the_others_run(tiny_checkpoint: Pat
 def test_what_n_envs_changes_is_float_rounding_only(tiny_checkpoint: Path) -> None:
     """docs/design.md §9: an episode's noise does not depend on its batch mates, so its chunk
     computed alone or beside another env agrees to float rounding (not always bit for bit)."""
-    policy = load_policy(tiny_checkpoint)
+    policy = load_policy_checkpoint(tiny_checkpoint)
     sampler = Sampler(DDIMSchedule(num_inference_steps=4), method="sequential")
     obs = np.random.default_rng(0).uniform(0, 512, (2, 2, 20)).astype(np.float32)
     together = ChunkPolicy(policy, sampler, noise_seed=3)

@@ -11,7 +11,7 @@ import torch
 
 import app.training as training
 from picard_sampler import Sampler, exact_errors
-from policy.checkpoint import load_checkpoint, load_policy
+from policy.checkpoint import load_checkpoint, load_policy_checkpoint
 from policy.encoders import ImageObsEncoder, camera_shapes
 from policy.pcm_training import stack_obs
 
@@ -83,7 +83,7 @@ def test_stage_pcm_trains_an_image_pcm_that_samples_the_sequential_chunk(
 
     # the stored condition is the base's own encoding of the window (centre crop): the PCM
     # head and the base UNet condition exactly as the base does at sampling time
-    base = load_policy(image_base)
+    base = load_policy_checkpoint(image_base)
     saved = torch.load(cache, weights_only=True)
     cfg = make_cfg(*overrides)
     windows = training.load_windows(training.plain_data(cfg), base.horizon, base.n_obs_steps,
@@ -97,7 +97,7 @@ def test_stage_pcm_trains_an_image_pcm_that_samples_the_sequential_chunk(
     ckpt = load_checkpoint(tmp_path / "run" / "latest.ckpt")
     assert ckpt["config"]["policy"]["obs_encoder"]["_target_"].endswith("ImageObsEncoder")
     assert not any(k.startswith("pcm.") for k in ckpt["model"])
-    policy = load_policy(tmp_path / "run" / "latest.ckpt")
+    policy = load_policy_checkpoint(tmp_path / "run" / "latest.ckpt")
     assert policy.pcm is not None
     sequential = policy.make_sampler("sequential", "ddim", 4)  # the PCM's schedule (debug)
     pcm = policy.make_sampler("pcm", "ddim", 4, tol=TOL)

@@ -25,7 +25,7 @@ from picard_client.protocol import CLOSE_UNAUTHORIZED
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from policy.checkpoint import load_policy
+from policy.checkpoint import load_policy_checkpoint
 from tests.test_client import TOKEN, http_get
 from tests.test_server_hostile import (
     CHECKPOINT,
@@ -42,7 +42,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def policy() -> Any:
-    return load_policy(CHECKPOINT)
+    return load_policy_checkpoint(CHECKPOINT)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from picard_sampler import (
     picard_sample,
     sequential_sample,
 )
-from policy.checkpoint import export_pcm, load_checkpoint, load_policy
+from policy.checkpoint import export_pcm, load_checkpoint, load_policy_checkpoint
 from policy.diffusion_policy import DiffusionPolicy
 from policy.encoders import LowDimObsEncoder
 from policy.normalizer import LinearNormalizer
@@ -299,7 +299,7 @@ def test_stage_pcm_checkpoint_holds_base_and_pcm_and_samples_exactly(
     for key, value in base["ema"]["model"].items():  # the base is untouched
         torch.testing.assert_close(ckpt["ema"]["model"][key], value, rtol=0, atol=0)
 
-    policy = load_policy(path)
+    policy = load_policy_checkpoint(path)
     assert policy.pcm is not None
     obs = torch.randn(3, 2, 20) * 50 + 250
     schedule = DDIMSchedule(num_inference_steps=4)
@@ -313,7 +313,7 @@ def test_stage_pcm_checkpoint_holds_base_and_pcm_and_samples_exactly(
 
     exported = export_pcm(path, tmp_path / "ship" / "pcm.ckpt", base_checkpoint)
     assert exported.stat().st_size < path.stat().st_size / 4
-    shipped = load_policy(exported)
+    shipped = load_policy_checkpoint(exported)
     x, t, c = torch.randn(4, 16, 2), torch.randint(0, 100, (4,)), torch.randn(4, 40)
     torch.testing.assert_close(shipped.pcm_denoiser(x, t, c), policy.pcm_denoiser(x, t, c),
                                atol=5e-2, rtol=1e-2)  # float16 weights
@@ -330,7 +330,7 @@ def test_stage_pcm_trains_a_noise_aware_ddpm_pcm_that_samples_exactly(
                            "train.max_steps=4"))
     path = tmp_path / "run" / "latest.ckpt"
     assert load_checkpoint(path)["pcm"]["config"]["sees_noise"] is True
-    policy = load_policy(path)
+    policy = load_policy_checkpoint(path)
     assert policy.pcm_sees_noise
     obs = torch.randn(3, 2, 20) * 50 + 250
     schedule = DDPMSchedule(num_inference_steps=6)
@@ -341,7 +341,8 @@ def test_stage_pcm_trains_a_noise_aware_ddpm_pcm_that_samples_exactly(
     )
     assert stats.converged
     torch.testing.assert_close(actual, expected, atol=1e-3 * 512, rtol=0)
-    shipped = load_policy(export_pcm(path, tmp_path / "ship" / "pcm.ckpt", base_checkpoint))
+    shipped = load_policy_checkpoint(
+        export_pcm(path, tmp_path / "ship" / "pcm.ckpt", base_checkpoint))
     assert shipped.pcm_sees_noise
 
 
@@ -357,10 +358,10 @@ def test_exported_pcm_refuses_a_missing_or_different_base(
     ckpt["ema"]["model"][key] = ckpt["ema"]["model"][key] + 1
     torch.save(ckpt, base_copy)
     with pytest.raises(ValueError, match="fingerprint differs"):
-        load_policy(exported)
+        load_policy_checkpoint(exported)
     base_copy.unlink()
     with pytest.raises(FileNotFoundError, match="needs its base checkpoint base.ckpt"):
-        load_policy(exported)
+        load_policy_checkpoint(exported)
     with pytest.raises(ValueError, match="trained on other base weights"):
         export_pcm(tmp_path / "run" / "latest.ckpt", tmp_path / "x.ckpt",
                    _other_base(tmp_path, base_checkpoint))

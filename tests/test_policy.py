@@ -13,7 +13,7 @@ from picard_sampler import DDIMSchedule, DDPMSchedule, Sampler
 from policy.checkpoint import (
     export_policy,
     load_checkpoint,
-    load_policy,
+    load_policy_checkpoint,
     save_checkpoint,
     write_config_yaml,
 )
@@ -325,7 +325,7 @@ def test_saved_then_loaded_policy_gives_identical_actions(make_cfg, tmp_path: Pa
     sampler = Sampler(DDIMSchedule(num_inference_steps=4), method="sequential")
     noise = torch.randn(sampler.noise_shape(2, H, Da))
     for use_ema, reference in ((True, ema.model), (False, policy.eval())):
-        loaded = load_policy(path, use_ema=use_ema)
+        loaded = load_policy_checkpoint(path, use_ema=use_ema)
         expected, _ = reference.predict_action(pusht_obs(2), sampler, noise=noise)
         actual, _ = loaded.predict_action(pusht_obs(2), sampler, noise=noise)
         torch.testing.assert_close(actual, expected, rtol=0, atol=0)
@@ -333,12 +333,12 @@ def test_saved_then_loaded_policy_gives_identical_actions(make_cfg, tmp_path: Pa
 
     exported = export_policy(path, tmp_path / "shipped.ckpt")
     assert exported.stat().st_size < path.stat().st_size / 2
-    shipped = load_policy(exported)
+    shipped = load_policy_checkpoint(exported)
     expected, _ = ema.model.predict_action(pusht_obs(2), sampler, noise=noise)
     actual, _ = shipped.predict_action(pusht_obs(2), sampler, noise=noise)
     torch.testing.assert_close(actual, expected, rtol=0, atol=0.5)  # float16 weights, env units
     with pytest.raises(ValueError, match="holds only the EMA weights"):
-        load_policy(exported, use_ema=False)
+        load_policy_checkpoint(exported, use_ema=False)
     written = write_config_yaml(exported, tmp_path / "config.yaml")
     assert written.read_text().startswith("# Resolved training config of shipped.ckpt")
     assert OmegaConf.to_container(OmegaConf.load(written)) == load_checkpoint(exported)["config"]

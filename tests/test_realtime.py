@@ -28,7 +28,7 @@ from app import builder, evaluation
 from app.command_line import CONF_DIR
 from envs.rollout import EpisodeSpec, rollout
 from picard_sampler import DDIMSchedule, Sampler
-from policy.checkpoint import load_policy
+from policy.checkpoint import load_policy_checkpoint
 
 H, TO, TA = 12, 2, 4  # lead = H - To + 1 - Ta = 7 ticks
 
@@ -151,7 +151,7 @@ def test_wall_clock_runs_inference_in_a_thread_and_leaves_none_behind(
 @pytest.fixture
 def tiny_policy(tiny_checkpoint: Path) -> Any:
     """The tiny PushT policy."""
-    return load_policy(tiny_checkpoint)
+    return load_policy_checkpoint(tiny_checkpoint)
 
 
 def slow_denoiser(policy: Any, clock: FakeClock, seconds_per_call: float) -> None:

@@ -37,7 +37,7 @@ from websockets.sync.client import ClientConnection, connect
 
 import app.serving
 from app.serving import InferenceThreadDied, PolicyServer, ServerSettings
-from policy.checkpoint import load_policy
+from policy.checkpoint import load_policy_checkpoint
 from tests.conftest import HEADLESS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -211,7 +211,7 @@ def close_code_of(sock: socket.socket) -> int | None:
 # ------------------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")
 def policy() -> Any:
-    return load_policy(CHECKPOINT)
+    return load_policy_checkpoint(CHECKPOINT)
 
 
 def make_server(policy: Any, **knobs: Any) -> PolicyServer:

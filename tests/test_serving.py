@@ -27,7 +27,7 @@ from picard_client.protocol import pack, unpack
 from websockets.sync.client import connect
 
 from app.serving import PolicyServer, ServerSettings, _Connection
-from policy.checkpoint import load_policy
+from policy.checkpoint import load_policy_checkpoint
 from policy.chunking import ChunkPolicy
 from tests.conftest import HEADLESS
 
@@ -65,7 +65,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
 @pytest.fixture(scope="module")
 def local() -> ChunkPolicy:
     """The in-process reference: the same policy, sampler and noise seed, whole chunks."""
-    policy = load_policy(CHECKPOINT)
+    policy = load_policy_checkpoint(CHECKPOINT)
     return ChunkPolicy(policy, policy.make_sampler("sequential", "ddim", 16), NOISE_SEED,
                        full_horizon=True)
 

@@ -1,8 +1,8 @@
 """Backward compatibility of the shipped checkpoints: each `checkpoints/*/*.ckpt` still loads with
-`load_policy` and reproduces its pinned action chunks (`tests/data/shipped_chunks.json`, written
-by `scripts/make_shipped_chunks.py`) for fixed observations and fixed noise, under a 4-step DDIM
-schedule built from the policy's own training schedule: the sequential chunk for every file, and
-for a file with a PCM attached also the chunk after the PCM's first round (pcm, max_rounds=1).
+`load_policy_checkpoint` and reproduces its pinned action chunks (`tests/data/shipped_chunks.json`,
+written by `scripts/make_shipped_chunks.py`) for fixed observations and fixed noise, under a 4-step
+DDIM schedule built from the policy's own training schedule: the sequential chunk for every file,
+and for a file with a PCM attached also the chunk after the PCM's first round (pcm, max_rounds=1).
 
 If a change is meant to alter these numbers, regenerate the file with the script and say why in
 the commit. A newly shipped checkpoint must be pinned too (`test_every_checkpoint_is_pinned`),
@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from picard_sampler import DDIMSchedule, Sampler
-from policy.checkpoint import load_policy
+from policy.checkpoint import load_policy_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parent / "data" / "shipped_chunks.json"
@@ -80,7 +80,7 @@ def test_every_checkpoint_is_pinned() -> None:
 
 @pytest.mark.parametrize("entry", entries(), ids=[e["checkpoint"] for e in entries()])
 def test_shipped_checkpoint_reproduces_pinned_chunks(entry: dict[str, Any]) -> None:
-    policy = load_policy(REPO_ROOT / entry["checkpoint"])
+    policy = load_policy_checkpoint(REPO_ROOT / entry["checkpoint"])
     obs = {k: np.asarray(v, dtype=np.float32) for k, v in entry["obs"].items()}
     for key, frames in entry.get("frames", {}).items():  # a camera's uint8 frames
         data = np.frombuffer(base64.b64decode(frames["uint8_base64"]), dtype=np.uint8).copy()
