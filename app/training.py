@@ -54,7 +54,7 @@ from app.checks import Check, ConfigError, is_int, is_number, plain, raise_first
 from app.device import DEVICE_ALLOWED, configure_torch, device_ok
 from app.evaluation import evaluate, summarize
 from app.run_dirs import prepare_output_dir
-from app.training_curve import write_curve
+from app.training_curve import METRICS_FILE, parse_metrics_line, write_curve
 from envs.rollout import VECTOR_KINDS, EpisodeSpec
 from picard_sampler import Schedule
 from policy.checkpoint import (
@@ -891,7 +891,7 @@ class MetricLogger:
 
     def __init__(self, cfg: DictConfig, run_dir: Path, wandb_id: str | None,
                  resume_step: int | None = None):
-        self.path = run_dir / "metrics.jsonl"
+        self.path = run_dir / METRICS_FILE
         if resume_step is None and self.path.exists():  # a run killed before any checkpoint
             kept = run_dir / f"metrics.{time.strftime('%Y%m%d-%H%M%S')}.orphaned.jsonl"
             self.path.replace(kept)
@@ -899,7 +899,7 @@ class MetricLogger:
                   file=sys.stderr)
         if resume_step is not None and self.path.exists():
             kept = [line for line in self.path.read_text().splitlines(keepends=True)
-                    if _logged_step(line) is not None and _logged_step(line) <= resume_step]
+                    if (step := _logged_step(line)) is not None and step <= resume_step]
             atomic_write(self.path, lambda f: f.write("".join(kept).encode()))
         self.wandb = None
         self.wandb_id = wandb_id
@@ -926,10 +926,8 @@ class MetricLogger:
 
 def _logged_step(line: str) -> int | None:
     """The step of a metrics.jsonl line (None for a torn or foreign line)."""
-    try:
-        return int(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):
-        return None
+    parsed = parse_metrics_line(line)
+    return None if parsed is None else parsed[0]
 
 
 class StopOnSignal:

@@ -29,19 +29,27 @@ METRICS_FILE = "metrics.jsonl"
 CURVE_FILE = "curve.png"
 
 
+def parse_metrics_line(line: str) -> tuple[int, dict[str, Any]] | None:
+    """(step, record) of one metrics.jsonl line; None for a torn or foreign line (a run killed
+    mid-write leaves at most one)."""
+    try:
+        record = json.loads(line)
+        return int(record["step"]), record
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     """The run's logged steps in step order, the last line winning for a repeated step; torn or
-    foreign lines are skipped (a run killed mid-write leaves at most one)."""
+    foreign lines are skipped."""
     path = run_dir / METRICS_FILE
     if not path.is_file():
         raise ValueError(f"{run_dir}: no {METRICS_FILE} (not a train_pcm.py run dir?)")
     by_step: dict[int, dict[str, Any]] = {}
     for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-            by_step[int(record["step"])] = record
-        except (ValueError, KeyError, TypeError):
-            continue
+        parsed = parse_metrics_line(line)
+        if parsed is not None:
+            by_step[parsed[0]] = parsed[1]
     if not by_step:
         raise ValueError(f"{path} holds no logged step yet")
     return [by_step[step] for step in sorted(by_step)]

@@ -366,11 +366,8 @@ def _video_episode(root: Path, name: str, shape: tuple[int, int, int], episode: 
     once over all of them, and only one episode's frames are ever in memory."""
     import av
 
-    path, start = source
+    path, start = source  # read_lerobot_episodes checked every file exists
     where = path.relative_to(root)
-    if not path.is_file():
-        raise ValueError(f"LeRobot feature {name!r}: video file {where} of episode {episode} "
-                         "is missing")
     query = start + np.asarray(timestamps, np.float64)
     order = np.argsort(query, kind="stable")
     query = query[order]
