@@ -56,9 +56,20 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def series(records: Sequence[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
-    """(steps, values) of the records that logged `key`."""
-    pairs = [(r["step"], float(r[key])) for r in records if r.get(key) is not None]
-    return [s for s, _ in pairs], [v for _, v in pairs]
+    """(steps, values) of the records that logged `key`; a value that is not a number is a
+    ValueError naming the step and key."""
+    steps, values = [], []
+    for record in records:
+        value = record.get(key)
+        if value is None:
+            continue
+        try:
+            values.append(float(value))
+        except (TypeError, ValueError):
+            raise ValueError(f"{METRICS_FILE} step {record['step']}: {key} is {value!r}, not a "
+                             "number") from None
+        steps.append(record["step"])
+    return steps, values
 
 
 def curve_points(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -108,7 +119,10 @@ def write_curve(run_dir: Path, out: Path | None = None, title: str | None = None
     plotted points to `points_json` and a line at step `mark`."""
     records = read_metrics(run_dir)
     out = out or run_dir / CURVE_FILE
-    png = draw_curve(records, title or run_dir.name, mark)
+    try:
+        png = draw_curve(records, title or run_dir.name, mark)
+    except ValueError as error:  # a value that is not a number: name the run dir too
+        raise ValueError(f"{run_dir}: {error}") from None
     atomic_write(out, lambda f: f.write(png))
     if points_json is not None:
         record = {"run_dir": str(run_dir), **curve_points(records)}

@@ -47,6 +47,7 @@ def test_a_run_without_rollouts_still_draws_its_losses(tmp_path: Path) -> None:
 @pytest.mark.parametrize("lines, message", [
     (None, "no metrics.jsonl"),
     (["", "garbage"], "holds no logged step yet"),
+    (['{"step": 3, "train/loss": {"x": 1}}'], "step 3: train/loss is {'x': 1}, not a number"),
 ])
 def test_cli_names_the_bad_run_dir_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture,
                                                lines: list[str] | None, message: str) -> None:
