@@ -50,6 +50,35 @@ def fit_propagator(policy: Any, schedule: Schedule, cond: torch.Tensor, seed: in
                                  fd_step=fd_step)
 
 
+def check_propagator(policy: Any, schedule: Schedule, cond: torch.Tensor,
+                     propagator: torch.Tensor, seed: int = 0, tol: float = 0.1
+                     ) -> dict[str, dict[str, float]]:
+    """How much a propagator saves: full-window Picard at `tol` on encoded observations `cond`
+    with one fixed noise draw, once with the scan walk and once with `propagator` (Parareal).
+    {"scan" | "parareal": {"rounds" (the batch's), "rounds_mean" (per sample), "converged"
+    (fraction), "exact_err_max" (vs the sequential chunk, normalized actions)}}; both walks
+    converge to the same chunks, so rounds are what a propagator is for (docs/design.md §4.10)."""
+    from picard_sampler import CallInputs, Sampler, exact_errors
+
+    noise = torch.randn((schedule.num_inference_steps + 1, cond.shape[0], policy.horizon,
+                         policy.action_dim), generator=torch.Generator().manual_seed(seed))
+    noise = noise.to(cond.device)
+    with torch.no_grad():
+        reference, _ = Sampler(schedule, "sequential")(policy.denoiser, noise, cond)
+        report = {}
+        for update, inputs in (("scan", CallInputs()),
+                               ("parareal", CallInputs(propagator=propagator.float()))):
+            sample, stats = Sampler(schedule, "picard", tol=tol, update=update)(
+                policy.denoiser, noise, cond, inputs)
+            report[update] = {
+                "rounds": int(stats.rounds),
+                "rounds_mean": round(sum(stats.rounds_per_sample) / stats.batch, 3),
+                "converged": round(stats.n_converged / stats.batch, 3),
+                "exact_err_max": round(float(exact_errors(sample, reference).max()), 5),
+            }
+    return report
+
+
 def save_propagators(path: str | Path, policy: Any,
                      entries: Mapping[str, Mapping[str, Any]]) -> Path:
     """Write `entries` ({schedule_key: {"propagator", "schedule", "calibration"}}) for the

@@ -163,11 +163,24 @@ def test_fit_script_writes_propagators_that_load_policy_attaches(tiny_checkpoint
         reference, _ = policy.predict_action(obs, sequential, noise=noise)
         actions, stats = policy.predict_action(obs, parareal, noise=noise)
         assert stats.converged and torch.allclose(actions, reference, atol=1e-3)
-    # a second fit merges into the file: both schedules are still there
+    # a second fit merges into the file: both schedules are still there; stored in float16
+    # and checked on 3 validation windows (both walks reported, in the entry and printed)
     done = run_repo_script("scripts/fit_propagator.py", ckpt, "--schedules", "ddim-4",
-                           "--chunks", "2", "--threads", "1")
+                           "--chunks", "2", "--threads", "1", "--dtype", "float16",
+                           "--check", "3")
     assert done.returncode == 0, done.stderr
+    assert "check on 3 validation windows" in done.stdout, done.stdout
     assert len(load_propagators(tmp_path / "policy" / "propagators.pt", policy)) == 3
+    stored = torch.load(tmp_path / "policy" / "propagators.pt", weights_only=True)["entries"]
+    ddim4 = next(entry for key, entry in stored.items() if key.startswith("ddim-4-"))
+    assert ddim4["propagator"].dtype == torch.float16
+    assert ddim4["check"]["windows"] == 3 and ddim4["check"]["split"] == "val"
+    for walk in ("scan", "parareal"):
+        report = ddim4["check"][walk]
+        assert 1 <= report["rounds"] <= 4 and 0.0 <= report["converged"] <= 1.0
+        assert report["rounds_mean"] <= report["rounds"]
+    ddim8 = next(entry for key, entry in stored.items() if key.startswith("ddim-8-"))
+    assert ddim8["propagator"].dtype == torch.float32  # the default, from the first fit
 
 
 def test_propagators_of_other_weights_are_refused(tiny_checkpoint, tmp_path):
@@ -196,7 +209,8 @@ def test_propagators_of_other_weights_are_refused(tiny_checkpoint, tmp_path):
 def test_fit_script_errors_are_one_line(tiny_checkpoint, tmp_path):
     ckpt = _copy_checkpoint(tiny_checkpoint, tmp_path / "policy")
     for args, message in ((["--schedules", "dpm-10"], "--schedules: 'dpm-10' is not NAME-STEPS"),
-                          (["--chunks", "0"], "--chunks must be >= 1")):
+                          (["--chunks", "0"], "--chunks must be >= 1"),
+                          (["--check", "-1"], "--check must be >= 0")):
         done = run_repo_script("scripts/fit_propagator.py", ckpt, *args)
         assert done.returncode == 1 and done.stderr.strip().startswith("error:"), done.stderr
         assert message in done.stderr and "Traceback" not in done.stderr
