@@ -3,15 +3,17 @@ evaluated checkpoints' scores (per training seed, then the mean over seeds ± a 
 next to the numbers Diffusion Policy published for the same task (state-based policies, max /
 mean of the last 10 checkpoints, 3 training seeds, 50 test initial states).
 
-    python -m app.policy_table                       # the shipped policies (one checkpoint each)
+    python -m app.policy_table                       # the shipped policies (see below)
     python -m app.policy_table /work/runs/square_300 /work/runs/can_long   # training runs
     python -m app.policy_table RUN_A RUN_B --last-k 5 --out table.md
 
 Each path is one of:
 - a training run dir: its ``eval_scores.json`` (written by train_pcm.py every ``eval.every``
-  steps: the last ``eval.keep_last`` rollout scores and the best), its task from
-  ``.hydra/config.yaml`` (``env.name``); runs with the same task and run ``name`` are seeds of
-  one configuration (one row, plus a row per seed when there are several);
+  steps: the last ``eval.keep_last`` rollout scores and the best), its task and rollout sampler
+  from ``.hydra/config.yaml`` (``env.name``, ``eval.sampler``); runs with the same task and run
+  ``name`` are seeds of one configuration (one row, plus a row per seed when there are several).
+  A shipped checkpoint folder that keeps its training run's ``eval_scores.json`` beside the
+  exported ``config.yaml`` (the run's resolved config) reads the same way;
 - a sweep dir (``train_pcm.py -m seed=...``): each job folder with an ``eval_scores.json``;
 - an eval_policy.py ``results.json`` (or a copy in bench/results): one checkpoint's score, so max
   and mean are that score (what a shipped policy measured once is).
@@ -57,7 +59,11 @@ SHIPPED_RESULTS = {
     "square_lowdim": "bench/results/square_300_policy_sequential_ddpm100.json",
     "pusht_image": "bench/results/pusht_image_policy_sequential_ddpm100.json",
 }
-"""The sequential DDPM-100 result files of the shipped policies (the default table)."""
+"""The sequential DDPM-100 result files of the shipped policies (the default table, with every
+shipped checkpoint folder that keeps its training run's rollout scores: SHIPPED_TRAINING_RUNS)."""
+
+SHIPPED_TRAINING_RUNS = "checkpoints/*/" + EVAL_SCORES
+"""Shipped policies whose training evaluated checkpoints in DP's way keep that record here."""
 
 
 @dataclass
@@ -91,9 +97,15 @@ def sampler_label(config: Any) -> str:
 
 
 def _run_config(run_dir: Path) -> dict[str, Any]:
-    config = run_dir / ".hydra" / "config.yaml"
-    loaded = yaml.safe_load(config.read_text()) if config.is_file() else None
-    return loaded if isinstance(loaded, dict) else {}
+    """A run dir's resolved config: Hydra's record, or the `config.yaml` an export wrote."""
+    for config in (run_dir / ".hydra" / "config.yaml", run_dir / "config.yaml"):
+        if config.is_file():
+            try:
+                loaded = yaml.safe_load(config.read_text())
+            except yaml.YAMLError as e:
+                raise ValueError(f"{config}: not readable YAML ({e})") from e
+            return loaded if isinstance(loaded, dict) else {}
+    return {}
 
 
 def _run_task(config: dict[str, Any], run_dir: Path, scores: dict[str, Any]) -> str:
@@ -133,7 +145,8 @@ def run_seed(run_dir: Path, last_k: int | None) -> tuple[str, str, SeedScores, S
         task,
         seed.configuration,
         seed,
-        Source(task, seed.configuration, [], scores.get("n_episodes"), sampler),
+        Source(task, f"{seed.configuration} (training rollouts)", [], scores.get("n_episodes"),
+               sampler),
     )
 
 
@@ -260,7 +273,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.last_k is not None and args.last_k < 1:
         parser.error(f"--last-k must be >= 1; got {args.last_k}")
-    paths = args.paths or [args.root / p for p in SHIPPED_RESULTS.values()]
+    paths = args.paths or [
+        *(args.root / p for p in SHIPPED_RESULTS.values()),
+        *sorted(p.parent for p in args.root.glob(SHIPPED_TRAINING_RUNS)),
+    ]
     try:
         text = markdown_table(HEADER, table_rows(sources(paths, args.last_k)))
     except (ValueError, KeyError) as e:

@@ -82,9 +82,26 @@ def test_cli_default_table_and_errors(tmp_path: Path, capsys: pytest.CaptureFixt
     out = capsys.readouterr().out
     for task in ("pusht_lowdim", "lift_lowdim", "can_lowdim", "square_lowdim"):
         assert f"| {task} |" in out
+    # and the training rollouts that checkpoints/square_lowdim keeps (10 checkpoints, DDIM-16)
+    assert "| dp_square_lowdim_300demos_cpu (training rollouts) | sequential DDIM-16 | 1 | 10 |" \
+        in out
     empty = tmp_path / "empty"
     empty.mkdir()
     assert policy_table.main([str(empty)]) == 1
     assert "no eval_scores.json" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         policy_table.main(["--last-k", "0"])
+
+
+def test_a_checkpoint_folder_with_its_training_scores_reads_as_a_run(tmp_path: Path) -> None:
+    """A shipped folder: eval_scores.json beside the exported config.yaml (no .hydra); its task
+    and rollout sampler come from config.yaml, and a broken config.yaml is one ValueError."""
+    run = _run(tmp_path, "dp_lift", 0, [0.9, 1.0, 1.0], env="lift_lowdim")
+    (run / ".hydra" / "config.yaml").rename(run / "config.yaml")
+    (run / ".hydra").rmdir()
+    (row,) = policy_table.table_rows(policy_table.sources([run], None))
+    assert row[:4] == ["lift_lowdim", "dp_lift (training rollouts)", "sequential DDIM-16", 1]
+    assert row[6:] == ["1.000", "0.967", "1.00 / 0.98"]
+    (run / "config.yaml").write_text("env: [unclosed\n")
+    with pytest.raises(ValueError, match="config.yaml: not readable YAML"):
+        policy_table.sources([run], None)
