@@ -23,11 +23,44 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 """The repository's Hydra config directory."""
 
 
+HYDRA_VALUE_FLAGS = frozenset({"--cfg", "-c", "--package", "-p", "--config-path", "-cp",
+                               "--config-name", "-cn", "--config-dir", "-cd", "--info", "-i",
+                               "--experimental-rerun"})
+"""Hydra's command-line flags that take the next argument as their value (`--cfg job`)."""
+HYDRA_NO_JOB_FLAGS = frozenset({"--cfg", "-c", "--help", "-h", "--hydra-help", "--info", "-i",
+                                "--shell-completion", "-sc"})
+"""Flags with which Hydra prints something and runs no job (so no run dir is made)."""
+HYDRA_OTHER_CONFIG_FLAGS = frozenset({"--config-path", "-cp", "--config-name", "-cn",
+                                      "--config-dir", "-cd", "--experimental-rerun"})
+"""Flags that make Hydra compose another config than the entry's: left to Hydra to check."""
+INFO_CHOICES = frozenset({"all", "config", "defaults", "defaults-tree", "plugins",
+                          "searchpath"})
+"""The optional values of Hydra's `--info` (any other next argument is an override)."""
+
+
+def hydra_overrides(argv: Sequence[str]) -> list[str]:
+    """The overrides of a command line (`key=value`, `+key=value`, `~key`), Hydra's flags and
+    their values left out."""
+    overrides: list[str] = []
+    expect_value: str | None = None
+    for arg in argv:
+        if expect_value is not None:
+            flag, expect_value = expect_value, None
+            if flag not in ("--info", "-i") or arg in INFO_CHOICES:
+                continue  # the flag's value
+        if arg.startswith("-"):
+            if "=" not in arg and arg in HYDRA_VALUE_FLAGS:
+                expect_value = arg
+            continue
+        overrides.append(arg)
+    return overrides
+
+
 def check_group_choices(argv: Sequence[str], groups: Sequence[str],
                         conf_dir: Path = CONF_DIR) -> None:
     """Reject an override Hydra cannot parse, or an unknown choice of a config group (e.g.
     `sampler=`, `env=`), in one line (Hydra's own errors take ten)."""
-    args = [a for a in argv if "=" in a and not a.startswith("-")]
+    args = [a for a in hydra_overrides(argv) if "=" in a]
     parser = OverridesParser.create()
     for arg in args:
         try:
@@ -70,9 +103,10 @@ def precheck_command_line(argv: Sequence[str], config_name: str, groups: Sequenc
     from hydra import compose, initialize_config_dir
 
     check_group_choices(argv, groups, conf_dir)
-    if any(a in ("-m", "--multirun") for a in argv):
+    flags = {a.split("=", 1)[0] for a in argv if a.startswith("-")}
+    if flags & {"-m", "--multirun"} or flags & HYDRA_OTHER_CONFIG_FLAGS:
         return None
-    overrides = [a for a in argv if not a.startswith("-")]
+    overrides = hydra_overrides(argv)
     try:
         with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
             return compose(config_name, overrides=overrides, return_hydra_config=True)
@@ -107,9 +141,11 @@ def precheck_or_exit(argv: Sequence[str], config_name: str, groups: Sequence[str
     run dir if it has one (`run_dir_key`), which must be creatable and pass
     `check_free(cfg, run_dir)` (not taken by another run). A failure exits with one
     `config error:` line."""
+    runs_a_job = not any(a.split("=", 1)[0] in HYDRA_NO_JOB_FLAGS for a in argv)
     try:
         cfg = precheck_command_line(argv, config_name, groups)
-        run_dir = None if cfg is None or run_dir_key is None else run_dir_of(cfg, run_dir_key)
+        run_dir = (None if cfg is None or run_dir_key is None or not runs_a_job
+                   else run_dir_of(cfg, run_dir_key))
         if run_dir is not None:
             check_run_dir(run_dir)
             if check_free is not None:

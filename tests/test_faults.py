@@ -512,6 +512,30 @@ def test_command_line_mistakes_are_one_line_before_hydra_writes_anything(
     assert (taken / ".hydra" / "overrides.yaml").read_text() == record  # the first run's record
 
 
+def test_hydra_flags_and_their_values_are_not_overrides() -> None:
+    """`--cfg job`, `-p key`, `-cn name`, `--info defaults` take a value that is no override;
+    `--info` alone takes none, so an override after it is still one."""
+    from app.command_line import hydra_overrides
+
+    assert hydra_overrides(["--cfg", "job", "-p", "sampler", "n_episodes=3"]) == ["n_episodes=3"]
+    assert hydra_overrides(["-m", "seed=0,1", "--cfg=all", "~logger"]) == ["seed=0,1", "~logger"]
+    assert hydra_overrides(["--info", "defaults", "env=lift_lowdim"]) == ["env=lift_lowdim"]
+    assert hydra_overrides(["--info", "env=lift_lowdim"]) == ["env=lift_lowdim"]
+    assert hydra_overrides(["-cn", "train", "+x=1"]) == ["+x=1"]
+
+
+@pytest.mark.slow
+def test_printing_the_config_runs_no_job_and_writes_nothing(tmp_path: Path) -> None:
+    """`eval_policy.py --cfg job` (Hydra's way to see the composed config) prints it: the
+    command-line check took `job` for an override and refused it; nothing is written."""
+    out = tmp_path / "run"
+    done = run_script("eval_policy.py", "--cfg", "job", "n_episodes=3", f"hydra.run.dir={out}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "n_episodes: 3" in done.stdout and not out.exists()
+    line = one_line_error(run_script("eval_policy.py", "--cfg", "job", "n_episdes=3"))
+    assert line.startswith("config error: Could not override 'n_episdes'")
+
+
 def test_a_lost_chunk_file_is_reported_not_read_as_zeros_silently(tiny_demos: Path,
                                                                   tmp_path: Path) -> None:
     from policy.data import SequenceDataset
