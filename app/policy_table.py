@@ -55,7 +55,7 @@ human (ph) demonstrations; ours on scripted-expert ones."""
 SHIPPED_RESULTS = {
     "pusht_lowdim": "bench/results/pusht_policy_sequential_ddpm100.json",
     "lift_lowdim": "bench/results/lift_policy_sequential.json",
-    "can_lowdim": "bench/results/can_policy_sequential.json",
+    "can_lowdim": "bench/results/can_300_policy_sequential_ddpm100.json",
     "square_lowdim": "bench/results/square_300_policy_sequential_ddpm100.json",
     "pusht_image": "bench/results/pusht_image_policy_sequential_ddpm100.json",
 }
