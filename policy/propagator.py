@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from picard_sampler import Schedule, fit_linear_propagator
+from picard_sampler import CallInputs, Sampler, Schedule, exact_errors, fit_linear_propagator
 from picard_sampler.parareal import FD_STEP
 
 FILENAME = "propagators.pt"
@@ -44,10 +44,16 @@ def fit_propagator(policy: Any, schedule: Schedule, cond: torch.Tensor, seed: in
                    fd_step: float = FD_STEP) -> torch.Tensor:
     """The (T, E, E) propagator of `policy` under `schedule`, calibrated on encoded
     observations `cond` (B, Dc) with noise drawn from `seed` (through the policy's runtime)."""
+    noise = _fixed_noise(policy, schedule, cond, seed)
+    return fit_linear_propagator(policy.denoiser, schedule, noise, cond, fd_step=fd_step)
+
+
+def _fixed_noise(policy: Any, schedule: Schedule, cond: torch.Tensor, seed: int) -> torch.Tensor:
+    """The (T+1, B, H, Da) up-front noise of a fit or check, drawn from `seed` on the CPU (the
+    same draw on any device), on `cond`'s device."""
     noise = torch.randn((schedule.num_inference_steps + 1, cond.shape[0], policy.horizon,
                          policy.action_dim), generator=torch.Generator().manual_seed(seed))
-    return fit_linear_propagator(policy.denoiser, schedule, noise.to(cond.device), cond,
-                                 fd_step=fd_step)
+    return noise.to(cond.device)
 
 
 def check_propagator(policy: Any, schedule: Schedule, cond: torch.Tensor,
@@ -58,11 +64,7 @@ def check_propagator(policy: Any, schedule: Schedule, cond: torch.Tensor,
     {"scan" | "parareal": {"rounds" (the batch's), "rounds_mean" (per sample), "converged"
     (fraction), "exact_err_max" (vs the sequential chunk, normalized actions)}}; both walks
     converge to the same chunks, so rounds are what a propagator is for (docs/design.md §4.10)."""
-    from picard_sampler import CallInputs, Sampler, exact_errors
-
-    noise = torch.randn((schedule.num_inference_steps + 1, cond.shape[0], policy.horizon,
-                         policy.action_dim), generator=torch.Generator().manual_seed(seed))
-    noise = noise.to(cond.device)
+    noise = _fixed_noise(policy, schedule, cond, seed)
     with torch.no_grad():
         reference, _ = Sampler(schedule, "sequential")(policy.denoiser, noise, cond)
         report = {}
