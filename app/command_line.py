@@ -56,6 +56,12 @@ def hydra_overrides(argv: Sequence[str]) -> list[str]:
     return overrides
 
 
+def hydra_flags(argv: Sequence[str]) -> set[str]:
+    """The Hydra flags of a command line (`--cfg`, `-m`, ...; `--flag=value` counts as the
+    flag)."""
+    return {a.split("=", 1)[0] for a in argv if a.startswith("-")}
+
+
 def check_group_choices(argv: Sequence[str], groups: Sequence[str],
                         conf_dir: Path = CONF_DIR) -> None:
     """Reject an override Hydra cannot parse, or an unknown choice of a config group (e.g.
@@ -103,7 +109,7 @@ def precheck_command_line(argv: Sequence[str], config_name: str, groups: Sequenc
     from hydra import compose, initialize_config_dir
 
     check_group_choices(argv, groups, conf_dir)
-    flags = {a.split("=", 1)[0] for a in argv if a.startswith("-")}
+    flags = hydra_flags(argv)
     if flags & {"-m", "--multirun"} or flags & HYDRA_OTHER_CONFIG_FLAGS:
         return None
     overrides = hydra_overrides(argv)
@@ -141,7 +147,7 @@ def precheck_or_exit(argv: Sequence[str], config_name: str, groups: Sequence[str
     run dir if it has one (`run_dir_key`), which must be creatable and pass
     `check_free(cfg, run_dir)` (not taken by another run). A failure exits with one
     `config error:` line."""
-    runs_a_job = not any(a.split("=", 1)[0] in HYDRA_NO_JOB_FLAGS for a in argv)
+    runs_a_job = not hydra_flags(argv) & HYDRA_NO_JOB_FLAGS
     try:
         cfg = precheck_command_line(argv, config_name, groups)
         run_dir = (None if cfg is None or run_dir_key is None or not runs_a_job
